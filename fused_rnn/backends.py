@@ -1,0 +1,104 @@
+"""Which implementation runs a forward: availability, the "auto" choice and its fallback warning."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+_CPP_DTYPES = (torch.float32, torch.float64)
+
+
+def check_backend_name(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """The Triton backend module, or the reason it cannot be loaded (a str)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        return f"Triton is not installed ({error}); install it with `pip install triton`"
+    from . import triton as triton_backend
+
+    return triton_backend
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_module():
+    """The C++ backend module with its extension built, or the reason it cannot be (a str)."""
+    from .cpp import loader
+
+    reason = loader.load_error()
+    if reason is not None:
+        return reason
+    from . import cpp as cpp_backend
+
+    return cpp_backend
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `backend` cannot run tensors of this device and dtype here; None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if device.type == "cpu" and not triton_interpreted():
+            return "the Triton backend runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the Triton backend runs CUDA tensors, got a {device.type} tensor"
+        found = _triton_module()
+        return found if isinstance(found, str) else None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend runs CPU tensors, got a {device.type} tensor"
+        if dtype not in _CPP_DTYPES:
+            return f"the C++ backend runs float32 and float64, got {dtype}"
+        found = _cpp_module()
+        return found if isinstance(found, str) else None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(wanted: str, reason: str) -> None:
+    # lru_cache: one warning per (backend, reason) and process
+    warnings.warn(f"fused_rnn: the {wanted} backend is unavailable ({reason}); using the reference backend", stacklevel=4)
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs: the one asked for, or for "auto" the fastest available here."""
+    if backend != "auto":
+        reason = unavailable_reason(backend, device, dtype)
+        if reason is not None:
+            raise RuntimeError(f"fused_rnn: backend={backend!r} is not available here: {reason}")
+        return backend
+    wanted = "triton" if device.type == "cuda" else "cpp"
+    if device.type == "cpu" and dtype not in _CPP_DTYPES:
+        return "reference"
+    reason = unavailable_reason(wanted, device, dtype)
+    if reason is None:
+        return wanted
+    _warn_fallback(wanted, reason)
+    return "reference"
+
+
+def module(backend: str):
+    """The module implementing a resolved backend (reference, triton or cpp)."""
+    if backend == "reference":
+        from . import reference
+
+        return reference
+    if backend == "triton":
+        return _triton_module()
+    if backend == "cpp":
+        return _cpp_module()
+    raise ValueError(f"unknown backend {backend!r}")

@@ -1,0 +1,122 @@
+"""`fused_rnn.LSTM`: torch.nn.LSTM with the regularizers language models use, fused into the recurrence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from . import functional
+from .backends import check_backend_name
+from .masks import sample_masks
+from .regularizers import Regularizers
+
+_REGULARIZER_FIELDS = tuple(f.name for f in dataclasses.fields(Regularizers) if f.name != "dropout")
+
+
+class LSTM(nn.RNNBase):
+    """A drop-in for torch.nn.LSTM: same arguments, parameters, initialisation, state_dict and results.
+
+    The keyword-only arguments add the regularizers of SPEC.md section 1; with all of them 0 (or in
+    eval mode) the module computes what nn.LSTM computes. It derives from nn.RNNBase, as nn.LSTM
+    does, but not from nn.LSTM itself: torch.compile refuses to trace an nn.LSTM instance.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        dropout_mode: str = "step",
+        input_dropout: float = 0.0,
+        output_dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        weight_dropout_mode: str = "element",
+        update_dropout: float = 0.0,
+        update_dropout_mode: str = "step",
+        cell_dropout: float = 0.0,
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        # validated before nn.RNNBase creates (and randomly initialises) any parameter
+        regularizers = Regularizers(
+            dropout=dropout,
+            dropout_mode=dropout_mode,
+            input_dropout=input_dropout,
+            output_dropout=output_dropout,
+            recurrent_dropout=recurrent_dropout,
+            weight_dropout=weight_dropout,
+            weight_dropout_mode=weight_dropout_mode,
+            update_dropout=update_dropout,
+            update_dropout_mode=update_dropout_mode,
+            cell_dropout=cell_dropout,
+            zoneout_h=zoneout_h,
+            zoneout_c=zoneout_c,
+        )
+        backend = check_backend_name(backend)
+        super().__init__(
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype
+        )
+        for name in _REGULARIZER_FIELDS:
+            setattr(self, name, getattr(regularizers, name))
+        self.backend = backend
+
+    @property
+    def regularizers(self) -> Regularizers:
+        """The current probabilities and modes (attributes may be changed between calls, as nn.LSTM's dropout)."""
+        return Regularizers(dropout=self.dropout, **{name: getattr(self, name) for name in _REGULARIZER_FIELDS})
+
+    def forward(self, input, hx=None, *, seed: int | None = None):
+        return functional.lstm(
+            input,
+            hx,
+            [getattr(self, name) for name in self._flat_weights_names],
+            has_biases=self.bias,
+            num_layers=self.num_layers,
+            bidirectional=self.bidirectional,
+            batch_first=self.batch_first,
+            training=self.training,
+            regularizers=self.regularizers,
+            seed=seed,
+            backend=self.backend,
+        )
+
+    def sample_masks(self, seq_len: int, batch_size: int, seed: int, device=None) -> dict:
+        """The masks a training forward with this seed uses (SPEC.md section 4), on `device` (default: the weights')."""
+        return sample_masks(
+            self.regularizers,
+            num_layers=self.num_layers,
+            num_directions=2 if self.bidirectional else 1,
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=functional.check_seed(seed),
+            device=self.weight_ih_l0.device if device is None else device,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        for name, value in self.regularizers.changes().items():
+            s += f", {name}={value!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for name in _REGULARIZER_FIELDS:
+            self.__dict__.setdefault(name, getattr(Regularizers, name))
+        self.__dict__.setdefault("backend", "auto")
+

@@ -1,0 +1,91 @@
+"""The regularizers of SPEC.md section 1: validated once, at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+DROPOUT_MODES = ("step", "locked")
+WEIGHT_DROPOUT_MODES = ("element", "row")
+UPDATE_DROPOUT_MODES = ("step", "sequence")
+
+_PROBABILITY_MEANING = {
+    "dropout": "the probability of an element being zeroed",
+    "input_dropout": "the probability of an input element being zeroed",
+    "output_dropout": "the probability of an output element being zeroed",
+    "recurrent_dropout": "the probability of an element of h_{t-1} being zeroed",
+    "weight_dropout": "the probability of an element (or row) of W_hh being zeroed",
+    "update_dropout": "the probability of an element of the cell update g being zeroed",
+    "cell_dropout": "the probability of an element of the new cell state being zeroed",
+    "zoneout_h": "the probability of a unit of h keeping its previous value",
+    "zoneout_c": "the probability of a unit of c keeping its previous value",
+}
+
+
+def check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(
+            f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}, got {value!r}"
+        )
+    return float(value)
+
+
+def check_mode(name: str, value, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizers:
+    """Probabilities and modes of every regularizer; `dropout` is nn.LSTM's between-layer dropout."""
+
+    dropout: float = 0.0
+    dropout_mode: str = "step"
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    weight_dropout: float = 0.0
+    weight_dropout_mode: str = "element"
+    update_dropout: float = 0.0
+    update_dropout_mode: str = "step"
+    cell_dropout: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+
+    def __post_init__(self):
+        for name in _PROBABILITY_MEANING:
+            object.__setattr__(self, name, check_probability(name, getattr(self, name)))
+        check_mode("dropout_mode", self.dropout_mode, DROPOUT_MODES)
+        check_mode("weight_dropout_mode", self.weight_dropout_mode, WEIGHT_DROPOUT_MODES)
+        check_mode("update_dropout_mode", self.update_dropout_mode, UPDATE_DROPOUT_MODES)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether a training forward draws any mask (and so needs a seed)."""
+        return any(getattr(self, name) > 0 for name in _PROBABILITY_MEANING)
+
+    @property
+    def locked(self) -> bool:
+        return self.dropout_mode == "locked"
+
+    @property
+    def weight_rows(self) -> bool:
+        return self.weight_dropout_mode == "row"
+
+    @property
+    def update_per_step(self) -> bool:
+        return self.update_dropout_mode == "step"
+
+    def layer_input_dropout(self, layer: int) -> float:
+        """The probability of masks["input"][layer]: input_dropout for layer 0, dropout after."""
+        return self.input_dropout if layer == 0 else self.dropout
+
+    def changes(self) -> dict:
+        """The fields that differ from their defaults, for repr."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "dropout" and getattr(self, f.name) != f.default
+        }
+

@@ -1,0 +1,63 @@
+"""Layers and directions around one recurrence: the part of an LSTM that every backend shares."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class LayerWeights(NamedTuple):
+    """The parameters of one layer-direction, named as in nn.LSTM (b_* and w_hr may be None)."""
+
+    w_ih: Tensor  # [4H, I_l]
+    w_hh: Tensor  # [4H, H_out]
+    b_ih: Tensor | None  # [4H]
+    b_hh: Tensor | None  # [4H]
+    w_hr: Tensor | None  # [H_out, H]
+
+
+def split_flat_weights(flat_weights, num_layers: int, num_directions: int, has_biases: bool, has_proj: bool) -> list[LayerWeights]:
+    """nn.LSTM's `_flat_weights` order -> one LayerWeights per k = layer * num_directions + direction."""
+    per_layer = 2 + 2 * has_biases + has_proj
+    weights = []
+    for k in range(num_layers * num_directions):
+        w = list(flat_weights[k * per_layer : (k + 1) * per_layer])
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        weights.append(LayerWeights(w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None))
+    return weights
+
+
+LayerFn = Callable[[int, Tensor, Tensor, Tensor, LayerWeights, bool], "tuple[Tensor, Tensor, Tensor]"]
+
+
+def run_stack(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: list[LayerWeights],
+    num_directions: int,
+    input_dropout: Callable[[int, Tensor], Tensor],
+    layer: LayerFn,
+    output_dropout: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run every layer and direction.
+
+    x: [T, B, I] time-major; h0: [L*D, B, H_out]; c0: [L*D, B, H].
+    input_dropout(l, x) masks layer l's input; layer(k, x, h0_k, c0_k, weights_k, reverse) runs one
+    recurrence and returns (out [T, B, H_out], h_n [B, H_out], c_n [B, H]); output_dropout masks the result.
+    """
+    num_layers = len(weights) // num_directions
+    h_n, c_n = [], []
+    for layer_index in range(num_layers):
+        x = input_dropout(layer_index, x)
+        outputs = []
+        for direction in range(num_directions):
+            k = layer_index * num_directions + direction
+            out, h, c = layer(k, x, h0[k], c0[k], weights[k], direction == 1)
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
+    return output_dropout(x), torch.stack(h_n), torch.stack(c_n)
