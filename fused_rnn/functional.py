@@ -20,19 +20,21 @@ from .regularizers import Regularizers
 from .stack import split_flat_weights
 
 
-def draw_seed() -> int:
-    """One 64-bit seed in [0, 2**63) from torch's default CPU generator."""
-    return int(torch.empty((), dtype=torch.int64).random_())
+def draw_seed() -> Tensor:
+    """One 64-bit seed in [0, 2**63) from torch's default CPU generator, as a 0-dim int64 CPU tensor.
+
+    A tensor, not an int, so that torch.compile traces the draw and CUDA graphs can replay a new seed.
+    """
+    return torch.empty((), dtype=torch.int64).random_()
 
 
-def check_seed(seed) -> int:
-    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point() and seed.dtype != torch.bool:
-        seed = int(seed)
+def check_seed(seed) -> Tensor:
+    """A user's seed (an int in [0, 2**63)) as a 0-dim int64 CPU tensor."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
-    return int(seed)
+    return torch.tensor(int(seed), dtype=torch.int64)
 
 
 def _check_packed(data: Tensor, batch_sizes: Tensor) -> None:
@@ -157,10 +159,10 @@ def lstm(
             if state.dtype != data.dtype and not autocast:
                 raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
 
-    if training and reg.is_random:
-        seed = draw_seed() if seed is None else seed
-    else:
-        seed = 0
+    if not (training and reg.is_random):
+        seed = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed = draw_seed()
     dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     weights = [w.to(dtype) for w in weights]
 

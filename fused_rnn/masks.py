@@ -24,7 +24,7 @@ def zoneout_mask(draws: Tensor, p: float) -> Tensor:
     return draws < philox.threshold(p)
 
 
-def feature_keep_mask(seed: int, kind: int, index: int, p: float, steps: int, batch: int, features: int, device) -> Tensor | None:
+def feature_keep_mask(seed: int | Tensor, kind: int, index: int, p: float, steps: int, batch: int, features: int, device) -> Tensor | None:
     """Keep-mask [steps, batch, features] of an input-side dropout (KIND_INPUT / KIND_OUTPUT), or None for p = 0."""
     if p == 0:
         return None
@@ -33,7 +33,7 @@ def feature_keep_mask(seed: int, kind: int, index: int, p: float, steps: int, ba
     return keep_mask(draws, p).reshape(steps, batch, features)
 
 
-def weight_keep_mask(seed: int, k: int, p: float, rows: bool, hidden_size: int, real_hidden_size: int, device) -> Tensor | None:
+def weight_keep_mask(seed: int | Tensor, k: int, p: float, rows: bool, hidden_size: int, real_hidden_size: int, device) -> Tensor | None:
     """Keep-mask [4H, H_out] (or [4H, 1] when whole rows drop) of W_hh of layer-direction k, or None for p = 0."""
     if p == 0:
         return None
@@ -42,7 +42,7 @@ def weight_keep_mask(seed: int, k: int, p: float, rows: bool, hidden_size: int, 
     return keep_mask(draws, p).reshape(4 * hidden_size, columns)
 
 
-def unit_masks(reg: Regularizers, seed: int, k: int, seq_len: int, batch: int, hidden_size: int, real_hidden_size: int, device) -> dict:
+def unit_masks(reg: Regularizers, seed: int | Tensor, k: int, seq_len: int, batch: int, hidden_size: int, real_hidden_size: int, device) -> dict:
     """The masks of layer-direction k drawn per unit: hidden, update, cell, zoneout_h, zoneout_c (None where off)."""
     out = dict(hidden=None, update=None, cell=None, zoneout_h=None, zoneout_c=None)
     update_per_sequence = reg.update_dropout > 0 and not reg.update_per_step
@@ -77,7 +77,7 @@ def sample_masks(
     proj_size: int,
     seq_len: int,
     batch_size: int,
-    seed: int,
+    seed: int | Tensor,
     device=None,
 ) -> dict:
     """All masks of a training forward with this seed, as SPEC.md section 4 lists them."""

@@ -50,8 +50,8 @@ def keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
-def seed_key(seed: int) -> tuple[int, int]:
-    """The Philox key (k0, k1): the low and high 32-bit words of the 64-bit seed."""
+def seed_key(seed: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
+    """The Philox key (k0, k1): the low and high 32-bit words of the 64-bit seed (an int or a 0-dim int64 tensor)."""
     return seed & UINT32_MASK, (seed >> 32) & UINT32_MASK
 
 
@@ -63,7 +63,7 @@ def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return (high >> 16) + (mid >> 32), mid & UINT32_MASK
 
 
-def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int | Tensor, k1: int | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Philox4x32-10 of counters (c0, c1, c2, c3) under key (k0, k1); all int64 tensors of uint32 values, broadcast."""
     for _ in range(PHILOX_ROUNDS):
         hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
@@ -78,7 +78,7 @@ def _counter(value: int | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(value, dtype=torch.int64, device=device)
 
 
-def packed_draws(seed: int, kind: int, index: int, steps: Tensor | int, numel: int, device: torch.device) -> Tensor:
+def packed_draws(seed: int | Tensor, kind: int, index: int, steps: Tensor | int, numel: int, device: torch.device) -> Tensor:
     """Draws of a mask stored as [steps, numel] flat elements, four consecutive elements per Philox call.
 
     Element e of step t reads word e % 4 of Philox(c0 = e // 4, c1 = t, c2 = index, c3 = kind).
@@ -92,7 +92,7 @@ def packed_draws(seed: int, kind: int, index: int, steps: Tensor | int, numel: i
     return torch.stack(torch.broadcast_tensors(*words), dim=-1).reshape(steps.shape[0], -1)[:, :numel]
 
 
-def unit_draws(seed: int, kind: int, index: int, steps: Tensor | int, batch: int, hidden: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def unit_draws(seed: int | Tensor, kind: int, index: int, steps: Tensor | int, batch: int, hidden: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Draws of the per-unit masks of one layer-direction: one Philox call per (t, b, j), four words.
 
     Unit j < hidden of batch row b at step t reads Philox(c0 = b * hidden + j, c1 = t, c2 = index,

@@ -21,7 +21,7 @@ def run(
     num_directions: int,
     reg: Regularizers,
     training: bool,
-    seed: int,
+    seed: Tensor,
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""

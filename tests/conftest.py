@@ -1,0 +1,52 @@
+"""Shared fixtures: the backend under test, NaN-filled allocations, and Triton's interpreter on CPU."""
+
+import os
+
+import torch
+
+# The Triton interpreter must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fused_rnn import backends  # noqa: E402
+
+BACKENDS = ("reference", "cpp", "triton")
+
+
+def backend_device(name: str) -> torch.device:
+    """Where a backend's tests run: Triton on the GPU when there is one (else its interpreter), the rest on CPU."""
+    return torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def require_backend(name: str, dtype: torch.dtype = torch.float64) -> torch.device:
+    device = backend_device(name)
+    reason = backends.unavailable_reason(name, device, dtype)
+    if reason is not None:
+        pytest.skip(f"the {name} backend is unavailable here: {reason}")
+    return device
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Each backend in turn; skipped, with the reason, where it cannot run."""
+    require_backend(request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty(monkeypatch):
+    """Every floating-point torch.empty / empty_like / new_empty starts as NaN, so an output a kernel
+    forgets to write fails the comparison instead of passing on leftover memory."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def fill(t):
+        if t.is_floating_point() or t.is_complex():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
+    yield
