@@ -1,0 +1,156 @@
+"""torch.library custom ops around the launchers, with fake and autograd registrations, so that
+torch.compile(fullgraph=True) traces through a model that uses them. The seed is an explicit input."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..regularizers import Regularizers
+from . import launch
+
+
+def regularizers_of(probabilities: list[float], modes: list[int]) -> Regularizers:
+    """Ops take the recurrence's regularizers as plain lists: see layer_arguments."""
+    recurrent, weight, update, cell, zoneout_h, zoneout_c = probabilities
+    weight_rows, update_per_step = modes
+    return Regularizers(
+        recurrent_dropout=recurrent,
+        weight_dropout=weight,
+        weight_dropout_mode="row" if weight_rows else "element",
+        update_dropout=update,
+        update_dropout_mode="step" if update_per_step else "sequence",
+        cell_dropout=cell,
+        zoneout_h=zoneout_h,
+        zoneout_c=zoneout_c,
+    )
+
+
+def layer_arguments(reg: Regularizers) -> tuple[list[float], list[int]]:
+    probabilities = [reg.recurrent_dropout, reg.weight_dropout, reg.update_dropout, reg.cell_dropout, reg.zoneout_h, reg.zoneout_c]
+    return probabilities, [int(reg.weight_rows), int(reg.update_per_step)]
+
+
+def _prepare(x: Tensor, seed: Tensor, training: bool, probabilities: list[float], modes: list[int]):
+    reg = regularizers_of(probabilities, modes)
+    ints, floats = launch.step_parameters(reg, seed, x.device, x.dtype)
+    return ints, floats, launch.StepFlags.of(reg, training)
+
+
+@torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())
+def lstm_layer(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
+    lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
+    probabilities: list[float], modes: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer-direction: (out, h_n, c_n) in x's dtype, then the reserve (xg, rs, cs, hpre) for the backward."""
+    ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
+    out, h_n, c_n, xg, rs, cs, hpre = launch.layer_forward(
+        x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, ints, floats, flags, stream, reverse
+    )
+    if w_hr is None:
+        hpre = hpre.new_empty(0)
+    return out.to(x.dtype), h_n.to(x.dtype, copy=True), c_n.to(x.dtype, copy=True), xg, rs, cs, hpre
+
+
+@lstm_layer.register_fake
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes):
+    seq_len, batch, _ = x.shape
+    hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
+    dtype = launch.compute_dtype(x.dtype)
+    empty = lambda *shape, dtype=dtype: x.new_empty(shape, dtype=dtype)  # noqa: E731
+    return (
+        empty(seq_len, batch, real_hidden, dtype=x.dtype),
+        empty(batch, real_hidden, dtype=x.dtype),
+        empty(batch, hidden, dtype=x.dtype),
+        empty(seq_len, batch, 4 * hidden),
+        empty(seq_len + 1, batch, real_hidden),
+        empty(seq_len + 1, batch, hidden),
+        empty(seq_len, batch, hidden) if w_hr is not None else empty(0),
+    )
+
+
+@torch.library.custom_op("fused_rnn::triton_lstm_layer_backward", mutates_args=())
+def lstm_layer_backward(
+    d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+    lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
+    probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection)."""
+    ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
+    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
+        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre
+    )
+    if dw_hr is None:
+        dw_hr = x.new_empty(0)
+    return dx.to(x.dtype), dh0.to(x.dtype), dc0.to(x.dtype), dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
+
+
+@lstm_layer_backward.register_fake
+def _(d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, xg, rs, cs, hpre):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(d_h_n, dtype=x.dtype),
+        torch.empty_like(d_c_n, dtype=x.dtype),
+        torch.empty_like(w_ih),
+        torch.empty_like(w_hh),
+        w_ih.new_empty(w_ih.shape[0]),
+        torch.empty_like(w_hr) if w_hr is not None else x.new_empty(0),
+    )
+
+
+def _layer_setup_context(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes = inputs
+    _, _, _, xg, rs, cs, hpre = output
+    ctx.save_for_backward(x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre)
+    ctx.arguments = (stream, reverse, training, probabilities, modes)
+    ctx.has_bias = bias is not None
+
+
+def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
+    x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
+    stream, reverse, training, probabilities, modes = ctx.arguments
+    seq_len, batch, _ = x.shape
+    hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
+    # outputs nobody used come back as None
+    d_out = x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out
+    d_h_n = x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n
+    d_c_n = x.new_zeros(batch, hidden) if d_c_n is None else d_c_n
+    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_layer_backward(
+        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
+        xg, rs, cs, hpre,
+    )
+    return (
+        dx, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None, dw_hr if w_hr is not None else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+lstm_layer.register_autograd(_layer_backward, setup_context=_layer_setup_context)
+
+
+@torch.library.custom_op("fused_rnn::triton_feature_dropout", mutates_args=())
+def feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
+    """x [T, B, F] times the keep-mask of (kind, index) of docs/randomness.md, inverted scaling."""
+    return launch.feature_dropout(x, seed, kind, index, p, locked)
+
+
+@feature_dropout.register_fake
+def _(x, seed, kind, index, p, locked):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _, seed, kind, index, p, locked = inputs
+    ctx.save_for_backward(seed)
+    ctx.arguments = (kind, index, p, locked)
+
+
+def _dropout_backward(ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return feature_dropout(grad, seed, *ctx.arguments), None, None, None, None, None
+
+
+feature_dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
