@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The GPU check, one command: the CUDA tests, the benchmarks, the report, on a machine with torch,
+# Triton, pytest and pytest-benchmark already installed and no network. Installs nothing; runs from
+# the source tree (PYTHONPATH). Every phase has a time limit; a failing phase is reported and the
+# next ones still run. Writes everything to ${OUT:-bench/results}/<date>-<device>-<commit>/.
+#
+#   bash bench/gpu_check.sh
+#
+# Environment: GPU_CHECK_BUDGET_S (whole script, default 480), GPU_CHECK_TESTS_S (tests, default 150),
+# GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the issue's target
+# groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
+# seconds per benchmark, default 0.25), BENCH_COMMIT (the commit measured, where the tree has no .git).
+
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+TESTS_S=${GPU_CHECK_TESTS_S:-150}
+SELECT=${GPU_CHECK_BENCH_SELECT:-}
+MAX_TIME=${GPU_CHECK_MAX_TIME:-0.25}
+REPORT_RESERVE_S=30
+START=$(date +%s)
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+commit=${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export BENCH_COMMIT=$commit
+device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+device_slug=$(echo "${device:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+RUN_DIR="${OUT:-$ROOT/bench/results}/$(date -u +%Y-%m-%d)-${device_slug}-${commit:0:7}"
+mkdir -p "$RUN_DIR"
+SUMMARY="$RUN_DIR/summary.txt"
+: > "$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+note "gpu_check: ${device:-no GPU found} | commit $commit | results in $RUN_DIR"
+{
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    "$PYTHON" - <<'EOF'
+import importlib.metadata, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version() if torch.cuda.is_available() else None)
+for name in ("triton", "pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib", "numpy"):
+    try:
+        print(name, importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        print(name, "not installed")
+print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+} > "$RUN_DIR/environment.txt" 2>&1
+grep -E "^(python|triton|pytest|matplotlib|cuda)" "$RUN_DIR/environment.txt" | sed 's/^/  /' | tee -a "$SUMMARY"
+
+# 1. CUDA tests. Exit code 5: no test carries the cuda marker yet, which is not a failure.
+timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+    --junitxml="$RUN_DIR/tests.xml" > "$RUN_DIR/tests.log" 2>&1
+rc=$?
+case $rc in
+    0) status="passed" ;;
+    5) status="no test marked cuda was collected" ;;
+    124 | 137) status="TIMED OUT after ${TESTS_S}s" ;;
+    *) status="FAILED (pytest exit code $rc)" ;;
+esac
+note "tests (-m cuda): $status in $(elapsed)s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
+
+# 2. Benchmarks: results are appended to the .jsonl as each one finishes, so a time limit keeps what ran.
+bench_s=$(( BUDGET - $(elapsed) - REPORT_RESERVE_S ))
+if (( bench_s < 30 )); then
+    note "benchmarks: SKIPPED, ${bench_s}s left of the ${BUDGET}s budget"
+else
+    rm -f "$RUN_DIR/benchmarks.jsonl"
+    bench_start=$(date +%s)
+    timeout -k 10 "$bench_s" "$PYTHON" -m pytest bench -q -p no:cacheprovider ${SELECT:+-k "$SELECT"} \
+        --benchmark-json="$RUN_DIR/pytest-benchmark.json" --bench-jsonl="$RUN_DIR/benchmarks.jsonl" \
+        --benchmark-max-time="$MAX_TIME" --benchmark-min-rounds=3 > "$RUN_DIR/bench.log" 2>&1
+    rc=$?
+    measured=$(wc -l < "$RUN_DIR/benchmarks.jsonl" 2>/dev/null || echo 0)
+    case $rc in
+        0) status="done" ;;
+        124 | 137) status="STOPPED by the ${bench_s}s limit (the results measured so far are kept)" ;;
+        *) status="some FAILED (pytest exit code $rc, see bench.log)" ;;
+    esac
+    note "benchmarks: $status; $measured measured in $(( $(date +%s) - bench_start ))s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/bench.log" | tail -n 1)"
+    grep -E "^(FAILED|ERROR)" "$RUN_DIR/bench.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
+fi
+
+# 3. Report: markdown tables and targets (and a plot where matplotlib is installed).
+if [ -s "$RUN_DIR/benchmarks.jsonl" ]; then
+    timeout -k 5 60 "$PYTHON" -m bench.report "$RUN_DIR/benchmarks.jsonl" --out "$RUN_DIR" > "$RUN_DIR/report.log" 2>&1
+    note "report: $( [ $? -eq 0 ] && echo "written" || echo "FAILED" ) ($(tr '\n' ' ' < "$RUN_DIR/report.log"))"
+    if [ -f "$RUN_DIR/results.md" ]; then
+        sed -n '/^## Targets/,/^## Results/p' "$RUN_DIR/results.md" | sed '$d' | tee -a "$SUMMARY"
+    fi
+else
+    note "report: no benchmark results to report"
+fi
+note "gpu_check: finished in $(elapsed)s"
