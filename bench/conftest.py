@@ -106,7 +106,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "fused_rnn": fused_rnn.__version__,
         "commit": commit,
-        "commit_dirty": bool(dirty),
+        "commit_dirty": None if dirty is None else bool(dirty),  # None: no git here to tell
         "cpu": f"{_cpu_name()} ({os.cpu_count()} cores)",
         "mkldnn": torch.backends.mkldnn.is_available(),
     }

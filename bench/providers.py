@@ -210,17 +210,30 @@ class Provider:
     build: Callable[[Shape, torch.dtype, torch.device], Built]
 
 
+def rnn_kernel(forward: Callable[[Tensor], Tensor], shape: Shape, dtype: torch.dtype, device: torch.device) -> str:
+    """Which implementation nn.LSTM dispatches to for this dtype and device (cuDNN, oneDNN or ATen's own),
+    seen in the ops of a short training forward: cuDNN does not take every dtype."""
+    x = torch.randn(2, shape.batch, shape.input_size, device=device, dtype=dtype, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        forward(x)
+    ops = {event.key for event in profile.key_averages()}
+    if "aten::_cudnn_rnn" in ops:
+        return "cuDNN"
+    if any(op.startswith("aten::mkldnn_rnn") for op in ops):
+        return "oneDNN"
+    return "ATen (CUDA)" if device.type == "cuda" else "ATen (CPU)"
+
+
 def _nn_lstm(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
     lstm = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device, dtype=dtype)
-    kernel = "cuDNN" if device.type == "cuda" and torch.backends.cudnn.is_available() else "ATen CPU"
-    return Built(lstm, lambda x: lstm(x)[0], {"kernel": kernel})
+    forward = lambda x: lstm(x)[0]  # noqa: E731
+    return Built(lstm, forward, {"kernel": rnn_kernel(forward, shape, dtype, device)})
 
 
 def _awd_lstm(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
     r = regularizer_kwargs(shape)
     model = AWDLSTM(shape, r["input_dropout"], r["dropout"], r["output_dropout"], r["weight_dropout"], device=device, dtype=dtype)
-    kernel = "cuDNN" if device.type == "cuda" and torch.backends.cudnn.is_available() else "ATen CPU"
-    return Built(model, model, {"kernel": kernel})
+    return Built(model, model, {"kernel": rnn_kernel(model, shape, dtype, device)})
 
 
 def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, torch.device], Built]:
