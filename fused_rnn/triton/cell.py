@@ -14,7 +14,8 @@ KIND_WEIGHT: tl.constexpr = 3
 KIND_SEQUENCE: tl.constexpr = 4
 KIND_STEP: tl.constexpr = 5
 
-# Slots of the per-call int64 parameter tensor (seed and thresholds) and of the float one (scales).
+# Slots of the per-call int64 parameter tensor: the seed, thresholds (0 when a dropout is off, so it
+# keeps everything) and mode words; and of the float one: keep scales (1.0 when off) and zoneout's p.
 INT_SEED: tl.constexpr = 0
 INT_HIDDEN: tl.constexpr = 1
 INT_UPDATE: tl.constexpr = 2
@@ -22,18 +23,24 @@ INT_CELL: tl.constexpr = 3
 INT_ZONEOUT_H: tl.constexpr = 4
 INT_ZONEOUT_C: tl.constexpr = 5
 INT_WEIGHT: tl.constexpr = 6
-FLOAT_HIDDEN: tl.constexpr = 0  # keep scale 1 / (1 - p)
+INT_SEQUENCE_DRAWS: tl.constexpr = 7  # 1 when a kind-4 draw is needed (hidden, cell, update per sequence)
+INT_STEP_DRAWS: tl.constexpr = 8  # 1 when a kind-5 draw is needed (zoneout masks, update per step)
+INT_UPDATE_MODE: tl.constexpr = 9  # UPDATE_*
+INT_ZONEOUT_H_MODE: tl.constexpr = 10  # ZONEOUT_*
+INT_ZONEOUT_C_MODE: tl.constexpr = 11
+INT_HIDDEN_ON: tl.constexpr = 12  # 1 when rs is a buffer of its own
+INT_SLOTS: tl.constexpr = 13
+FLOAT_HIDDEN: tl.constexpr = 0
 FLOAT_UPDATE: tl.constexpr = 1
 FLOAT_CELL: tl.constexpr = 2
-FLOAT_ZONEOUT_H: tl.constexpr = 3  # p, for the eval-mode expectation
+FLOAT_ZONEOUT_H: tl.constexpr = 3
 FLOAT_ZONEOUT_C: tl.constexpr = 4
 FLOAT_WEIGHT: tl.constexpr = 5
+FLOAT_SLOTS: tl.constexpr = 6
 
-# Zoneout modes (constexpr): off, a Philox mask (training), the expectation p (eval).
 ZONEOUT_OFF: tl.constexpr = 0
-ZONEOUT_MASK: tl.constexpr = 1
-ZONEOUT_MEAN: tl.constexpr = 2
-# Update dropout modes (constexpr): off, one mask per step, one per sequence.
+ZONEOUT_MASK: tl.constexpr = 1  # training: a Philox mask
+ZONEOUT_MEAN: tl.constexpr = 2  # eval: the expectation p
 UPDATE_OFF: tl.constexpr = 0
 UPDATE_STEP: tl.constexpr = 1
 UPDATE_SEQUENCE: tl.constexpr = 2
@@ -68,33 +75,29 @@ def unit_draws(seed, rows, units, H, t, stream, KIND: tl.constexpr):
 
 
 @triton.jit
-def unit_masks(
-    ints_ptr, rows, units, H, t, stream,
-    HIDDEN: tl.constexpr, UPDATE: tl.constexpr, CELL: tl.constexpr, ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr,
-):
+def unit_masks(ints_ptr, rows, units, H, t, stream):
     """Every per-unit mask of step t for units (rows, units), as docs/randomness.md lays them out.
 
-    Returns (hidden keep, update keep, cell keep, zoneout_h, zoneout_c), [BB, BJ] booleans; those whose
-    regularizer is off are all False and unused.
+    Returns [BB, BJ] booleans (hidden keep, update keep, cell keep, zoneout_h, zoneout_c). A dropout
+    that is off keeps everything (its threshold is 0) and a zoneout that is off never fires, so the
+    cell math applies every mask unconditionally; Philox runs only for the kinds in use.
     """
     seed = tl.load(ints_ptr + INT_SEED)
-    none = (rows + units) < 0
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = none, none, none, none, none
-    if HIDDEN or CELL or UPDATE == UPDATE_SEQUENCE:
+    update_mode = tl.load(ints_ptr + INT_UPDATE_MODE)
+    keep_all = (rows + units) >= 0
+    hidden_keep, update_keep, cell_keep = keep_all, keep_all, keep_all
+    zone_h, zone_c = ~keep_all, ~keep_all
+    if tl.load(ints_ptr + INT_SEQUENCE_DRAWS) != 0:
         w0, w1, w2, _ = unit_draws(seed, rows, units, H, 0, stream, KIND_SEQUENCE)
-        if HIDDEN:
-            hidden_keep = not_fires(w0, tl.load(ints_ptr + INT_HIDDEN))
-        if CELL:
-            cell_keep = not_fires(w1, tl.load(ints_ptr + INT_CELL))
-        if UPDATE == UPDATE_SEQUENCE:
+        hidden_keep = not_fires(w0, tl.load(ints_ptr + INT_HIDDEN))
+        cell_keep = not_fires(w1, tl.load(ints_ptr + INT_CELL))
+        if update_mode == UPDATE_SEQUENCE:
             update_keep = not_fires(w2, tl.load(ints_ptr + INT_UPDATE))
-    if ZONEOUT_H == ZONEOUT_MASK or ZONEOUT_C == ZONEOUT_MASK or UPDATE == UPDATE_STEP:
+    if tl.load(ints_ptr + INT_STEP_DRAWS) != 0:
         w0, w1, w2, _ = unit_draws(seed, rows, units, H, t, stream, KIND_STEP)
-        if ZONEOUT_H == ZONEOUT_MASK:
-            zone_h = fires(w0, tl.load(ints_ptr + INT_ZONEOUT_H))
-        if ZONEOUT_C == ZONEOUT_MASK:
-            zone_c = fires(w1, tl.load(ints_ptr + INT_ZONEOUT_C))
-        if UPDATE == UPDATE_STEP:
+        zone_h = fires(w0, tl.load(ints_ptr + INT_ZONEOUT_H))
+        zone_c = fires(w1, tl.load(ints_ptr + INT_ZONEOUT_C))
+        if update_mode == UPDATE_STEP:
             update_keep = not_fires(w2, tl.load(ints_ptr + INT_UPDATE))
     return hidden_keep, update_keep, cell_keep, zone_h, zone_c
 
@@ -106,70 +109,53 @@ def keep_scaled(x, keep, scale):
 
 
 @triton.jit
-def zoneout(previous, new, zone, p, MODE: tl.constexpr):
+def zoneout(previous, new, zone, p, mode):
     """SPEC: z * previous + (1 - z) * new, with z the mask (training) or the probability p (eval)."""
-    if MODE == ZONEOUT_MASK:
-        return tl.where(zone, previous, new)
-    elif MODE == ZONEOUT_MEAN:
-        return p * previous + (1.0 - p) * new
-    else:
-        return new
+    result = new
+    if mode == ZONEOUT_MASK:
+        result = tl.where(zone, previous, new)
+    elif mode == ZONEOUT_MEAN:
+        result = p * previous + (1.0 - p) * new
+    return result
 
 
 @triton.jit
-def zoneout_backward(grad, zone, p, MODE: tl.constexpr):
+def zoneout_backward(grad, zone, p, mode):
     """Gradients (to previous, to new) of zoneout(previous, new) given the gradient of its result."""
-    if MODE == ZONEOUT_MASK:
-        return tl.where(zone, grad, 0.0), tl.where(zone, 0.0, grad)
-    elif MODE == ZONEOUT_MEAN:
-        return p * grad, (1.0 - p) * grad
-    else:
-        return grad * 0.0, grad
+    to_previous = grad * 0.0
+    to_new = grad
+    if mode == ZONEOUT_MASK:
+        to_previous = tl.where(zone, grad, 0.0)
+        to_new = tl.where(zone, 0.0, grad)
+    elif mode == ZONEOUT_MEAN:
+        to_previous = p * grad
+        to_new = (1.0 - p) * grad
+    return to_previous, to_new
 
 
 @triton.jit
-def cell_forward(
-    gi, gf, gg, go, c_prev, update_keep, update_scale, cell_keep, cell_scale,
-    UPDATE: tl.constexpr, CELL: tl.constexpr,
-):
+def cell_forward(gi, gf, gg, go, c_prev, update_keep, update_scale, cell_keep, cell_scale):
     """Gate pre-activations -> (i, f, g, o, c~, o * tanh(c~)) with update and cell dropout (SPEC section 2)."""
     i = tl.sigmoid(gi)
     f = tl.sigmoid(gf)
     g = tanh(gg)
     o = tl.sigmoid(go)
-    g_kept = g
-    if UPDATE != UPDATE_OFF:
-        g_kept = keep_scaled(g, update_keep, update_scale)
-    c_new = f * c_prev + i * g_kept
-    if CELL:
-        c_new = keep_scaled(c_new, cell_keep, cell_scale)
+    c_new = keep_scaled(f * c_prev + i * keep_scaled(g, update_keep, update_scale), cell_keep, cell_scale)
     return i, f, g, o, c_new, o * tanh(c_new)
 
 
 @triton.jit
-def cell_backward(
-    i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, update_scale, cell_keep, cell_scale,
-    UPDATE: tl.constexpr, CELL: tl.constexpr,
-):
+def cell_backward(i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, update_scale, cell_keep, cell_scale):
     """Gradients of the gate pre-activations and of c_prev, given those of h~ = o tanh(c~) and of c~.
 
     The forward's c~ is recomputed from the stored activations and c_prev, with the same masks.
     """
-    g_kept = g
-    if UPDATE != UPDATE_OFF:
-        g_kept = keep_scaled(g, update_keep, update_scale)
-    c_new = f * c_prev + i * g_kept
-    if CELL:
-        c_new = keep_scaled(c_new, cell_keep, cell_scale)
-    tanh_c = tanh(c_new)
+    g_kept = keep_scaled(g, update_keep, update_scale)
+    tanh_c = tanh(keep_scaled(f * c_prev + i * g_kept, cell_keep, cell_scale))
     d_o = d_h_tilde * tanh_c
-    d_c = d_c_tilde + d_h_tilde * o * (1.0 - tanh_c * tanh_c)
-    if CELL:
-        d_c = keep_scaled(d_c, cell_keep, cell_scale)
-    d_g_kept = d_c * i
-    d_g = d_g_kept
-    if UPDATE != UPDATE_OFF:
-        d_g = keep_scaled(d_g_kept, update_keep, update_scale)
+    # through cell dropout to the sum f c_prev + i g^
+    d_c = keep_scaled(d_c_tilde + d_h_tilde * o * (1.0 - tanh_c * tanh_c), cell_keep, cell_scale)
+    d_g = keep_scaled(d_c * i, update_keep, update_scale)
     d_gi = d_c * g_kept * i * (1.0 - i)
     d_gf = d_c * c_prev * f * (1.0 - f)
     d_gg = d_g * (1.0 - g * g)

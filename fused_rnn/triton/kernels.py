@@ -21,9 +21,10 @@ from .cell import (
     FLOAT_UPDATE,
     FLOAT_ZONEOUT_C,
     FLOAT_ZONEOUT_H,
+    INT_HIDDEN_ON,
     INT_SEED,
-    UPDATE_OFF,
-    ZONEOUT_OFF,
+    INT_ZONEOUT_C_MODE,
+    INT_ZONEOUT_H_MODE,
     cell_backward,
     cell_forward,
     keep_scaled,
@@ -35,10 +36,10 @@ from .cell import (
 )
 
 
-@triton.jit(do_not_specialize=["kind", "stream", "numel", "group"])
+@triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "numel", "group", "locked"])
 def packed_dropout_kernel(
-    x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, group,
-    LOCKED: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, group, locked,
+    BLOCK: tl.constexpr,
 ):
     """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight).
 
@@ -49,18 +50,19 @@ def packed_dropout_kernel(
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = e < numel
     m = e // group
-    step = t * (1 - LOCKED)
+    step = t * (1 - locked)
     w0, w1, w2, w3 = tl.philox(tl.load(ints_ptr + INT_SEED), (m // 4).to(tl.uint32), step, stream, kind)
     word = m % 4
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
     keep = not_fires(draw, tl.load(ints_ptr + threshold_slot))
     offset = t.to(tl.int64) * numel + e
-    x = tl.load(x_ptr + offset, mask=inside, other=0.0)
-    y = keep_scaled(x.to(tl.float32) if x.dtype != tl.float64 else x, keep, tl.load(floats_ptr + scale_slot))
+    # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
+    x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
+    y = keep_scaled(x, keep, tl.load(floats_ptr + scale_slot))
     tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit(do_not_specialize=["state", "stream"])
+@triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
 def hidden_dropout_kernel(
     hs_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -69,52 +71,53 @@ def hidden_dropout_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream, True, UPDATE_OFF, False, ZONEOUT_OFF, ZONEOUT_OFF)
+    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream)
     offset = state.to(tl.int64) * B * H_out + rows * H_out + units
     h = tl.load(hs_ptr + offset, mask=inside, other=0.0)
     tl.store(rs_ptr + offset, keep_scaled(h, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN)), mask=inside)
 
 
 @triton.jit
-def row_is_active(lengths_ptr, rows, B, t, HAS_LENGTHS: tl.constexpr):
-    """[BB, 1]: whether position t lies inside each row's sequence."""
-    if HAS_LENGTHS:
-        return t < tl.load(lengths_ptr + rows, mask=rows < B, other=0)
-    else:
-        return rows >= 0
+def row_is_active(lengths_ptr, rows, B, t, has_lengths):
+    """[BB, 1]: whether position t lies inside each row's sequence (lengths_ptr: [B] int64, if has_lengths)."""
+    active = rows >= 0
+    if has_lengths != 0:
+        active = t < tl.load(lengths_ptr + rows, mask=rows < B, other=0)
+    return active
 
 
 @triton.jit
 def finish_h(
     h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-    hs_ptr, rs_ptr, out_ptr, floats_ptr, B, H_out,
-    HIDDEN: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
 ):
     """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy and the output."""
     here = rows * H_out + units
     h_prev = tl.load(hs_ptr + prev.to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
-    h_new = zoneout(h_prev, h_tilde, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), ZONEOUT_H)
+    h_new = zoneout(h_prev, h_tilde, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE))
     h_state = tl.where(active, h_new, h_prev)
     tl.store(hs_ptr + new.to(tl.int64) * B * H_out + here, h_state, mask=inside)
     tl.store(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), mask=inside)
-    if HIDDEN:
+    if tl.load(ints_ptr + INT_HIDDEN_ON) != 0:
         # the mask is fixed for the sequence, so a frozen row's dropped copy stays what it was
         r = keep_scaled(h_state, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
         tl.store(rs_ptr + new.to(tl.int64) * B * H_out + here, r, mask=inside)
 
 
-@triton.jit(do_not_specialize=["t", "stream"])
+STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "B", "H", "H_out"]
+
+
+@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
 def forward_step_kernel(
     xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, B, H, H_out,
-    HIDDEN: tl.constexpr, UPDATE: tl.constexpr, CELL: tl.constexpr, ZONEOUT_H: tl.constexpr,
-    ZONEOUT_C: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
+    t, reverse, stream, has_lengths, B, H, H_out,
+    HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a projection follows.
 
     w: [4H, H_out] W_hh after weight drop. With HAS_PROJ the kernel stores hpre[t] and leaves h to
-    projection_step_kernel (HIDDEN and ZONEOUT_H are then passed off here).
+    projection_step_kernel.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
@@ -146,34 +149,30 @@ def forward_step_kernel(
     go = tl.load(xg_here + 3 * H, mask=inside, other=0.0) + acc_o
     c_here = rows * H + units
     c_prev = tl.load(cs_ptr + prev.to(tl.int64) * B * H + c_here, mask=inside, other=0.0)
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(
-        ints_ptr, rows, units, H, t, stream, HIDDEN, UPDATE, CELL, ZONEOUT_H, ZONEOUT_C
-    )
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     i, f, g, o, c_tilde, h_tilde = cell_forward(
-        gi, gf, gg, go, c_prev, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep,
-        tl.load(floats_ptr + FLOAT_CELL), UPDATE, CELL,
+        gi, gf, gg, go, c_prev, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep, tl.load(floats_ptr + FLOAT_CELL)
     )
     tl.store(xg_here, i, mask=inside)
     tl.store(xg_here + H, f, mask=inside)
     tl.store(xg_here + 2 * H, g, mask=inside)
     tl.store(xg_here + 3 * H, o, mask=inside)
 
-    active = row_is_active(lengths_ptr, rows, B, t, HAS_LENGTHS)
-    c_new = zoneout(c_prev, c_tilde, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), ZONEOUT_C)
+    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
+    c_new = zoneout(c_prev, c_tilde, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE))
     tl.store(cs_ptr + new.to(tl.int64) * B * H + c_here, tl.where(active, c_new, c_prev), mask=inside)
     if HAS_PROJ:
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
         finish_h(h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-                 hs_ptr, rs_ptr, out_ptr, floats_ptr, B, H_out, HIDDEN, ZONEOUT_H)
+                 hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
-@triton.jit(do_not_specialize=["t", "stream"])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
 def projection_step_kernel(
     hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, B, H, H_out,
-    HIDDEN: tl.constexpr, ZONEOUT_H: tl.constexpr, HAS_LENGTHS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    t, reverse, stream, has_lengths, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t, after forward_step_kernel: h~ = hpre[t] W_hr^T, then finish_h. w_hr: [H_out, H]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -186,17 +185,16 @@ def projection_step_kernel(
         a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0)
         w = tl.load(w_hr_ptr + units * H + ks[:, None], mask=(ks[:, None] < H) & (units < H_out), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream, HIDDEN, UPDATE_OFF, False, ZONEOUT_H, ZONEOUT_OFF)
-    active = row_is_active(lengths_ptr, rows, B, t, HAS_LENGTHS)
+    hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream)
+    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     finish_h(acc, hidden_keep, zone_h, rows, units, inside, active, t, t + reverse, t + 1 - reverse,
-             hs_ptr, rs_ptr, out_ptr, floats_ptr, B, H_out, HIDDEN, ZONEOUT_H)
+             hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
 @triton.jit
 def backward_cell(
     d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, prev,
-    xg_ptr, cs_ptr, dgates_ptr, gc_ptr, floats_ptr, B, H,
-    UPDATE: tl.constexpr, CELL: tl.constexpr, ZONEOUT_C: tl.constexpr,
+    xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
 ):
     """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous state."""
     c_here = rows * H + units
@@ -208,10 +206,12 @@ def backward_cell(
     f = tl.load(xg_here + H, mask=inside, other=0.0)
     g = tl.load(xg_here + 2 * H, mask=inside, other=0.0)
     o = tl.load(xg_here + 3 * H, mask=inside, other=0.0)
-    g_c_prev, d_c_tilde = zoneout_backward(d_c_new, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), ZONEOUT_C)
+    g_c_prev, d_c_tilde = zoneout_backward(
+        d_c_new, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE)
+    )
     d_gi, d_gf, d_gg, d_go, d_c_prev = cell_backward(
         i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep,
-        tl.load(floats_ptr + FLOAT_CELL), UPDATE, CELL,
+        tl.load(floats_ptr + FLOAT_CELL),
     )
     # rows past their length pass the gradient of their frozen state straight through
     tl.store(gc_ptr + c_here, g_c_prev + d_c_prev + tl.where(active, 0.0, g_c), mask=inside)
@@ -222,13 +222,11 @@ def backward_cell(
     tl.store(dg_here + 3 * H, d_go, mask=inside)
 
 
-@triton.jit(do_not_specialize=["t", "t_next", "stream"])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
     dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, t_next, reverse, stream, B, H, H_out,
-    HIDDEN: tl.constexpr, UPDATE: tl.constexpr, CELL: tl.constexpr, ZONEOUT_H: tl.constexpr,
-    ZONEOUT_C: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_NEXT: tl.constexpr,
-    STEP: tl.constexpr, PRECISION: tl.constexpr,
+    t, t_next, reverse, stream, has_lengths, B, H, H_out,
+    HAS_PROJ: tl.constexpr, HAS_NEXT: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of the step at position t, for my units of h (of H_out; of H too without a projection).
@@ -242,46 +240,40 @@ def backward_step_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    dtype = gh_ptr.dtype.element_ty
     h_here = rows * H_out + units
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(
-        ints_ptr, rows, units, H, t, stream, HIDDEN and HAS_NEXT, UPDATE if STEP and not HAS_PROJ else UPDATE_OFF,
-        CELL and STEP and not HAS_PROJ, ZONEOUT_H if STEP else ZONEOUT_OFF,
-        ZONEOUT_C if STEP and not HAS_PROJ else ZONEOUT_OFF,
-    )
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
     if HAS_NEXT:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
         dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
-        acc = tl.zeros([BLOCK_B, BLOCK_H], dtype)
+        acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0)
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
-        if HIDDEN:
-            acc = keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
-        g_h += acc
+        g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
     if STEP:
-        active = row_is_active(lengths_ptr, rows, B, t, HAS_LENGTHS)
+        active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
         d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0)
         d_h_new = tl.where(active, d_out + g_h, 0.0)
-        g_h_prev, d_h_tilde = zoneout_backward(d_h_new, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), ZONEOUT_H)
+        g_h_prev, d_h_tilde = zoneout_backward(
+            d_h_new, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE)
+        )
         tl.store(gh_ptr + h_here, g_h_prev + tl.where(active, 0.0, g_h), mask=inside)
         if HAS_PROJ:
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
             backward_cell(d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                          xg_ptr, cs_ptr, dgates_ptr, gc_ptr, floats_ptr, B, H, UPDATE, CELL, ZONEOUT_C)
+                          xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
 
-@triton.jit(do_not_specialize=["t", "stream"])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
 def backward_projection_cell_kernel(
     dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, B, H, H_out,
-    UPDATE: tl.constexpr, CELL: tl.constexpr, ZONEOUT_C: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """With a projection, after backward_step_kernel: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
@@ -295,7 +287,7 @@ def backward_projection_cell_kernel(
         a = tl.load(dht_t + rows * H_out + ks[None, :], mask=(rows < B) & (ks[None, :] < H_out), other=0.0)
         w = tl.load(w_hr_ptr + ks[:, None] * H + units, mask=(ks[:, None] < H_out) & (units < H), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream, False, UPDATE, CELL, ZONEOUT_OFF, ZONEOUT_C)
-    active = row_is_active(lengths_ptr, rows, B, t, HAS_LENGTHS)
+    _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
+    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     backward_cell(acc, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                  xg_ptr, cs_ptr, dgates_ptr, gc_ptr, floats_ptr, B, H, UPDATE, CELL, ZONEOUT_C)
+                  xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)

@@ -35,8 +35,8 @@ def layer_arguments(reg: Regularizers) -> tuple[list[float], list[int]]:
 
 def _prepare(x: Tensor, seed: Tensor, training: bool, probabilities: list[float], modes: list[int]):
     reg = regularizers_of(probabilities, modes)
-    ints, floats = launch.step_parameters(reg, seed, x.device, x.dtype)
-    return ints, floats, launch.StepFlags.of(reg, training)
+    ints, floats = launch.step_parameters(reg, training, seed, x.device, x.dtype)
+    return ints, floats, launch.Recurrence.of(reg, training)
 
 
 @torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())
