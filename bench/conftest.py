@@ -56,6 +56,8 @@ def pytest_configure(config):
         config.option.benchmark_group_by = "group"
     # WeightDrop hands cuDNN a weight outside its flattened buffer, as AWD-LSTM does; cuDNN then warns each call
     config.addinivalue_line("filterwarnings", "ignore:RNN module weights are not part of single contiguous chunk")
+    # the one-cycle profile that tells which kernel nn.LSTM dispatches to
+    config.addinivalue_line("filterwarnings", "ignore:Warning. Profiler clears events at the end of each cycle")
 
 
 def _priority(item) -> tuple:

@@ -54,7 +54,7 @@ grep -E "^(python|triton|pytest|matplotlib|cuda)" "$RUN_DIR/environment.txt" | s
 
 # 1. CUDA tests. Exit code 5: no test carries the cuda marker yet, which is not a failure.
 timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-    --junitxml="$RUN_DIR/tests.xml" > "$RUN_DIR/tests.log" 2>&1
+    --tb=short > "$RUN_DIR/tests.log" 2>&1
 rc=$?
 case $rc in
     0) status="passed" ;;
@@ -63,6 +63,7 @@ case $rc in
     *) status="FAILED (pytest exit code $rc)" ;;
 esac
 note "tests (-m cuda): $status in $(elapsed)s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
+grep -E "^(FAILED|ERROR)" "$RUN_DIR/tests.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # 2. Benchmarks: results are appended to the .jsonl as each one finishes, so a time limit keeps what ran.
 bench_s=$(( BUDGET - $(elapsed) - REPORT_RESERVE_S ))
@@ -71,9 +72,9 @@ if (( bench_s < 30 )); then
 else
     rm -f "$RUN_DIR/benchmarks.jsonl"
     bench_start=$(date +%s)
-    timeout -k 10 "$bench_s" "$PYTHON" -m pytest bench -q -p no:cacheprovider ${SELECT:+-k "$SELECT"} \
-        --benchmark-json="$RUN_DIR/pytest-benchmark.json" --bench-jsonl="$RUN_DIR/benchmarks.jsonl" \
-        --benchmark-max-time="$MAX_TIME" --benchmark-min-rounds=3 > "$RUN_DIR/bench.log" 2>&1
+    timeout -k 10 "$bench_s" "$PYTHON" -m pytest bench -q -p no:cacheprovider --tb=short ${SELECT:+-k "$SELECT"} \
+        --bench-jsonl="$RUN_DIR/benchmarks.jsonl" --benchmark-max-time="$MAX_TIME" --benchmark-min-rounds=3 \
+        > "$RUN_DIR/bench.log" 2>&1
     rc=$?
     measured=$(wc -l < "$RUN_DIR/benchmarks.jsonl" 2>/dev/null || echo 0)
     case $rc in
@@ -83,12 +84,20 @@ else
     esac
     note "benchmarks: $status; $measured measured in $(( $(date +%s) - bench_start ))s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/bench.log" | tail -n 1)"
     grep -E "^(FAILED|ERROR)" "$RUN_DIR/bench.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
+    # each distinct error once, with how many benchmarks it stopped
+    grep -E "^E +[A-Za-z_.]*(Error|Exception)" "$RUN_DIR/bench.log" | sort | uniq -c | sort -rn | head -n 5 | cut -c 1-300 \
+        | sed 's/^/  /' | tee -a "$SUMMARY"
 fi
 
 # 3. Report: markdown tables and targets (and a plot where matplotlib is installed).
+# benchmarks.json (written by the report) holds every entry of benchmarks.jsonl; at most 8 files come back from $OUT.
 if [ -s "$RUN_DIR/benchmarks.jsonl" ]; then
-    timeout -k 5 60 "$PYTHON" -m bench.report "$RUN_DIR/benchmarks.jsonl" --out "$RUN_DIR" > "$RUN_DIR/report.log" 2>&1
-    note "report: $( [ $? -eq 0 ] && echo "written" || echo "FAILED" ) ($(tr '\n' ' ' < "$RUN_DIR/report.log"))"
+    report=$(timeout -k 5 60 "$PYTHON" -m bench.report "$RUN_DIR/benchmarks.jsonl" --out "$RUN_DIR" 2>&1)
+    rc=$?
+    note "report: $( [ $rc -eq 0 ] && echo "written" || echo "FAILED" ): $(echo "$report" | tr '\n' ' ')"
+    if [ $rc -eq 0 ]; then
+        rm -f "$RUN_DIR/benchmarks.jsonl"
+    fi
     if [ -f "$RUN_DIR/results.md" ]; then
         sed -n '/^## Targets/,/^## Results/p' "$RUN_DIR/results.md" | sed '$d' | tee -a "$SUMMARY"
     fi

@@ -142,6 +142,10 @@ def group_table(name: str, group: list[dict]) -> list[str]:
             f"{stats['rounds']} | {fmt_ratio(ratio)} | {'-' if peak_bytes is None else f'{peak_bytes / MIB:.0f}'} | "
             f"{fmt_ratio(peak_ratio)} |"
         )
+    present = {e["extra_info"]["provider"] for e in group}
+    missing = [p.label for p in PROVIDERS_BY_NAME.values() if info["device_type"] in p.devices and p.name not in present]
+    if missing:
+        lines += ["", f"No result (failed, deselected or not reached): {', '.join(missing)}."]
     fallbacks = {e["extra_info"]["fallback"] for e in group if "fallback" in e["extra_info"]}
     for reason in sorted(fallbacks):
         lines += ["", f"fused_rnn's auto backend fell back to the reference here: {reason}."]
@@ -156,7 +160,7 @@ def target_rows(by_group: dict[str, list[dict]]) -> list[str]:
         get = peak if use_peak else median
         a, b = get(group, numerator), get(group, denominator)
         if a is None or b is None or b == 0:
-            checks.append((target, group_name, "not measured", None))
+            checks.append((target, group_name, "-", None))
             return
         value = a / b
         met = value <= limit if at_most else value >= limit
@@ -197,7 +201,7 @@ def target_rows(by_group: dict[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
-def header(entries: list[dict], date: str | None) -> list[str]:
+def header(entries: list[dict], date: str | None, notes: list[str]) -> list[str]:
     info = entries[0]["extra_info"]
     state = {True: " (with uncommitted changes)", None: " (working tree state not recorded)"}.get(info.get("commit_dirty"), "")
     commit = (info.get("commit") or "unknown")[:10] + state
@@ -220,6 +224,7 @@ def header(entries: list[dict], date: str | None) -> list[str]:
         f"- \"all\" regularizers: {regularizers} (between-layer dropout only with 2+ layers);",
         "  the AWD wrapper applies only what cuDNN allows around it: weight drop and locked input/between/output dropout",
         "- fp32 on CUDA runs with TF32 matmuls, as cuDNN does by default",
+        *(f"- note: {note}" for note in notes),
         "",
     ]
 
@@ -254,7 +259,7 @@ def plot(by_group: dict[str, list[dict]], path: Path) -> str:
         axis.set_visible(False)
     figure.supxlabel("time / nn.LSTM time (log scale, lower is faster)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return f"wrote {path}"
 
@@ -275,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", type=Path, help="pytest-benchmark JSON or --bench-jsonl files")
     parser.add_argument("--out", type=Path, help="output directory (default: bench/results/<date>-<device>-<commit>)")
+    parser.add_argument("--note", action="append", default=[], help="a line for the header (repeatable)")
     args = parser.parse_args(argv)
     found = [path for path in args.inputs if path.exists()]
     if not found:
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out(entries, date)
     out.mkdir(parents=True, exist_ok=True)
     by_group = groups(entries)
-    lines = header(entries, date) + target_rows(by_group) + ["## Results", ""]
+    lines = header(entries, date, args.note) + target_rows(by_group) + ["## Results", ""]
     for name, group in by_group.items():
         lines += group_table(name, group)
     (out / "results.md").write_text("\n".join(lines))
