@@ -1,0 +1,59 @@
+"""The fused C++ CPU backend: csrc/ built as torch operators (see loader.py), run layer by layer.
+
+Two operators do the work: fused_rnn_cpp::feature_dropout (the input, between-layer and output masks) and
+fused_rnn_cpp::lstm_layer (one layer-direction, forward and backward through time). Masks are regenerated from
+the seed wherever they are used, in the forward and in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..philox import KIND_INPUT, KIND_OUTPUT
+from ..regularizers import Regularizers
+from ..stack import LayerWeights, run_stack
+
+
+def run(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: list[LayerWeights],
+    *,
+    num_directions: int,
+    reg: Regularizers,
+    training: bool,
+    seed: Tensor,
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """As fused_rnn.reference.run: x [T, B, I] time-major, rows in the caller's order; lengths [B] or None."""
+    ops = torch.ops.fused_rnn_cpp
+    layer_args = (
+        training,
+        reg.recurrent_dropout,
+        reg.weight_dropout,
+        reg.weight_rows,
+        reg.update_dropout,
+        reg.update_per_step,
+        reg.cell_dropout,
+        reg.zoneout_h,
+        reg.zoneout_c,
+    )
+
+    def input_dropout(layer: int, x: Tensor) -> Tensor:
+        p = reg.layer_input_dropout(layer)
+        if not training or p == 0:
+            return x
+        return ops.feature_dropout(x, seed, KIND_INPUT, layer, p, reg.locked)
+
+    def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
+        out, h_n, c_n, *_ = ops.lstm_layer(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, seed, lengths, k, reverse, *layer_args)
+        return out, h_n, c_n
+
+    def output_dropout(x: Tensor) -> Tensor:
+        if not training or reg.output_dropout == 0:
+            return x
+        return ops.feature_dropout(x, seed, KIND_OUTPUT, 0, reg.output_dropout, reg.locked)
+
+    return run_stack(x, h0, c0, weights, num_directions, input_dropout, layer, output_dropout)

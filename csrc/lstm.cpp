@@ -1,0 +1,917 @@
+// The fused C++ CPU backend: one layer-direction of the LSTM (forward and backward through time) and the
+// feature dropout between layers, registered as torch operators in the namespace fused_rnn_cpp.
+//
+// Shapes: S steps, B batch rows, I input features, H hidden units, R = H_out (proj_size, or H).
+// Gate order i, f, g, o. Masks follow docs/randomness.md and are regenerated wherever they are used.
+//
+// Threads: the time loop runs inside one OpenMP team. The hidden units are split into contiguous blocks, one per
+// thread; a thread owns units j of its block for all four gates (rows j, H + j, 2H + j, 3H + j of W_hh), so its
+// step GEMM produces exactly the gates its pointwise pass needs, and threads meet once per step.
+// W~ (W_hh after weight drop) is stored block-major for this: the rows of block [s, e) are the 4 (e - s) rows
+// 4 s + g (e - s) + (j - s), one contiguous GEMM operand per thread ("perm" layout below).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cell.h"
+#include "philox.h"
+
+// MKL's packed GEMM, exported by MKL builds of libtorch: weak, so that the library loads (and falls back to
+// ATen's mm) where it is absent. Integer arguments are MKL's LP64 ints and CBLAS enum values.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld, float* dest)
+    __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                         float beta, float* c, int ldc) __attribute__((weak));
+}
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
+
+// ---- GEMM with a right-hand side fixed for the whole sequence -------------------------------------------------
+
+bool mkl_packed_available() {
+  static const bool linked = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
+  // FUSED_RNN_CPP_GEMM=aten forces ATen's mm (tests use it to cover that path).
+  const char* choice = std::getenv("FUSED_RNN_CPP_GEMM");
+  return linked && !(choice && std::strcmp(choice, "aten") == 0);
+}
+
+// C[M, N] = (accumulate ? C : 0) + A[M, K] op(B)[K, N], op(B) = B or B^T, with B fixed for many products.
+// float32 with MKL: B is packed once (MKL's sgemm_pack) and every product skips the repacking. Else ATen's mm.
+template <typename scalar_t>
+class FixedRhs {
+ public:
+  static bool packs() { return std::is_same<scalar_t, float>::value && mkl_packed_available(); }
+
+  static int64_t packed_bytes(int64_t m, int64_t n, int64_t k) {
+    if (!packs() || m == 0 || n == 0) {
+      return 0;
+    }
+    return static_cast<int64_t>(cblas_sgemm_pack_get_size(kCblasBMatrix, int(m), int(n), int(k)));
+  }
+
+  // b: B [K, N] with row stride ldb, or B^T [N, K] with row stride ldb when transposed. Aliases the caller's
+  // memory when not packed. pack: packed_bytes(m, n, k) bytes, 64-byte aligned, or null when not packing.
+  void init(int64_t m, int64_t n, int64_t k, const scalar_t* b, int64_t ldb, bool transposed, void* pack) {
+    m_ = m;
+    n_ = n;
+    k_ = k;
+    b_ = b;
+    ldb_ = ldb;
+    transposed_ = transposed;
+    packed_ = nullptr;
+    if (pack && m > 0 && n > 0) {
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, int(m), int(n), int(k), 1.0f,
+                         b, int(ldb), static_cast<float*>(pack));
+        packed_ = pack;
+      }
+    }
+  }
+
+  // a: A [M, K], row stride lda; c: C [M, N], row stride ldc (C must not overlap A or B).
+  void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, bool accumulate) const {
+    if (m_ == 0 || n_ == 0) {
+      return;
+    }
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      if (packed_) {
+        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, int(m_), int(n_), int(k_), a, int(lda),
+                            static_cast<const float*>(packed_), int(n_), accumulate ? 1.0f : 0.0f, c, int(ldc));
+        return;
+      }
+    }
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    auto* a_ptr = const_cast<scalar_t*>(a);
+    auto* b_ptr = const_cast<scalar_t*>(b_);
+    const Tensor a_view = at::from_blob(a_ptr, {m_, k_}, {lda, 1}, options);
+    const Tensor b_view = transposed_ ? at::from_blob(b_ptr, {n_, k_}, {ldb_, 1}, options).t()
+                                      : at::from_blob(b_ptr, {k_, n_}, {ldb_, 1}, options);
+    Tensor c_view = at::from_blob(c, {m_, n_}, {ldc, 1}, options);
+    if (accumulate) {
+      c_view.addmm_(a_view, b_view);
+    } else {
+      at::mm_out(c_view, a_view, b_view);
+    }
+  }
+
+ private:
+  int64_t m_ = 0, n_ = 0, k_ = 0, ldb_ = 0;
+  const scalar_t* b_ = nullptr;
+  bool transposed_ = false;
+  const void* packed_ = nullptr;
+};
+
+// Packed buffers of several FixedRhs, one allocation, each slice 64-byte aligned.
+class PackArena {
+ public:
+  int64_t add(int64_t bytes) {
+    const int64_t at = size_;
+    size_ += (bytes + 63) / 64 * 64;
+    return bytes > 0 ? at : -1;
+  }
+  void allocate() {
+    storage_ = at::empty({size_ + 64}, at::kByte);
+    base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(storage_.data_ptr()) + 63) / 64 * 64);
+  }
+  void* at(int64_t offset) const { return offset < 0 ? nullptr : base_ + offset; }
+
+ private:
+  int64_t size_ = 0;
+  Tensor storage_;
+  char* base_ = nullptr;
+};
+
+// ---- threads ----------------------------------------------------------------------------------------------------
+
+// body(thread, team_size) on every thread of one team; team_barrier() inside body waits for the whole team.
+// With OpenMP absent (or already inside a parallel region) the team is the calling thread alone.
+template <typename F>
+void run_team(int64_t wanted, const F& body) {
+#ifdef _OPENMP
+  if (wanted > 1 && !omp_in_parallel()) {
+#pragma omp parallel num_threads(static_cast<int>(wanted))
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+inline void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
+// n units in `count` contiguous blocks, boundaries rounded down to multiples of 8 (whole vectors where possible).
+struct Blocks {
+  int64_t n, count;
+
+  static Blocks split(int64_t n, int64_t threads) {
+    return {n, std::max<int64_t>(1, std::min<int64_t>(threads, n / 16))};
+  }
+  int64_t begin(int64_t q) const { return q >= count ? n : (n * q / count) / 8 * 8; }
+  int64_t end(int64_t q) const { return begin(q + 1); }
+};
+
+int64_t team_size() {
+  return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+// ---- masks ------------------------------------------------------------------------------------------------------
+
+// Factors of row r of the weight-drop mask of W_hh: out[0, cols), cols = R (element mode) or 1 (row mode).
+template <typename scalar_t>
+void weight_row_factors(PhiloxKey key, uint32_t k, double p, int64_t cols, int64_t r, scalar_t* out) {
+  uint32_t draws[256];
+  for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+    const int64_t n = std::min<int64_t>(256, cols - c0);
+    packed_draws(key, kKindWeight, k, 0, r * cols + c0, n, draws);
+    keep_factors(draws, n, p, out + c0);
+  }
+}
+
+// Rows of W~ (perm layout) of unit block [s, e): w_perm[4 s + g (e - s) + jj] = W_hh[g H + s + jj] * mask.
+// w_hh: [4H, R]; w_perm: [4H, R] (perm); factors: [4H, cols] standard layout, written when non-null (backward).
+template <typename scalar_t>
+void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hidden, int64_t real, int64_t s, int64_t e,
+                        const scalar_t* w_hh, scalar_t* w_perm, scalar_t* factors) {
+  const int64_t cols = regs.weight_rows ? 1 : real;
+  std::vector<scalar_t> row(regs.weight_mask() ? cols : 0);
+  for (int64_t g = 0; g < 4; ++g) {
+    for (int64_t j = s; j < e; ++j) {
+      const int64_t r = g * hidden + j;
+      const scalar_t* src = w_hh + r * real;
+      scalar_t* dst = w_perm + (4 * s + g * (e - s) + (j - s)) * real;
+      if (!regs.weight_mask()) {
+        std::memcpy(dst, src, sizeof(scalar_t) * real);
+        continue;
+      }
+      weight_row_factors(key, k, regs.weight, cols, r, row.data());
+      if (factors) {
+        std::memcpy(factors + r * cols, row.data(), sizeof(scalar_t) * cols);
+      }
+      for (int64_t c = 0; c < real; ++c) {
+        dst[c] = src[c] * row[regs.weight_rows ? 0 : c];
+      }
+    }
+  }
+}
+
+// ---- one layer-direction ----------------------------------------------------------------------------------------
+
+struct Dims {
+  int64_t steps, batch, input, hidden, real;  // S, B, I, H, R
+  bool proj;
+};
+
+Regs make_regs(bool training, double recurrent, double weight, bool weight_rows, double update, bool update_per_step, double cell,
+               double zoneout_h, double zoneout_c) {
+  return Regs{training, recurrent, weight, update, cell, zoneout_h, zoneout_c, weight_rows, update_per_step};
+}
+
+Dims check_layer(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr) {
+  TORCH_CHECK(x.dim() == 3, "fused_rnn_cpp: x must be [T, B, I], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fused_rnn_cpp: float32 or float64 only, got ",
+              x.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % 4 == 0, "fused_rnn_cpp: w_hh must be [4H, R]");
+  Dims d{x.size(0), x.size(1), x.size(2), w_hh.size(0) / 4, w_hh.size(1), w_hr.has_value()};
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == 4 * d.hidden && w_ih.size(1) == d.input, "fused_rnn_cpp: w_ih must be [4H, I]");
+  TORCH_CHECK(d.proj ? (w_hr->dim() == 2 && w_hr->size(0) == d.real && w_hr->size(1) == d.hidden) : d.real == d.hidden,
+              "fused_rnn_cpp: w_hh / w_hr shapes disagree");
+  TORCH_CHECK(d.batch * d.hidden < (int64_t{1} << 32), "fused_rnn_cpp: B * H must be below 2**32 (the Philox counter)");
+  for (const Tensor& t : {w_ih, w_hh}) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_rnn_cpp: dtypes differ");
+  }
+  return d;
+}
+
+std::vector<int64_t> read_lengths(const std::optional<Tensor>& lengths, int64_t batch) {
+  if (!lengths.has_value()) {
+    return {};
+  }
+  const Tensor l = lengths->to(at::kLong).contiguous();
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == batch, "fused_rnn_cpp: lengths must be [B]");
+  return std::vector<int64_t>(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + batch);
+}
+
+// The per-sequence mask factors of one layer-direction: rec [B, H] (units < R used), cell [B, H], update [B, H].
+// Each vector is empty when its mask is off.
+template <typename scalar_t>
+struct SequenceFactors {
+  std::vector<scalar_t> rec, cell, update;
+
+  SequenceFactors(const Regs& regs, int64_t batch, int64_t hidden) {
+    const int64_t n = batch * hidden;
+    if (regs.rec_mask()) rec.resize(n);
+    if (regs.cell_mask()) cell.resize(n);
+    if (regs.update_seq_mask()) update.resize(n);
+  }
+  // Units [s, e) of every row.
+  void draw(const Regs& regs, const UnitStream& stream, int64_t batch, int64_t real, int64_t s, int64_t e) {
+    if (!regs.sequence_draws()) {
+      return;
+    }
+    const int64_t hidden = stream.hidden;
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, e - j0), at = b * hidden + j0;
+        sequence_factors<scalar_t>(regs, stream, b, j0, n, real, rec.empty() ? nullptr : rec.data() + at,
+                                   cell.empty() ? nullptr : cell.data() + at, update.empty() ? nullptr : update.data() + at);
+      }
+    }
+  }
+  const scalar_t* row(const std::vector<scalar_t>& v, int64_t b, int64_t hidden) const {
+    return v.empty() ? nullptr : v.data() + b * hidden;
+  }
+};
+
+// Forward through time of one layer-direction. The state slots of hs / cs: the state before step t is slot t
+// (forward direction) or t + 1 (reverse), the state after it slot t + 1 or t.
+template <typename scalar_t>
+void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, bool reverse, const std::vector<int64_t>& lengths,
+                   const scalar_t* xp,     // [S, B, 4H] x W_ih^T + b_ih + b_hh
+                   const scalar_t* w_hh,   // [4H, R]
+                   const scalar_t* w_hr,   // [R, H] or null
+                   scalar_t* out,          // [S, B, R] out
+                   scalar_t* gates,        // [S, B, 4H] out: i, f, g, o after their nonlinearities
+                   scalar_t* tanh_c,       // [S, B, H] out: tanh(c~)
+                   scalar_t* hs,           // [S + 1, B, R] in: the h0 slot; out: every other slot
+                   scalar_t* cs) {         // [S + 1, B, H] in: the c0 slot; out: every other slot
+  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const Blocks units = Blocks::split(H, team_size());
+  // With proj_size, h's R units get blocks of their own (the projection GEMM is split over them).
+  const Blocks h_units = d.proj ? Blocks::split(R, units.count) : units;
+  const UnitStream stream{key, k, H};
+  SequenceFactors<scalar_t> seq(regs, B, H);
+
+  // W~ in perm layout [4H, R]; W_hh itself when that layout is the standard one and nothing is dropped.
+  const bool copy_w = regs.weight_mask() || units.count > 1;
+  std::vector<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
+  const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
+  std::vector<scalar_t> g_rec(B * 4 * H);                     // [B, 4H] perm: r W~^T of the current step
+  std::vector<scalar_t> r_buf(regs.rec_mask() ? 2 * B * R : 0);  // [2, B, R]: r = h * rec, double-buffered by step
+  std::vector<scalar_t> hh(d.proj ? B * H : 0);               // [B, H] o * tanh(c~) before the projection
+  std::vector<scalar_t> hp(d.proj ? B * R : 0);               // [B, R] its projection
+
+  std::vector<FixedRhs<scalar_t>> gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
+  PackArena arena;
+  std::vector<int64_t> gate_pack(units.count), proj_pack(proj_gemm.size());
+  for (int64_t q = 0; q < units.count; ++q) {
+    gate_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, 4 * (units.end(q) - units.begin(q)), R));
+  }
+  for (size_t q = 0; q < proj_gemm.size(); ++q) {
+    proj_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, h_units.end(q) - h_units.begin(q), H));
+  }
+  arena.allocate();
+
+  auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
+
+  run_team(units.count, [&](int thread, int team) {
+    StepFactors<scalar_t> step_f;
+    step_f.init(regs);
+    for (int64_t q = thread; q < units.count; q += team) {
+      const int64_t s = units.begin(q), e = units.end(q);
+      if (copy_w) {
+        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), static_cast<scalar_t*>(nullptr));
+      }
+      gate_gemm[q].init(B, 4 * (e - s), R, w_perm + 4 * s * R, R, true, arena.at(gate_pack[q]));
+      seq.draw(regs, stream, B, R, s, e);
+    }
+    for (int64_t q = thread; q < static_cast<int64_t>(proj_gemm.size()); q += team) {
+      const int64_t s = h_units.begin(q), e = h_units.end(q);
+      proj_gemm[q].init(B, e - s, H, w_hr + s * H, H, true, arena.at(proj_pack[q]));
+    }
+    team_barrier();
+    const int64_t first_slot = reverse ? S : 0;
+    if (regs.rec_mask()) {
+      for (int64_t q = thread; q < h_units.count; q += team) {
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t j = h_units.begin(q); j < h_units.end(q); ++j) {
+            r_buf[b * R + j] = hs[(first_slot * B + b) * R + j] * seq.rec[b * H + j];
+          }
+        }
+      }
+      team_barrier();
+    }
+
+    for (int64_t step = 0; step < S; ++step) {
+      const int64_t t = reverse ? S - 1 - step : step;
+      const int64_t prev = reverse ? t + 1 : t, next = reverse ? t : t + 1;
+      // [B, R] this step's recurrent input, and where the next step's goes
+      const scalar_t* r_prev = regs.rec_mask() ? r_buf.data() + (step % 2) * B * R : hs + prev * B * R;
+      scalar_t* r_next = regs.rec_mask() ? r_buf.data() + ((step + 1) % 2) * B * R : nullptr;
+
+      for (int64_t q = thread; q < units.count; q += team) {
+        const int64_t s = units.begin(q), e = units.end(q), width = e - s;
+        gate_gemm[q](r_prev, R, g_rec.data() + 4 * s, 4 * H, false);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t row = t * B + b;
+          for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+            const int64_t n = std::min(kChunk, e - j0);
+            step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, !d.proj, true);
+            CellForward<scalar_t> cell;
+            cell.n = n;
+            for (int g = 0; g < 4; ++g) {
+              cell.x[g] = xp + row * 4 * H + g * H + j0;
+              cell.r[g] = g_rec.data() + b * 4 * H + 4 * s + g * width + (j0 - s);
+              cell.act[g] = gates + row * 4 * H + g * H + j0;
+            }
+            cell.c_prev = cs + (prev * B + b) * H + j0;
+            cell.h_prev = hs + (prev * B + b) * R + j0;
+            const scalar_t* upd_seq = seq.row(seq.update, b, H);
+            cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
+            const scalar_t* cell_seq = seq.row(seq.cell, b, H);
+            cell.cell = cell_seq ? cell_seq + j0 : nullptr;
+            cell.zc = step_f.has_zc ? step_f.zc : nullptr;
+            cell.zc_take = step_f.zc_take;
+            cell.zh = step_f.has_zh ? step_f.zh : nullptr;
+            cell.zh_take = step_f.zh_take;
+            const scalar_t* rec = seq.row(seq.rec, b, H);
+            cell.rec = rec ? rec + j0 : nullptr;
+            cell.tc = tanh_c + row * H + j0;
+            cell.c = cs + (next * B + b) * H + j0;
+            cell.hh = d.proj ? hh.data() + b * H + j0 : nullptr;
+            cell.h = d.proj ? nullptr : hs + (next * B + b) * R + j0;
+            cell.out = d.proj ? nullptr : out + row * R + j0;
+            cell.r_next = (d.proj || !r_next) ? nullptr : r_next + b * R + j0;
+            cell.run();
+            if (!active(b, t)) {
+              // a finished row keeps its state and outputs zeros
+              std::memcpy(cell.c, cell.c_prev, sizeof(scalar_t) * n);
+              if (!d.proj) {
+                std::memcpy(cell.h, cell.h_prev, sizeof(scalar_t) * n);
+                std::fill_n(cell.out, n, scalar_t(0));
+                if (cell.r_next) {
+                  std::memcpy(cell.r_next, r_prev + b * R + j0, sizeof(scalar_t) * n);
+                }
+              }
+            }
+          }
+        }
+      }
+      if (d.proj) {
+        team_barrier();
+        for (int64_t q = thread; q < h_units.count; q += team) {
+          const int64_t s = h_units.begin(q), e = h_units.end(q);
+          proj_gemm[q](hh.data(), H, hp.data() + s, R, false);
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t row = t * B + b;
+            for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+              const int64_t n = std::min(kChunk, e - j0);
+              const scalar_t* h_prev = hs + (prev * B + b) * R + j0;
+              scalar_t* h = hs + (next * B + b) * R + j0;
+              scalar_t* o = out + row * R + j0;
+              scalar_t* rn = r_next ? r_next + b * R + j0 : nullptr;
+              if (!active(b, t)) {
+                std::memcpy(h, h_prev, sizeof(scalar_t) * n);
+                std::fill_n(o, n, scalar_t(0));
+                if (rn) {
+                  std::memcpy(rn, r_prev + b * R + j0, sizeof(scalar_t) * n);
+                }
+                continue;
+              }
+              step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, true, false);
+              const scalar_t* rec = seq.row(seq.rec, b, H);
+              zoneout_h_forward<scalar_t>(n, h_prev, hp.data() + b * R + j0, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take,
+                                          rec ? rec + j0 : nullptr, h, o, rn);
+            }
+          }
+        }
+      }
+      team_barrier();
+    }
+  });
+}
+
+// Backward through time of one layer-direction: fills dgates and the gradients of h0 and c0.
+template <typename scalar_t>
+void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, bool reverse, const std::vector<int64_t>& lengths,
+                    const scalar_t* w_hh,      // [4H, R]
+                    const scalar_t* w_hr,      // [R, H] or null
+                    const scalar_t* gates,     // [S, B, 4H] the forward's reserve
+                    const scalar_t* tanh_c,    // [S, B, H]
+                    const scalar_t* cs,        // [S + 1, B, H]
+                    const scalar_t* d_out,     // [S, B, R] or null (zero)
+                    const scalar_t* d_hn,      // [B, R] or null
+                    const scalar_t* d_cn,      // [B, H] or null
+                    scalar_t* dgates,          // [S, B, 4H] out: gradient of the gate pre-activations
+                    scalar_t* weight_factors,  // [4H, 1 or R] out: the weight-drop factors (when weight drop is on)
+                    scalar_t* rec_factors,     // [B, R] out: the recurrent-dropout factors (when it is on)
+                    scalar_t* d_hp,            // [S, B, R] out (proj): gradient of h~ W_hr^T; null without proj
+                    scalar_t* hh_all,          // [S, B, H] out (proj): o * tanh(c~)
+                    scalar_t* dh0,             // [B, R] out
+                    scalar_t* dc0) {           // [B, H] out
+  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const Blocks units = Blocks::split(H, team_size());
+  const Blocks h_units = d.proj ? Blocks::split(R, units.count) : units;
+  const UnitStream stream{key, k, H};
+  SequenceFactors<scalar_t> seq(regs, B, H);
+
+  const bool copy_w = regs.weight_mask() || units.count > 1;
+  std::vector<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
+  const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
+  std::vector<scalar_t> dg_perm(B * 4 * H);                 // [B, 4H] perm: this step's dgates for the dh GEMM
+  std::vector<scalar_t> partial(2 * units.count * B * R);   // [2, blocks, B, R]: dgates W~ per unit block, by step parity
+  std::vector<scalar_t> dh_keep(B * R);                     // [B, R] gradient of h_{t-1} outside the GEMM (zoneout, finished rows)
+  std::vector<scalar_t> dc(B * H);                          // [B, H] gradient of c_t, then c_{t-1}
+  std::vector<scalar_t> dhh(d.proj ? B * H : 0);            // [B, H] gradient of o * tanh(c~)
+
+  std::vector<FixedRhs<scalar_t>> dh_gemm(units.count), proj_gemm(d.proj ? units.count : 0);
+  PackArena arena;
+  std::vector<int64_t> dh_pack(units.count), proj_pack(proj_gemm.size());
+  for (int64_t q = 0; q < units.count; ++q) {
+    dh_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, R, 4 * (units.end(q) - units.begin(q))));
+    if (d.proj) {
+      proj_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, units.end(q) - units.begin(q), R));
+    }
+  }
+  arena.allocate();
+
+  auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
+
+  run_team(units.count, [&](int thread, int team) {
+    StepFactors<scalar_t> step_f;
+    step_f.init(regs);
+    scalar_t dh_new[kChunk], dh_cand[kChunk];
+    for (int64_t q = thread; q < units.count; q += team) {
+      const int64_t s = units.begin(q), e = units.end(q);
+      if (copy_w) {
+        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), weight_factors);
+      }
+      dh_gemm[q].init(B, R, 4 * (e - s), w_perm + 4 * s * R, R, false, arena.at(dh_pack[q]));
+      if (d.proj) {
+        proj_gemm[q].init(B, e - s, R, w_hr + s, H, false, arena.at(proj_pack[q]));
+      }
+      seq.draw(regs, stream, B, R, s, e);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = s; j < e; ++j) {
+          dc[b * H + j] = d_cn ? d_cn[b * H + j] : scalar_t(0);
+        }
+      }
+    }
+    for (int64_t q = thread; q < h_units.count; q += team) {
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j = h_units.begin(q); j < h_units.end(q); ++j) {
+          dh_keep[b * R + j] = d_hn ? d_hn[b * R + j] : scalar_t(0);
+        }
+      }
+    }
+    team_barrier();
+
+    // The gradient of h_t for units [j0, j0 + n) of row b: what reached it outside the GEMM, plus the GEMM's
+    // partial products of every unit block (through the recurrent dropout factor).
+    auto gather_dh = [&](int64_t step, int64_t b, int64_t j0, int64_t n, scalar_t* dh) {
+      const scalar_t* rec = seq.row(seq.rec, b, H);
+      for (int64_t i = 0; i < n; ++i) {
+        dh[i] = dh_keep[b * R + j0 + i];
+      }
+      if (step == 0) {
+        return;
+      }
+      const scalar_t* p = partial.data() + (step % 2) * units.count * B * R + b * R + j0;
+      for (int64_t q = 0; q < units.count; ++q, p += B * R) {
+        for (int64_t i = 0; i < n; ++i) {
+          dh[i] += rec ? p[i] * rec[j0 + i] : p[i];
+        }
+      }
+    };
+
+    for (int64_t step = 0; step < S; ++step) {
+      const int64_t t = reverse ? step : S - 1 - step;
+      const int64_t prev = reverse ? t + 1 : t;
+
+      // h's units: the output gradient, zoneout of h, finished rows.
+      for (int64_t q = thread; q < h_units.count; q += team) {
+        const int64_t s = h_units.begin(q), e = h_units.end(q);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t row = t * B + b;
+          for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+            const int64_t n = std::min(kChunk, e - j0);
+            gather_dh(step, b, j0, n, dh_new);
+            if (!active(b, t)) {
+              // h_t = h_{t-1}: the gradient passes through; the cell saw none
+              std::memcpy(dh_keep.data() + b * R + j0, dh_new, sizeof(scalar_t) * n);
+              if (d.proj) {
+                std::fill_n(d_hp + row * R + j0, n, scalar_t(0));
+              }
+              continue;
+            }
+            if (d_out) {
+              for (int64_t i = 0; i < n; ++i) {
+                dh_new[i] += d_out[row * R + j0 + i];
+              }
+            }
+            step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, true, !d.proj);
+            scalar_t* cand = d.proj ? d_hp + row * R + j0 : dh_cand;
+            zoneout_backward<scalar_t>(n, dh_new, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take, dh_keep.data() + b * R + j0, cand);
+            if (d.proj) {
+              continue;
+            }
+            // no projection: h's units are the cell's units, finish the cell here
+            CellBackward<scalar_t> cell;
+            cell.n = n;
+            for (int g = 0; g < 4; ++g) {
+              cell.act[g] = gates + row * 4 * H + g * H + j0;
+              cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
+              cell.dgate_copy[g] = dg_perm.data() + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
+            }
+            cell.tc = tanh_c + row * H + j0;
+            cell.c_prev = cs + (prev * B + b) * H + j0;
+            cell.dhh = dh_cand;
+            const scalar_t* upd_seq = seq.row(seq.update, b, H);
+            cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
+            const scalar_t* cell_seq = seq.row(seq.cell, b, H);
+            cell.cell = cell_seq ? cell_seq + j0 : nullptr;
+            cell.zc = step_f.has_zc ? step_f.zc : nullptr;
+            cell.zc_take = step_f.zc_take;
+            cell.dc = dc.data() + b * H + j0;
+            cell.hh = nullptr;
+            cell.run();
+          }
+        }
+        if (!d.proj) {
+          // rows that were finished at t: zero dgates
+          for (int64_t b = 0; b < B; ++b) {
+            if (active(b, t)) continue;
+            for (int g = 0; g < 4; ++g) {
+              std::fill_n(dgates + (t * B + b) * 4 * H + g * H + s, e - s, scalar_t(0));
+              std::fill_n(dg_perm.data() + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
+            }
+          }
+        }
+      }
+      if (d.proj) {
+        team_barrier();
+        for (int64_t q = thread; q < units.count; q += team) {
+          const int64_t s = units.begin(q), e = units.end(q);
+          proj_gemm[q](d_hp + t * B * R, R, dhh.data() + s, H, false);
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t row = t * B + b;
+            if (!active(b, t)) {
+              for (int g = 0; g < 4; ++g) {
+                std::fill_n(dgates + row * 4 * H + g * H + s, e - s, scalar_t(0));
+                std::fill_n(dg_perm.data() + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
+              }
+              std::fill_n(hh_all + row * H + s, e - s, scalar_t(0));
+              continue;
+            }
+            for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+              const int64_t n = std::min(kChunk, e - j0);
+              step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, false, true);
+              CellBackward<scalar_t> cell;
+              cell.n = n;
+              for (int g = 0; g < 4; ++g) {
+                cell.act[g] = gates + row * 4 * H + g * H + j0;
+                cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
+                cell.dgate_copy[g] = dg_perm.data() + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
+              }
+              cell.tc = tanh_c + row * H + j0;
+              cell.c_prev = cs + (prev * B + b) * H + j0;
+              cell.dhh = dhh.data() + b * H + j0;
+              const scalar_t* upd_seq = seq.row(seq.update, b, H);
+              cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
+              const scalar_t* cell_seq = seq.row(seq.cell, b, H);
+              cell.cell = cell_seq ? cell_seq + j0 : nullptr;
+              cell.zc = step_f.has_zc ? step_f.zc : nullptr;
+              cell.zc_take = step_f.zc_take;
+              cell.dc = dc.data() + b * H + j0;
+              cell.hh = hh_all + row * H + j0;
+              cell.run();
+            }
+          }
+        }
+      }
+      // dh_{t-1} partial products of this thread's unit blocks
+      for (int64_t q = thread; q < units.count; q += team) {
+        const int64_t s = units.begin(q);
+        scalar_t* p = partial.data() + (((step + 1) % 2) * units.count + q) * B * R;
+        dh_gemm[q](dg_perm.data() + 4 * s, 4 * H, p, R, false);
+      }
+      team_barrier();
+    }
+
+    for (int64_t q = thread; q < h_units.count; q += team) {
+      const int64_t s = h_units.begin(q), e = h_units.end(q);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j0 = s; j0 < e; j0 += kChunk) {
+          gather_dh(S, b, j0, std::min(kChunk, e - j0), dh0 + b * R + j0);
+        }
+      }
+    }
+  });
+  std::memcpy(dc0, dc.data(), sizeof(scalar_t) * B * H);
+  if (rec_factors) {
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(rec_factors + b * R, seq.rec.data() + b * H, sizeof(scalar_t) * R);
+    }
+  }
+}
+
+// ---- operators ----------------------------------------------------------------------------------------------------
+
+int64_t read_seed(const Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, "fused_rnn_cpp: seed must be a one-element int64 tensor");
+  return seed.item<int64_t>();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
+    const Tensor& x_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_, const Tensor& w_hh_,
+    const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr_,
+    const Tensor& seed, const std::optional<Tensor>& lengths_, int64_t index, bool reverse, bool training,
+    double recurrent_dropout, double weight_dropout, bool weight_rows, double update_dropout, bool update_per_step,
+    double cell_dropout, double zoneout_h, double zoneout_c) {
+  const Dims d = check_layer(x_, w_ih_, w_hh_, w_hr_);
+  const Regs regs = make_regs(training, recurrent_dropout, weight_dropout, weight_rows, update_dropout, update_per_step, cell_dropout,
+                              zoneout_h, zoneout_c);
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({d.batch, d.real}) && c0.sizes() == at::IntArrayRef({d.batch, d.hidden}),
+              "fused_rnn_cpp: h0 must be [B, R] and c0 [B, H]");
+  const PhiloxKey key = seed_key(read_seed(seed));
+  const std::vector<int64_t> lengths = read_lengths(lengths_, d.batch);
+  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const auto options = x_.options();
+
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = d.proj ? w_hr_->contiguous() : Tensor();
+  // [S * B, 4H] the input projection of every step at once, both biases folded in
+  Tensor xp = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, x.reshape({S * B, d.input}), w_ih.t())
+                               : at::mm(x.reshape({S * B, d.input}), w_ih.t());
+  xp = xp.contiguous();
+
+  Tensor out = at::empty({S, B, R}, options);
+  Tensor gates = at::empty({S, B, 4 * H}, options);
+  Tensor tanh_c = at::empty({S, B, H}, options);
+  Tensor hs = at::empty({S + 1, B, R}, options);
+  Tensor cs = at::empty({S + 1, B, H}, options);
+  const int64_t first = reverse ? S : 0, last = reverse ? 0 : S;
+  hs[first].copy_(h0);
+  cs[first].copy_(c0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer", [&] {
+    layer_forward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, xp.data_ptr<scalar_t>(),
+                            w_hh.data_ptr<scalar_t>(), d.proj ? w_hr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                            gates.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>());
+  });
+  return {out, hs[last].clone(), cs[last].clone(), gates, tanh_c, hs, cs};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_hn_, const std::optional<Tensor>& grad_cn_,
+    const Tensor& x_, const Tensor& w_ih_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& seed,
+    const std::optional<Tensor>& lengths_, const Tensor& gates_, const Tensor& tanh_c_, const Tensor& hs_, const Tensor& cs_,
+    int64_t index, bool reverse, bool training, double recurrent_dropout, double weight_dropout, bool weight_rows,
+    double update_dropout, bool update_per_step, double cell_dropout, double zoneout_h, double zoneout_c, bool input_grad) {
+  const Dims d = check_layer(x_, w_ih_, w_hh_, w_hr_);
+  const Regs regs = make_regs(training, recurrent_dropout, weight_dropout, weight_rows, update_dropout, update_per_step, cell_dropout,
+                              zoneout_h, zoneout_c);
+  const PhiloxKey key = seed_key(read_seed(seed));
+  const std::vector<int64_t> lengths = read_lengths(lengths_, d.batch);
+  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const auto options = x_.options();
+
+  const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_hr = d.proj ? w_hr_->contiguous() : Tensor();
+  const Tensor gates = gates_.contiguous(), tanh_c = tanh_c_.contiguous(), hs = hs_.contiguous(), cs = cs_.contiguous();
+  const Tensor grad_out = grad_out_.has_value() ? grad_out_->contiguous() : Tensor();
+  const Tensor grad_hn = grad_hn_.has_value() ? grad_hn_->contiguous() : Tensor();
+  const Tensor grad_cn = grad_cn_.has_value() ? grad_cn_->contiguous() : Tensor();
+
+  Tensor dgates = at::empty({S, B, 4 * H}, options);
+  Tensor weight_factors = regs.weight_mask() ? at::empty({4 * H, regs.weight_rows ? 1 : R}, options) : Tensor();
+  Tensor rec_factors = regs.rec_mask() ? at::empty({B, R}, options) : Tensor();
+  Tensor d_hp = d.proj ? at::empty({S, B, R}, options) : Tensor();
+  Tensor hh_all = d.proj ? at::empty({S, B, H}, options) : Tensor();
+  Tensor dh0 = at::empty({B, R}, options);
+  Tensor dc0 = at::empty({B, H}, options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer_backward", [&] {
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    layer_backward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, ptr(w_hh), ptr(w_hr), ptr(gates), ptr(tanh_c),
+                             ptr(cs), ptr(grad_out), ptr(grad_hn), ptr(grad_cn), ptr(dgates), ptr(weight_factors), ptr(rec_factors),
+                             ptr(d_hp), ptr(hh_all), ptr(dh0), ptr(dc0));
+  });
+
+  // The weight gradients: one GEMM each over all steps.
+  const Tensor dg = dgates.view({S * B, 4 * H});
+  // [S * B, R] the recurrent input r of every step: h_{t-1} (slots 0..S-1 forward, 1..S reverse) times rec
+  Tensor r_all = hs.narrow(0, reverse ? 1 : 0, S).reshape({S * B, R});
+  if (regs.rec_mask()) {
+    r_all = (r_all.view({S, B, R}) * rec_factors).view({S * B, R});
+  }
+  Tensor dw_hh = at::mm(dg.t(), r_all);
+  if (regs.weight_mask()) {
+    dw_hh.mul_(weight_factors);
+  }
+  Tensor dw_ih = at::mm(dg.t(), x.view({S * B, d.input}));
+  Tensor db = dg.sum(0);
+  Tensor dx = input_grad ? at::mm(dg, w_ih).view({S, B, d.input}) : at::empty({0}, options);
+  Tensor dw_hr = d.proj ? at::mm(d_hp.view({S * B, R}).t(), hh_all.view({S * B, H})) : at::empty({0}, options);
+  return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
+}
+
+// y = x * keep-mask / (1 - p) of one feature-dropout mask (kinds 1 and 2): x [S, B, F], element e = b F + f of step
+// t (or of step 0 when locked). Its own backward: the same op applied to the gradient.
+Tensor feature_dropout(const Tensor& x_, const Tensor& seed, int64_t kind, int64_t index, double p, bool locked) {
+  TORCH_CHECK(x_.dim() == 3, "fused_rnn_cpp::feature_dropout: x must be [T, B, F], got ", x_.sizes());
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble, "fused_rnn_cpp: float32 or float64 only");
+  const PhiloxKey key = seed_key(read_seed(seed));
+  const Tensor x = x_.contiguous();
+  const int64_t S = x.size(0), per_step = x.size(1) * x.size(2);
+  TORCH_CHECK(per_step / 4 < (int64_t{1} << 32), "fused_rnn_cpp::feature_dropout: too many elements per step");
+  Tensor y = at::empty_like(x);
+  const Event drop(p);
+  constexpr int64_t kBlock = 1024;
+  const int64_t blocks = (per_step + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::feature_dropout", [&] {
+    const scalar_t scale = static_cast<scalar_t>(keep_scale(p));
+    const scalar_t* src = x.data_ptr<scalar_t>();
+    scalar_t* dst = y.data_ptr<scalar_t>();
+    auto apply = [&](const uint32_t* draws, const scalar_t* in, scalar_t* o, int64_t n) {
+      for (int64_t i = 0; i < n; ++i) {
+        o[i] = drop.fires(draws[i]) ? scalar_t(0) : in[i] * scale;
+      }
+    };
+    if (locked) {
+      // one mask for every step: draw it once
+      std::vector<uint32_t> draws(per_step);
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t e0 = blk * kBlock;
+          packed_draws(key, static_cast<uint32_t>(kind), static_cast<uint32_t>(index), 0, e0, std::min(kBlock, per_step - e0),
+                       draws.data() + e0);
+        }
+      });
+      at::parallel_for(0, S * blocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t i = b0; i < b1; ++i) {
+          const int64_t t = i / blocks, e0 = (i % blocks) * kBlock, n = std::min(kBlock, per_step - e0);
+          apply(draws.data() + e0, src + t * per_step + e0, dst + t * per_step + e0, n);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, S * blocks, 1, [&](int64_t b0, int64_t b1) {
+      uint32_t draws[kBlock];
+      for (int64_t i = b0; i < b1; ++i) {
+        const int64_t t = i / blocks, e0 = (i % blocks) * kBlock, n = std::min(kBlock, per_step - e0);
+        packed_draws(key, static_cast<uint32_t>(kind), static_cast<uint32_t>(index), static_cast<uint32_t>(t), e0, n, draws);
+        apply(draws, src + t * per_step + e0, dst + t * per_step + e0, n);
+      }
+    });
+  });
+  return y;
+}
+
+// ---- test hooks: the draws exactly as the kernels make them -------------------------------------------------------
+
+// Philox4x32-10 of counters [N, 4] (int64 holding uint32 values): words [N, 4].
+Tensor philox_words(const Tensor& seed, const Tensor& counters_) {
+  const PhiloxKey key = seed_key(read_seed(seed));
+  const Tensor counters = counters_.to(at::kLong).contiguous();
+  TORCH_CHECK(counters.dim() == 2 && counters.size(1) == 4, "fused_rnn_cpp::philox: counters must be [N, 4]");
+  Tensor words = at::empty_like(counters);
+  const int64_t* c = counters.data_ptr<int64_t>();
+  int64_t* w = words.data_ptr<int64_t>();
+  for (int64_t i = 0; i < counters.size(0); ++i) {
+    uint32_t out[4];
+    philox(uint32_t(c[4 * i]), uint32_t(c[4 * i + 1]), uint32_t(c[4 * i + 2]), uint32_t(c[4 * i + 3]), key, out);
+    for (int q = 0; q < 4; ++q) w[4 * i + q] = out[q];
+  }
+  return words;
+}
+
+// The draws of a bulk mask (kinds 1-3) of one step: int64 [numel], element e reading word e % 4 of call e / 4.
+Tensor bulk_draws(const Tensor& seed, int64_t kind, int64_t index, int64_t step, int64_t numel) {
+  const PhiloxKey key = seed_key(read_seed(seed));
+  std::vector<uint32_t> draws(numel);
+  // in uneven pieces, so that pieces starting inside a group of four are covered too
+  for (int64_t e0 = 0, piece = 1; e0 < numel; e0 += piece, piece = piece % 7 + 3) {
+    packed_draws(key, uint32_t(kind), uint32_t(index), uint32_t(step), e0, std::min(piece, numel - e0), draws.data() + e0);
+  }
+  Tensor out = at::empty({numel}, at::kLong);
+  std::copy(draws.begin(), draws.end(), out.data_ptr<int64_t>());
+  return out;
+}
+
+// The words of the per-unit draws (kinds 4, 5) of one step as the cell kernels make them: int64 [3, batch, hidden].
+Tensor unit_draws(const Tensor& seed, int64_t kind, int64_t index, int64_t step, int64_t batch, int64_t hidden) {
+  const UnitStream stream{seed_key(read_seed(seed)), uint32_t(index), hidden};
+  Tensor out = at::empty({3, batch, hidden}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  uint32_t w[3][kChunk];
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j0 = 0; j0 < hidden; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, hidden - j0);
+      stream.draw(uint32_t(kind), uint32_t(step), b, j0, n, w[0], w[1], w[2]);
+      for (int q = 0; q < 3; ++q) {
+        for (int64_t i = 0; i < n; ++i) o[(q * batch + b) * hidden + j0 + i] = w[q][i];
+      }
+    }
+  }
+  return out;
+}
+
+// The weight-drop factors of W_hh (0 or 1 / (1 - p)) as the kernels apply them: [4H, R] or [4H, 1] in row mode.
+Tensor weight_factors(const Tensor& seed, int64_t index, double p, bool rows, int64_t hidden, int64_t real, at::ScalarType dtype) {
+  const PhiloxKey key = seed_key(read_seed(seed));
+  const int64_t cols = rows ? 1 : real;
+  Tensor out = at::empty({4 * hidden, cols}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fused_rnn_cpp::weight_factors", [&] {
+    for (int64_t r = 0; r < 4 * hidden; ++r) {
+      weight_row_factors(key, uint32_t(index), p, cols, r, out.data_ptr<scalar_t>() + r * cols);
+    }
+  });
+  return out;
+}
+
+bool packed_gemm() {
+  return mkl_packed_available();
+}
+
+}  // namespace
+}  // namespace fused_rnn
+
+TORCH_LIBRARY(fused_rnn_cpp, m) {
+  m.set_python_module("fused_rnn.cpp.ops");
+  m.def("feature_dropout(Tensor x, Tensor seed, int kind, int index, float p, bool locked) -> Tensor");
+  m.def(
+      "lstm_layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
+      "Tensor seed, Tensor? lengths, int index, bool reverse, bool training, float recurrent_dropout, float weight_dropout, "
+      "bool weight_rows, float update_dropout, bool update_per_step, float cell_dropout, float zoneout_h, float zoneout_c) "
+      "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor tanh_c, Tensor hs, Tensor cs)");
+  m.def(
+      "lstm_layer_backward(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, Tensor w_hh, "
+      "Tensor? w_hr, Tensor seed, Tensor? lengths, Tensor gates, Tensor tanh_c, Tensor hs, Tensor cs, int index, bool reverse, "
+      "bool training, float recurrent_dropout, float weight_dropout, bool weight_rows, float update_dropout, "
+      "bool update_per_step, float cell_dropout, float zoneout_h, float zoneout_c, bool input_grad) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b, Tensor grad_w_hr)");
+  m.def("philox(Tensor seed, Tensor counters) -> Tensor");
+  m.def("bulk_draws(Tensor seed, int kind, int index, int step, int numel) -> Tensor");
+  m.def("unit_draws(Tensor seed, int kind, int index, int step, int batch, int hidden) -> Tensor");
+  m.def("weight_factors(Tensor seed, int index, float p, bool rows, int hidden, int real, ScalarType dtype) -> Tensor");
+  m.def("packed_gemm() -> bool", &fused_rnn::packed_gemm);
+}
+
+TORCH_LIBRARY_IMPL(fused_rnn_cpp, CPU, m) {
+  m.impl("feature_dropout", &fused_rnn::feature_dropout);
+  m.impl("lstm_layer", &fused_rnn::lstm_layer);
+  m.impl("lstm_layer_backward", &fused_rnn::lstm_layer_backward);
+  m.impl("philox", &fused_rnn::philox_words);
+  m.impl("bulk_draws", &fused_rnn::bulk_draws);
+  m.impl("unit_draws", &fused_rnn::unit_draws);
+  m.impl("weight_factors", &fused_rnn::weight_factors);
+}
