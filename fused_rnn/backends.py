@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -18,29 +17,34 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+_loaded: dict = {}  # backend name -> its module, or the reason it cannot be loaded (a str)
+
+
 def _triton_module():
-    """The Triton backend module, or the reason it cannot be loaded (a str)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"Triton is not installed ({error}); install it with `pip install triton`"
-    from . import triton as triton_backend
+    if "triton" not in _loaded:
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            _loaded["triton"] = f"Triton is not installed ({error}); install it with `pip install triton`"
+        else:
+            from . import triton as triton_backend
 
-    return triton_backend
+            _loaded["triton"] = triton_backend
+    return _loaded["triton"]
 
 
-@functools.lru_cache(maxsize=None)
 def _cpp_module():
-    """The C++ backend module with its extension built, or the reason it cannot be (a str)."""
-    from .cpp import loader
+    if "cpp" not in _loaded:
+        from .cpp import loader
 
-    reason = loader.load_error()
-    if reason is not None:
-        return reason
-    from . import cpp as cpp_backend
+        reason = loader.load_error()
+        if reason is None:
+            from . import cpp as cpp_backend
 
-    return cpp_backend
+            _loaded["cpp"] = cpp_backend
+        else:
+            _loaded["cpp"] = reason
+    return _loaded["cpp"]
 
 
 def triton_interpreted() -> bool:
@@ -68,10 +72,14 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     raise ValueError(f"unknown backend {backend!r}")
 
 
-@functools.lru_cache(maxsize=None)
+_warned: set = set()
+
+
 def _warn_fallback(wanted: str, reason: str) -> None:
-    # lru_cache: one warning per (backend, reason) and process
-    warnings.warn(f"fused_rnn: the {wanted} backend is unavailable ({reason}); using the reference backend", stacklevel=4)
+    """One warning per (backend, reason) and process."""
+    if (wanted, reason) not in _warned:
+        _warned.add((wanted, reason))
+        warnings.warn(f"fused_rnn: the {wanted} backend is unavailable ({reason}); using the reference backend", stacklevel=4)
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -8,42 +8,42 @@ import triton
 import triton.language as tl
 
 # docs/randomness.md: counter word c3
-KIND_INPUT: tl.constexpr = 1
-KIND_OUTPUT: tl.constexpr = 2
-KIND_WEIGHT: tl.constexpr = 3
-KIND_SEQUENCE: tl.constexpr = 4
-KIND_STEP: tl.constexpr = 5
+KIND_INPUT = tl.constexpr(1)
+KIND_OUTPUT = tl.constexpr(2)
+KIND_WEIGHT = tl.constexpr(3)
+KIND_SEQUENCE = tl.constexpr(4)
+KIND_STEP = tl.constexpr(5)
 
 # Slots of the per-call int64 parameter tensor: the seed, thresholds (0 when a dropout is off, so it
 # keeps everything) and mode words; and of the float one: keep scales (1.0 when off) and zoneout's p.
-INT_SEED: tl.constexpr = 0
-INT_HIDDEN: tl.constexpr = 1
-INT_UPDATE: tl.constexpr = 2
-INT_CELL: tl.constexpr = 3
-INT_ZONEOUT_H: tl.constexpr = 4
-INT_ZONEOUT_C: tl.constexpr = 5
-INT_WEIGHT: tl.constexpr = 6
-INT_SEQUENCE_DRAWS: tl.constexpr = 7  # 1 when a kind-4 draw is needed (hidden, cell, update per sequence)
-INT_STEP_DRAWS: tl.constexpr = 8  # 1 when a kind-5 draw is needed (zoneout masks, update per step)
-INT_UPDATE_MODE: tl.constexpr = 9  # UPDATE_*
-INT_ZONEOUT_H_MODE: tl.constexpr = 10  # ZONEOUT_*
-INT_ZONEOUT_C_MODE: tl.constexpr = 11
-INT_HIDDEN_ON: tl.constexpr = 12  # 1 when rs is a buffer of its own
-INT_SLOTS: tl.constexpr = 13
-FLOAT_HIDDEN: tl.constexpr = 0
-FLOAT_UPDATE: tl.constexpr = 1
-FLOAT_CELL: tl.constexpr = 2
-FLOAT_ZONEOUT_H: tl.constexpr = 3
-FLOAT_ZONEOUT_C: tl.constexpr = 4
-FLOAT_WEIGHT: tl.constexpr = 5
-FLOAT_SLOTS: tl.constexpr = 6
+INT_SEED = tl.constexpr(0)
+INT_HIDDEN = tl.constexpr(1)
+INT_UPDATE = tl.constexpr(2)
+INT_CELL = tl.constexpr(3)
+INT_ZONEOUT_H = tl.constexpr(4)
+INT_ZONEOUT_C = tl.constexpr(5)
+INT_WEIGHT = tl.constexpr(6)
+INT_SEQUENCE_DRAWS = tl.constexpr(7)  # 1 when a kind-4 draw is needed (hidden, cell, update per sequence)
+INT_STEP_DRAWS = tl.constexpr(8)  # 1 when a kind-5 draw is needed (zoneout masks, update per step)
+INT_UPDATE_MODE = tl.constexpr(9)  # UPDATE_*
+INT_ZONEOUT_H_MODE = tl.constexpr(10)  # ZONEOUT_*
+INT_ZONEOUT_C_MODE = tl.constexpr(11)
+INT_HIDDEN_ON = tl.constexpr(12)  # 1 when rs is a buffer of its own
+INT_SLOTS = tl.constexpr(13)
+FLOAT_HIDDEN = tl.constexpr(0)
+FLOAT_UPDATE = tl.constexpr(1)
+FLOAT_CELL = tl.constexpr(2)
+FLOAT_ZONEOUT_H = tl.constexpr(3)
+FLOAT_ZONEOUT_C = tl.constexpr(4)
+FLOAT_WEIGHT = tl.constexpr(5)
+FLOAT_SLOTS = tl.constexpr(6)
 
-ZONEOUT_OFF: tl.constexpr = 0
-ZONEOUT_MASK: tl.constexpr = 1  # training: a Philox mask
-ZONEOUT_MEAN: tl.constexpr = 2  # eval: the expectation p
-UPDATE_OFF: tl.constexpr = 0
-UPDATE_STEP: tl.constexpr = 1
-UPDATE_SEQUENCE: tl.constexpr = 2
+ZONEOUT_OFF = tl.constexpr(0)
+ZONEOUT_MASK = tl.constexpr(1)  # training: a Philox mask
+ZONEOUT_MEAN = tl.constexpr(2)  # eval: the expectation p
+UPDATE_OFF = tl.constexpr(0)
+UPDATE_STEP = tl.constexpr(1)
+UPDATE_SEQUENCE = tl.constexpr(2)
 
 
 @triton.jit

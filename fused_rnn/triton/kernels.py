@@ -104,19 +104,19 @@ def finish_h(
         tl.store(rs_ptr + new.to(tl.int64) * B * H_out + here, r, mask=inside)
 
 
-STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "B", "H", "H_out"]
+# Runtime integers (not specialised, so one compiled kernel serves every step, shape and option).
+STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def forward_step_kernel(
     xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, B, H, H_out,
-    HAS_PROJ: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    t, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a projection follows.
 
-    w: [4H, H_out] W_hh after weight drop. With HAS_PROJ the kernel stores hpre[t] and leaves h to
+    w: [4H, H_out] W_hh after weight drop. With has_proj the kernel stores hpre[t] and leaves h to
     projection_step_kernel.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
@@ -161,14 +161,14 @@ def forward_step_kernel(
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     c_new = zoneout(c_prev, c_tilde, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE))
     tl.store(cs_ptr + new.to(tl.int64) * B * H + c_here, tl.where(active, c_new, c_prev), mask=inside)
-    if HAS_PROJ:
+    if has_proj != 0:
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
         finish_h(h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
                  hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def projection_step_kernel(
     hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
@@ -225,17 +225,16 @@ def backward_cell(
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
     dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, t_next, reverse, stream, has_lengths, B, H, H_out,
-    HAS_PROJ: tl.constexpr, HAS_NEXT: tl.constexpr, STEP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of the step at position t, for my units of h (of H_out; of H too without a projection).
 
-    gh [B, H_out], gc [B, H] carry dL/dh and dL/dc of the state between launches. First (HAS_NEXT):
+    gh [B, H_out], gc [B, H] carry dL/dh and dL/dc of the state between launches. First (has_next):
     add the recurrent part dL/dr_{t_next} = dgates[t_next] W~ through recurrent dropout, completing
-    dL/dh of the state after step t. Then (STEP) zoneout and frozen rows on h: gh becomes the part for
-    the state before t, and either dh~[t] is stored for the projection (HAS_PROJ) or the cell backward
-    follows here. The final launch (HAS_NEXT, not STEP) completes gh into dL/dh0.
+    dL/dh of the state after step t. Then (step) zoneout and frozen rows on h: gh becomes the part for
+    the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
+    follows here. The final launch (has_next, not step) completes gh into dL/dh0.
     """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
@@ -243,7 +242,7 @@ def backward_step_kernel(
     h_here = rows * H_out + units
     hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
-    if HAS_NEXT:
+    if has_next != 0:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
         dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
         acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
@@ -253,7 +252,7 @@ def backward_step_kernel(
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
         g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
-    if STEP:
+    if step != 0:
         active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
         d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0)
         d_h_new = tl.where(active, d_out + g_h, 0.0)
@@ -261,7 +260,7 @@ def backward_step_kernel(
             d_h_new, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE)
         )
         tl.store(gh_ptr + h_here, g_h_prev + tl.where(active, 0.0, g_h), mask=inside)
-        if HAS_PROJ:
+        if has_proj != 0:
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
             backward_cell(d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
@@ -270,7 +269,7 @@ def backward_step_kernel(
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS[:1] + STEP_ARGUMENTS[2:])
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
     dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,

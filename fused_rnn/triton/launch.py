@@ -42,41 +42,57 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _slots(values: dict, size, dtype: torch.dtype) -> Tensor:
+    """A CPU tensor with each value at its slot (cell.INT_* / cell.FLOAT_*), 0 elsewhere."""
+    packed = [0] * int(size)
+    for slot, value in values.items():
+        packed[int(slot)] = value
+    return torch.tensor(packed, dtype=dtype)
+
+
 def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The int64 (seed, thresholds, modes) and float (scales, zoneout p) tensors the kernels load; slots in cell.py.
 
     In eval mode every dropout is off (threshold 0, scale 1) and zoneout takes its expectation.
     """
-    p = dataclasses.replace(
-        reg, recurrent_dropout=0.0, weight_dropout=0.0, update_dropout=0.0, cell_dropout=0.0
-    ) if not training else reg
-    zoneout_mode = lambda q: (cell.ZONEOUT_MASK if training else cell.ZONEOUT_MEAN) if q > 0 else cell.ZONEOUT_OFF  # noqa: E731
+    if not training:
+        reg = dataclasses.replace(reg, recurrent_dropout=0.0, weight_dropout=0.0, update_dropout=0.0, cell_dropout=0.0)
+    zoneout_mode = cell.ZONEOUT_MASK if training else cell.ZONEOUT_MEAN
     update_mode = cell.UPDATE_OFF
-    if p.update_dropout > 0:
-        update_mode = cell.UPDATE_STEP if p.update_per_step else cell.UPDATE_SEQUENCE
-    ints = [0] * cell.INT_SLOTS
-    ints[cell.INT_HIDDEN] = philox.threshold(p.recurrent_dropout)
-    ints[cell.INT_UPDATE] = philox.threshold(p.update_dropout)
-    ints[cell.INT_CELL] = philox.threshold(p.cell_dropout)
-    ints[cell.INT_ZONEOUT_H] = philox.threshold(p.zoneout_h)
-    ints[cell.INT_ZONEOUT_C] = philox.threshold(p.zoneout_c)
-    ints[cell.INT_WEIGHT] = philox.threshold(p.weight_dropout)
-    ints[cell.INT_SEQUENCE_DRAWS] = int(p.recurrent_dropout > 0 or p.cell_dropout > 0 or update_mode == cell.UPDATE_SEQUENCE)
-    ints[cell.INT_STEP_DRAWS] = int(training and (p.zoneout_h > 0 or p.zoneout_c > 0) or update_mode == cell.UPDATE_STEP)
-    ints[cell.INT_UPDATE_MODE] = update_mode
-    ints[cell.INT_ZONEOUT_H_MODE] = zoneout_mode(p.zoneout_h)
-    ints[cell.INT_ZONEOUT_C_MODE] = zoneout_mode(p.zoneout_c)
-    ints[cell.INT_HIDDEN_ON] = int(p.recurrent_dropout > 0)
-    ints = torch.tensor(ints, dtype=torch.int64)
-    ints[cell.INT_SEED] = seed
-    floats = [0.0] * cell.FLOAT_SLOTS
-    floats[cell.FLOAT_HIDDEN] = philox.keep_scale(p.recurrent_dropout)
-    floats[cell.FLOAT_UPDATE] = philox.keep_scale(p.update_dropout)
-    floats[cell.FLOAT_CELL] = philox.keep_scale(p.cell_dropout)
-    floats[cell.FLOAT_ZONEOUT_H] = p.zoneout_h
-    floats[cell.FLOAT_ZONEOUT_C] = p.zoneout_c
-    floats[cell.FLOAT_WEIGHT] = philox.keep_scale(p.weight_dropout)
-    return ints.to(device), torch.tensor(floats, dtype=compute_dtype(dtype)).to(device)
+    if reg.update_dropout > 0:
+        update_mode = cell.UPDATE_STEP if reg.update_per_step else cell.UPDATE_SEQUENCE
+    ints = _slots(
+        {
+            cell.INT_HIDDEN: philox.threshold(reg.recurrent_dropout),
+            cell.INT_UPDATE: philox.threshold(reg.update_dropout),
+            cell.INT_CELL: philox.threshold(reg.cell_dropout),
+            cell.INT_ZONEOUT_H: philox.threshold(reg.zoneout_h),
+            cell.INT_ZONEOUT_C: philox.threshold(reg.zoneout_c),
+            cell.INT_WEIGHT: philox.threshold(reg.weight_dropout),
+            cell.INT_SEQUENCE_DRAWS: int(reg.recurrent_dropout > 0 or reg.cell_dropout > 0 or update_mode == cell.UPDATE_SEQUENCE),
+            cell.INT_STEP_DRAWS: int(training and (reg.zoneout_h > 0 or reg.zoneout_c > 0) or update_mode == cell.UPDATE_STEP),
+            cell.INT_UPDATE_MODE: int(update_mode),
+            cell.INT_ZONEOUT_H_MODE: int(zoneout_mode) if reg.zoneout_h > 0 else 0,
+            cell.INT_ZONEOUT_C_MODE: int(zoneout_mode) if reg.zoneout_c > 0 else 0,
+            cell.INT_HIDDEN_ON: int(reg.recurrent_dropout > 0),
+        },
+        cell.INT_SLOTS,
+        torch.int64,
+    )
+    ints[int(cell.INT_SEED)] = seed
+    floats = _slots(
+        {
+            cell.FLOAT_HIDDEN: philox.keep_scale(reg.recurrent_dropout),
+            cell.FLOAT_UPDATE: philox.keep_scale(reg.update_dropout),
+            cell.FLOAT_CELL: philox.keep_scale(reg.cell_dropout),
+            cell.FLOAT_ZONEOUT_H: reg.zoneout_h,
+            cell.FLOAT_ZONEOUT_C: reg.zoneout_c,
+            cell.FLOAT_WEIGHT: philox.keep_scale(reg.weight_dropout),
+        },
+        cell.FLOAT_SLOTS,
+        compute_dtype(dtype),
+    )
+    return ints.to(device), floats.to(device)
 
 
 def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -96,11 +112,13 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def tile_sizes(batch: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K): tl.dot needs 16 or more on every side."""
+    """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs 16 or more on every side; a program's tile stays at
+    512 units so that four gate accumulators and the Philox words fit in registers."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # the interpreter runs programs one after another: few programs, wide tiles
         return max(16, triton.next_power_of_2(batch)), 64, 64
-    return min(64, max(16, triton.next_power_of_2(batch))), 32, 32
+    block_b = min(32, max(16, triton.next_power_of_2(batch)))
+    return block_b, 512 // block_b, 32
 
 
 def packed_dropout(
@@ -131,7 +149,7 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
     w = w.contiguous()
     out = torch.empty_like(w)
     return packed_dropout(
-        w.unsqueeze(0), out.unsqueeze(0), ints, floats, cell.INT_WEIGHT, cell.FLOAT_WEIGHT,
+        w.unsqueeze(0), out.unsqueeze(0), ints, floats, int(cell.INT_WEIGHT), int(cell.FLOAT_WEIGHT),
         philox.KIND_WEIGHT, stream, group=w.shape[1] if rows else 1,
     ).squeeze(0)
 
@@ -165,7 +183,7 @@ def layer_forward(
     rs = torch.empty_like(hs) if flags.hidden else hs
     out = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device)
     hpre = torch.empty(seq_len, batch, hidden, dtype=dtype, device=x.device) if w_hr is not None else out
-    lengths_arg, has_lengths = (hs, 0) if lengths is None else (lengths, 1)
+    lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     block_b, block_h, block_k = tile_sizes(batch)
     if flags.hidden:
         hidden_dropout_kernel[(triton.cdiv(batch, block_b), triton.cdiv(real_hidden, block_h))](
@@ -178,8 +196,8 @@ def layer_forward(
     for t in _positions(seq_len, reverse):
         forward_step_kernel[cell_grid](
             xg, w, hs, rs, cs, out, hpre, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-            batch, hidden, real_hidden,
-            HAS_PROJ=has_proj, PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+            int(has_proj), batch, hidden, real_hidden,
+            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
         )
         if has_proj:
             projection_step_kernel[proj_grid](
@@ -206,7 +224,7 @@ def layer_backward(
     gc = d_c_n.to(dtype).contiguous().clone()
     d_out = d_out.to(dtype).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
-    lengths_arg, has_lengths = (gh, 0) if lengths is None else (lengths, 1)
+    lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     block_b, block_h, block_k = tile_sizes(batch)
     precision = dot_precision(w.dtype, x.device)
     h_grid = (triton.cdiv(batch, block_b), triton.cdiv(real_hidden, block_h))
@@ -215,9 +233,8 @@ def layer_backward(
     def step(t: int, t_next: int, has_next: bool, is_step: bool) -> None:
         backward_step_kernel[h_grid](
             dgates, xg, w, cs, d_out, gh, gc, dht, lengths_arg, ints, floats, t, t_next, int(reverse), stream,
-            has_lengths, batch, hidden, real_hidden,
-            HAS_PROJ=has_proj, HAS_NEXT=has_next, STEP=is_step, PRECISION=precision,
-            BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+            has_lengths, int(has_proj), int(has_next), int(is_step), batch, hidden, real_hidden,
+            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
         )
 
     order = list(_positions(seq_len, reverse))[::-1]

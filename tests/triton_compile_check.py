@@ -1,0 +1,140 @@
+"""Compile every Triton kernel configuration the backend launches, for a GPU this machine need not have.
+
+Run as a script, in a process without TRITON_INTERPRET: `python tests/triton_compile_check.py 90`.
+The launchers run on CPU tensors with each kernel's launch replaced by a recorder, across every
+dtype, precision, tile size and structural option they can choose; each distinct specialization the
+JIT would compile is then compiled for GPUTarget("cuda", arch, 32) and checked by ptxas: no register
+spills, shared memory within the architecture's limit. Prints one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from fused_rnn import philox  # noqa: E402
+from fused_rnn.regularizers import Regularizers  # noqa: E402
+from fused_rnn.triton import kernels, launch  # noqa: E402
+
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}  # bytes per block with opt-in
+EVERY_REGULARIZER = Regularizers(
+    recurrent_dropout=0.2, weight_dropout=0.3, update_dropout=0.1, cell_dropout=0.1, zoneout_h=0.1, zoneout_c=0.1
+)
+
+
+def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
+    """Drive the launchers through every configuration they can take; return each kernel launch."""
+    launches = []
+    for name in dir(kernels):
+        kernel = getattr(kernels, name)
+        if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
+            kernel.run = lambda *args, grid, warmup, _kernel=kernel, **kwargs: launches.append((_kernel, args, kwargs))
+    gpu_precision = launch.dot_precision
+    launch.dot_precision = lambda dtype, device: gpu_precision(dtype, torch.device("cuda"))
+    seed = torch.tensor(1234, dtype=torch.int64)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for dtype in dtypes:
+        for tf32 in ((True, False) if dtype == torch.float32 else (True,)):
+            torch.backends.cudnn.allow_tf32 = tf32
+            for batch in (1, 20, 40):  # each tile height launch.tile_sizes picks
+                for proj in (0, 3):
+                    for packed in (False, True):
+                        drive_layer(dtype, batch, proj, packed, seed)
+        for locked in (False, True):
+            launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
+    return launches
+
+
+def drive_layer(dtype: torch.dtype, batch: int, proj: int, packed: bool, seed: torch.Tensor) -> None:
+    seq_len, inputs, hidden = 3, 5, 6
+    real_hidden = proj or hidden
+    make = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
+    x, h0, c0 = make(seq_len, batch, inputs), make(batch, real_hidden), make(batch, hidden)
+    w_ih, w_hh, bias = make(4 * hidden, inputs), make(4 * hidden, real_hidden), make(4 * hidden)
+    w_hr = make(proj, hidden) if proj else None
+    lengths = torch.full((batch,), seq_len, dtype=torch.int64) if packed else None
+    for training in (True, False):
+        ints, floats = launch.step_parameters(EVERY_REGULARIZER, training, seed, x.device, dtype)
+        flags = launch.Recurrence.of(EVERY_REGULARIZER, training)
+        for reverse in (False, True):
+            out, h_n, c_n, xg, rs, cs, hpre = launch.layer_forward(
+                x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, ints, floats, flags, 0, reverse
+            )
+            launch.layer_backward(
+                out.to(dtype), h_n.to(dtype), c_n.to(dtype), x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, 0,
+                reverse, xg, rs, cs, hpre,
+            )
+
+
+def specialize(kernel: JITFunction, args: tuple, kwargs: dict, backend) -> tuple:
+    """What the JIT would compile for these arguments on the target: (signature, constexprs, attrs, options)."""
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        log = subprocess.run(
+            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(path), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_stores": int(spills.group(1)) if spills else 0,
+        "spill_loads": int(spills.group(2)) if spills else 0,
+    }
+
+
+def main(arch: int) -> int:
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    seen = set()
+    failures = 0
+    for kernel, args, kwargs in record_launches():
+        signature, constexprs, attrs, options = specialize(kernel, args, kwargs, backend)
+        key = (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        config = {"kernel": kernel.__name__, "arch": arch, "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                  "constexprs": {str(k): str(v) for k, v in constexprs.items()}}
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+            report = ptxas_report(compiled.asm["ptx"], arch)
+            report["shared"] = compiled.metadata.shared
+            problems = []
+            if report["spill_stores"] or report["spill_loads"]:
+                problems.append("register spills")
+            if report["shared"] > SHARED_MEMORY_LIMIT[arch]:
+                problems.append(f"shared memory {report['shared']} > {SHARED_MEMORY_LIMIT[arch]}")
+            config.update(report, ok=not problems, problems=problems)
+        except Exception as error:  # a compile failure is a finding, reported with the config
+            config.update(ok=False, problems=[f"{type(error).__name__}: {str(error)[:2000]}"])
+        failures += not config["ok"]
+        print(json.dumps(config), flush=True)
+    print(json.dumps({"summary": True, "arch": arch, "compiled": len(seen), "failures": failures}), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
