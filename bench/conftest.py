@@ -31,7 +31,7 @@ def pytest_addoption(parser):
     group.addoption(
         "--bench-jsonl",
         default=None,
-        help="append each result to this JSON-lines file as soon as it is measured (kept when a time limit ends the run)",
+        help="append each result to this JSON-lines file as soon as it is measured (kept if a time limit ends the run)",
     )
     group.addoption(
         "--bench-warmup",
@@ -74,9 +74,10 @@ def _priority(item) -> tuple:
 
 
 def pytest_collection_modifyitems(config, items):
-    speed = [item for item in items if hasattr(item, "callspec") and "provider" in item.callspec.params]
-    others = [item for item in items if item not in speed]
-    items[:] = sorted(speed, key=_priority) + others
+    axes = {"mode", "device", "shape", "dtype", "provider"}
+    speed = [item for item in items if hasattr(item, "callspec") and axes <= set(item.callspec.params)]
+    checks = [item for item in items if item not in speed]
+    items[:] = checks + sorted(speed, key=_priority)
 
 
 def _git(*args: str) -> str | None:

@@ -163,7 +163,8 @@ class CellLoopLSTM(nn.Module):
 
     def __init__(self, shape: Shape, regularizers: dict, compiled: bool, **factory):
         super().__init__()
-        self.weights = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **factory)  # holds the parameters only
+        # holds the parameters only
+        self.weights = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, **factory)
         self.r = regularizers
         if compiled:
             _allow_recompiles()
@@ -177,7 +178,9 @@ class CellLoopLSTM(nn.Module):
         for layer in range(weights.num_layers):
             if layer > 0:
                 x = locked_dropout(x, r["dropout"])
-            w_ih, w_hh, b_ih, b_hh = (getattr(weights, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            w_ih, w_hh, b_ih, b_hh = (
+                getattr(weights, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
             w_hh = w_hh * keep_mask(w_hh.shape, r["weight_dropout"], w_hh)
             x_proj = torch.addmm(b_ih + b_hh, x.reshape(-1, x.shape[-1]), w_ih.T).view(seq_len, batch, 4 * hidden)
             m_rec = keep_mask((batch, hidden), r["recurrent_dropout"], x)
@@ -226,13 +229,18 @@ def rnn_kernel(forward: Callable[[Tensor], Tensor], shape: Shape, dtype: torch.d
 
 def _nn_lstm(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
     lstm = nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device, dtype=dtype)
-    forward = lambda x: lstm(x)[0]  # noqa: E731
+
+    def forward(x: Tensor) -> Tensor:
+        return lstm(x)[0]
+
     return Built(lstm, forward, {"kernel": rnn_kernel(forward, shape, dtype, device)})
 
 
 def _awd_lstm(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
     r = regularizer_kwargs(shape)
-    model = AWDLSTM(shape, r["input_dropout"], r["dropout"], r["output_dropout"], r["weight_dropout"], device=device, dtype=dtype)
+    model = AWDLSTM(
+        shape, r["input_dropout"], r["dropout"], r["output_dropout"], r["weight_dropout"], device=device, dtype=dtype
+    )
     return Built(model, model, {"kernel": rnn_kernel(model, shape, dtype, device)})
 
 
@@ -255,7 +263,9 @@ def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, tor
 def _cell_loop(compiled: bool) -> Callable[[Shape, torch.dtype, torch.device], Built]:
     def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
         model = CellLoopLSTM(shape, regularizer_kwargs(shape), compiled, device=device, dtype=dtype)
-        return Built(model, model, {"compiled": "torch.compile(step, dynamic=False, fullgraph=True)"} if compiled else {})
+        return Built(
+            model, model, {"compiled": "torch.compile(step, dynamic=False, fullgraph=True)"} if compiled else {}
+        )
 
     return build
 

@@ -128,7 +128,8 @@ def group_table(name: str, group: list[dict]) -> list[str]:
         "",
         f"{info['device']}{threads}; {info['shape_dims']}; {dtype}; {mode}",
         "",
-        "| provider | runs as | regularizers | median ms | IQR ms | rounds | time vs nn.LSTM | peak MiB | peak vs nn.LSTM |",
+        "| provider | runs as | regularizers | median ms | IQR ms | rounds | time vs nn.LSTM | peak MiB "
+        "| peak vs nn.LSTM |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     base_time, base_peak = median(group, BASELINE), peak(group, BASELINE)
@@ -143,7 +144,9 @@ def group_table(name: str, group: list[dict]) -> list[str]:
             f"{fmt_ratio(peak_ratio)} |"
         )
     present = {e["extra_info"]["provider"] for e in group}
-    missing = [p.label for p in PROVIDERS_BY_NAME.values() if info["device_type"] in p.devices and p.name not in present]
+    missing = [
+        p.label for p in PROVIDERS_BY_NAME.values() if info["device_type"] in p.devices and p.name not in present
+    ]
     if missing:
         lines += ["", f"No result (failed, deselected or not reached): {', '.join(missing)}."]
     fallbacks = {e["extra_info"]["fallback"] for e in group if "fallback" in e["extra_info"]}
@@ -174,13 +177,21 @@ def target_rows(by_group: dict[str, list[dict]]) -> list[str]:
         if info["mode"] != "fwdbwd":
             continue
         if info["device_type"] == "cuda" and info["shape"] in ("ptb_awd", "h512"):
-            ratio_check("fused_rnn (all regularizers) <= 1.0x nn.LSTM (none)", name, group, "fused_rnn", BASELINE, 1.0, True)
+            ratio_check(
+                "fused_rnn (all regularizers) <= 1.0x nn.LSTM (none)", name, group, "fused_rnn", BASELINE, 1.0, True
+            )
             ratio_check("LSTM cell loop >= 10x fused_rnn", name, group, "cell_loop", "fused_rnn", 10.0, False)
             ratio_check("fused_rnn < 1.0x AWD cuDNN wrapper", name, group, "fused_rnn", "awd_lstm", 1.0, True)
-            ratio_check("fused_rnn peak <= 1.1x nn.LSTM peak", name, group, "fused_rnn", BASELINE, 1.1, True, use_peak=True)
+            ratio_check(
+                "fused_rnn peak <= 1.1x nn.LSTM peak", name, group, "fused_rnn", BASELINE, 1.1, True, use_peak=True
+            )
         if info["device_type"] == "cpu" and info["shape"] == "cpu_h256x2":
-            ratio_check("fused_rnn (all regularizers) <= 1.2x nn.LSTM (none)", name, group, "fused_rnn", BASELINE, 1.2, True)
-            ratio_check("reference >= 3x fused_rnn (same regularizers)", name, group, "reference", "fused_rnn", 3.0, False)
+            ratio_check(
+                "fused_rnn (all regularizers) <= 1.2x nn.LSTM (none)", name, group, "fused_rnn", BASELINE, 1.2, True
+            )
+            ratio_check(
+                "reference >= 3x fused_rnn (same regularizers)", name, group, "reference", "fused_rnn", 3.0, False
+            )
     if not checks:
         return []
     lines = [
@@ -203,7 +214,9 @@ def target_rows(by_group: dict[str, list[dict]]) -> list[str]:
 
 def header(entries: list[dict], date: str | None, notes: list[str]) -> list[str]:
     info = entries[0]["extra_info"]
-    state = {True: " (with uncommitted changes)", None: " (working tree state not recorded)"}.get(info.get("commit_dirty"), "")
+    state = {True: " (with uncommitted changes)", None: " (working tree state not recorded)"}.get(
+        info.get("commit_dirty"), ""
+    )
     commit = (info.get("commit") or "unknown")[:10] + state
     devices = sorted({e["extra_info"]["device"] for e in entries})
     versions = f"torch {info['torch']}, Triton {info.get('triton') or '-'}, Python {info['python']}"
@@ -215,14 +228,14 @@ def header(entries: list[dict], date: str | None, notes: list[str]) -> list[str]
         "",
         f"- date: {(date or 'unknown')[:19].replace('T', ' ')} UTC; commit {commit}; fused_rnn {info['fused_rnn']}",
         f"- {versions}",
-        "- time: median over rounds of one training step (pytest-benchmark), the GPU synchronised inside the timed call,",
-        "  after warm-up calls that absorb compilation; a [T, B, I] time-major input that requires grad;",
+        "- time: median over rounds of one training step (pytest-benchmark), the GPU synchronised inside the timed",
+        "  call, after warm-up calls that absorb compilation; a [T, B, I] time-major input that requires grad;",
         "  fwdbwd: forward, backward of a fixed output gradient, gradients set to None (as zero_grad does)",
         "- time vs nn.LSTM: median / median of nn.LSTM with no regularizer in the same table (cuDNN on CUDA)",
         "- peak: bytes one step allocates on the GPU above what was resident before it (activations, masks,",
         "  workspace, gradients); not measured on CPU",
-        f"- \"all\" regularizers: {regularizers} (between-layer dropout only with 2+ layers);",
-        "  the AWD wrapper applies only what cuDNN allows around it: weight drop and locked input/between/output dropout",
+        f'- "all" regularizers: {regularizers} (between-layer dropout only with 2+ layers);',
+        "  the AWD wrapper applies only what cuDNN allows around it: weight drop, locked input/between/output dropout",
         "- fp32 on CUDA runs with TF32 matmuls, as cuDNN does by default",
         *(f"- note: {note}" for note in notes),
         "",
@@ -297,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, group in by_group.items():
         lines += group_table(name, group)
     (out / "results.md").write_text("\n".join(lines))
-    (out / "benchmarks.json").write_text(json.dumps({"date": date, "benchmarks": entries}, indent=1, default=str) + "\n")
+    (out / "benchmarks.json").write_text(
+        json.dumps({"date": date, "benchmarks": entries}, indent=1, default=str) + "\n"
+    )
     print(f"wrote {out / 'results.md'} ({len(entries)} results in {len(by_group)} groups)")
     print(plot(by_group, out / "ratios.png"))
     return 0
