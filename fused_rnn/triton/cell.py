@@ -166,7 +166,8 @@ def cell_backward(i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, update_
 @triton.jit
 def tile_dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a [M, K] @ b [K, N], the product in b's dtype (tensor cores for half weights), acc in float32/64."""
+    # out_dtype spelled out: Triton 3.6 defaults it to float32, even for a float64 accumulator
     if PRECISION == "default":
-        return tl.dot(a.to(b.dtype), b, acc)
+        return tl.dot(a.to(b.dtype), b, acc, out_dtype=acc.dtype)
     else:
-        return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
+        return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
