@@ -158,6 +158,8 @@ def lstm(
                 )
             if state.dtype != data.dtype and not autocast:
                 raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
+    if not packed and data.shape[1 if batched and batch_first else 0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
     if not (training and reg.is_random):
         seed = torch.zeros((), dtype=torch.int64)

@@ -1,0 +1,325 @@
+"""Bad input (SPEC.md section 5): an exception that names the problem, raised before any kernel runs,
+with nn.LSTM's type and wording where nn.LSTM checks the same thing, and nothing changed: not the
+module's parameters, not the caller's tensors, no gradients."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+import fused_rnn
+from fused_rnn import backends
+
+from _cases import BIG_CFG, PROBABILITY_NAMES, Cfg, H, I, make_lstm, make_pair, setup_backend
+
+T_, B_ = 4, 2
+
+
+def exception_of(fn):
+    try:
+        fn()
+    except Exception as error:  # the type is what is compared
+        return error
+    return None
+
+
+class Untouched:
+    """Snapshot a module and tensors; check later that a failed call changed nothing and made no gradient."""
+
+    def __init__(self, module, *tensors):
+        self.module = module
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.copies = [t.detach().clone() for t in self.tensors]
+
+    def check(self):
+        state = self.module.state_dict()
+        assert state.keys() == self.state.keys()
+        for name, value in state.items():
+            assert value.dtype == self.state[name].dtype and torch.equal(value, self.state[name]), name
+        for t, copy in zip(self.tensors, self.copies):
+            assert t.dtype == copy.dtype and torch.equal(t, copy)
+        assert all(p.grad is None for p in self.module.parameters())
+        assert all(t.grad is None for t in self.tensors if t.is_leaf)
+
+
+def rejects(module, call, exc_type, pattern, *tensors):
+    """call() raises exc_type matching `pattern` and leaves `module` and `tensors` untouched."""
+    untouched = Untouched(module, *tensors)
+    with pytest.raises(exc_type, match=pattern):
+        call()
+    untouched.check()
+
+
+# --- the checks nn.LSTM makes too: same type, same message -----------------------------------------
+
+
+def randn(*shape, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(dtype.is_floating_point)
+
+
+def states(cfg, layers_dirs=None, batch=(B_,), h=None, c=H, dtype=torch.float64):
+    n = cfg.num_layers * cfg.dirs if layers_dirs is None else layers_dirs
+    return randn(n, *batch, cfg.h_out if h is None else h, dtype=dtype), randn(n, *batch, c, dtype=dtype)
+
+
+def batched(cfg, seq=T_, features=I, dtype=torch.float64):
+    return randn(*((B_, seq) if cfg.batch_first else (seq, B_)), features, dtype=dtype)
+
+
+NN_CASES = {
+    "input_1d": lambda cfg: (randn(I), None),
+    "input_4d": lambda cfg: (randn(T_, B_, I, 1), None),
+    "input_4d_with_hx": lambda cfg: (randn(T_, B_, I, 1), states(cfg)),
+    "feature_size": lambda cfg: (batched(cfg, features=I + 1), None),
+    "feature_size_unbatched": lambda cfg: (randn(T_, I - 1), None),
+    "feature_size_with_hx": lambda cfg: (batched(cfg, features=I + 1), states(cfg)),
+    "dtype_float32": lambda cfg: (batched(cfg, dtype=torch.float32), None),
+    "dtype_int": lambda cfg: (torch.randint(0, 3, (T_, B_, I)), None),
+    "dtype_complex": lambda cfg: (batched(cfg).detach().to(torch.complex128), None),
+    "hx_batched_3d_2d": lambda cfg: (batched(cfg), (states(cfg)[0], states(cfg, batch=())[1])),
+    "hx_batched_2d_2d": lambda cfg: (batched(cfg), states(cfg, batch=())),
+    "hx_unbatched_3d_3d": lambda cfg: (randn(T_, I), states(cfg, batch=(1,))),
+    "hx_unbatched_2d_3d": lambda cfg: (randn(T_, I), (states(cfg, batch=())[0], states(cfg, batch=(1,))[1])),
+    "h_batch": lambda cfg: (batched(cfg), (states(cfg, batch=(B_ + 1,))[0], states(cfg)[1])),
+    "h_layers": lambda cfg: (batched(cfg), (states(cfg, layers_dirs=cfg.num_layers * cfg.dirs + 1)[0], states(cfg)[1])),
+    "h_features": lambda cfg: (batched(cfg), (states(cfg, h=cfg.h_out + 1)[0], states(cfg)[1])),
+    "h_features_hidden_size": lambda cfg: (
+        batched(cfg),
+        (states(cfg, h=H)[0] if cfg.proj_size else states(cfg, h=H + 2)[0], states(cfg)[1]),
+    ),
+    "c_features": lambda cfg: (batched(cfg), (states(cfg)[0], states(cfg, c=H + 1)[1])),
+    "c_features_proj_size": lambda cfg: (
+        batched(cfg),
+        (states(cfg)[0], states(cfg, c=cfg.h_out)[1] if cfg.proj_size else states(cfg, c=H - 1)[1]),
+    ),
+    "c_batch": lambda cfg: (batched(cfg), (states(cfg)[0], states(cfg, batch=(B_ + 1,))[1])),
+    "h_unbatched_features": lambda cfg: (
+        randn(T_, I),
+        (states(cfg, batch=(), h=cfg.h_out + 1)[0], states(cfg, batch=())[1]),
+    ),
+    "c_unbatched_layers": lambda cfg: (
+        randn(T_, I),
+        (states(cfg, batch=())[0], states(cfg, layers_dirs=1 + cfg.num_layers * cfg.dirs, batch=())[1]),
+    ),
+    "empty_sequence": lambda cfg: (batched(cfg, seq=0), None),
+    "empty_sequence_with_hx": lambda cfg: (batched(cfg, seq=0), states(cfg)),
+    "empty_sequence_unbatched": lambda cfg: (randn(0, I), None),
+}
+NN_CFGS = [Cfg(), Cfg(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)]
+
+
+@pytest.mark.parametrize("cfg", NN_CFGS, ids=str)
+@pytest.mark.parametrize("case", list(NN_CASES))
+def test_same_exception_as_nn_lstm(backend, case, cfg):
+    device = setup_backend(backend)
+    ref, lstm = make_pair(cfg, backend=backend, device=device)
+    x, hx = NN_CASES[case](cfg)
+    expected = exception_of(lambda: ref(x, hx))
+    assert expected is not None, f"nn.LSTM accepts {case}: not a bad-input case"
+    x, hx = (
+        x.detach().to(device).requires_grad_(x.requires_grad),
+        None if hx is None else tuple(t.detach().to(device).requires_grad_() for t in hx),
+    )
+    tensors = (x,) + (() if hx is None else hx)
+    rejects(lstm, lambda: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", *tensors)
+
+
+# --- the checks nn.LSTM lacks: a clear exception naming the problem ---------------------------------
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_hx_dtype_mismatch(which):
+    _, lstm = make_pair(Cfg())
+    x = randn(T_, B_, I)
+    hx = list(states(Cfg()))
+    hx[which] = hx[which].detach().float().requires_grad_()
+    rejects(lstm, lambda: lstm(x, tuple(hx)), RuntimeError, rf"hx\[{which}\] dtype \(torch.float32\)", x, *hx)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_hx_on_another_device(which):
+    _, lstm = make_pair(Cfg())
+    x = randn(T_, B_, I)
+    hx = list(states(Cfg()))
+    hx[which] = torch.empty_like(hx[which], device="meta")
+    rejects(lstm, lambda: lstm(x, tuple(hx)), RuntimeError, "Input and hidden tensors are not at the same device", x)
+
+
+def test_parameters_on_another_device():
+    lstm = make_lstm(Cfg(), device="meta")
+    x = randn(T_, B_, I)
+    with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device"):
+        lstm(x)
+    assert x.grad is None
+
+
+def test_hx_must_be_a_pair_of_tensors():
+    _, lstm = make_pair(Cfg())
+    x = randn(T_, B_, I)
+    h0, c0 = states(Cfg())
+    for hx in (h0, (h0,), (h0, c0, c0), (h0, None), [h0.tolist(), c0]):
+        rejects(lstm, lambda hx=hx: lstm(x, hx), TypeError, r"hx must be a tuple \(h_0, c_0\)", x, h0, c0)
+
+
+def packed(batch_sizes, features=I, rows=None, extra_dims=()):
+    batch_sizes = torch.as_tensor(batch_sizes)
+    rows = int(batch_sizes.sum()) if rows is None else rows
+    return PackedSequence(randn(rows, features, *extra_dims), batch_sizes)
+
+
+@pytest.mark.parametrize(
+    "make,exc,pattern",
+    [
+        (lambda: packed([2, 3, 1]), RuntimeError, r"batch_sizes must be positive and non-increasing.*\[2, 3, 1\]"),
+        (lambda: packed([3, 0]), RuntimeError, r"batch_sizes must be positive and non-increasing.*\[3, 0\]"),
+        (lambda: packed([3, 2], rows=6), RuntimeError, r"6 rows but its batch_sizes sum to 5"),
+        (
+            lambda: packed(torch.tensor([3, 2], dtype=torch.int32)),
+            RuntimeError,
+            r"batch_sizes must be a 1-D int64 CPU tensor",
+        ),
+        (lambda: packed(torch.tensor([[3, 2]])), RuntimeError, r"batch_sizes must be a 1-D int64 CPU tensor"),
+        (lambda: packed([3, 2], extra_dims=(1,)), RuntimeError, r"input must have 2 dimensions, got 3"),
+        (
+            lambda: packed([3, 2], features=I + 1),
+            RuntimeError,
+            r"input.size\(-1\) must be equal to input_size. Expected 5, got 6",
+        ),
+    ],
+    ids=["increasing", "zero", "rows", "int32", "2d_batch_sizes", "3d_data", "features"],
+)
+def test_bad_packed_sequence(make, exc, pattern):
+    _, lstm = make_pair(Cfg())
+    data = make()
+    rejects(lstm, lambda: lstm(data), exc, pattern, data.data, data.batch_sizes)
+
+
+def test_packed_hx_batch_must_match():
+    _, lstm = make_pair(Cfg())
+    data = packed([3, 2])
+    hx = states(Cfg(), batch=(2,))
+    rejects(
+        lstm,
+        lambda: lstm(data, hx),
+        RuntimeError,
+        re.escape("Expected hidden[0] size (1, 3, 4), got [1, 2, 4]"),
+        data.data,
+        *hx,
+    )
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64, 1.5, 1.0, "1", True, torch.tensor(3), [1]], ids=repr)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bad_seed(seed, training):
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    lstm.train(training)
+    x = randn(T_, B_, I)
+    rejects(lstm, lambda: lstm(x, seed=seed), ValueError, r"seed must be an int in \[0, 2\*\*63\)", x)
+    with pytest.raises(ValueError, match="seed"):
+        lstm.sample_masks(T_, B_, seed)
+
+
+def test_good_seed_edges():
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    x = randn(T_, B_, I)
+    for seed in (0, 2**63 - 1, 2**32, 2**32 - 1):
+        lstm(x, seed=seed)
+
+
+BAD_PROBABILITIES = [-0.1, 1.5, float("nan"), float("inf"), -float("inf"), True, False, "0.5", None, 1 + 0j, [0.1]]
+
+
+@pytest.mark.parametrize("value", BAD_PROBABILITIES, ids=repr)
+@pytest.mark.parametrize("name", PROBABILITY_NAMES)
+def test_bad_probability_at_construction(name, value):
+    """ValueError naming the argument, raised before any parameter is created (the RNG is not consumed)."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.raises(ValueError, match=rf"^{name} should be a number in range \[0, 1\]"):
+        fused_rnn.LSTM(I, H, num_layers=2, backend="reference", **{name: value})
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.5"], ids=repr)
+def test_bad_dropout_says_what_nn_lstm_says(value):
+    expected = exception_of(lambda: torch.nn.LSTM(I, H, num_layers=2, dropout=value))
+    assert isinstance(expected, ValueError)
+    with pytest.raises(ValueError) as error:
+        fused_rnn.LSTM(I, H, num_layers=2, dropout=value)
+    assert str(error.value).startswith(str(expected))
+
+
+@pytest.mark.parametrize("name", PROBABILITY_NAMES)
+def test_bad_probability_set_later_is_rejected_at_the_call(name):
+    _, lstm = make_pair(BIG_CFG)
+    setattr(lstm, name, 1.5)
+    x = randn(T_, B_, I)
+    rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} should be a number in range \[0, 1\]", x)
+    lstm.eval()  # eval uses no mask, but the setting is still wrong
+    rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} should be a number", x)
+
+
+MODES = {
+    "dropout_mode": ("step", "locked"),
+    "weight_dropout_mode": ("element", "row"),
+    "update_dropout_mode": ("step", "sequence"),
+    "backend": ("auto", "triton", "cpp", "reference"),
+}
+
+
+@pytest.mark.parametrize("value", ["Locked", "", "rows", None, 1])
+@pytest.mark.parametrize("name", list(MODES))
+def test_unknown_mode_string(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be one of {', '.join(map(repr, MODES[name]))}, got"):
+        fused_rnn.LSTM(I, H, **{name: value})
+    _, lstm = make_pair(Cfg())
+    setattr(lstm, name, value)
+    x = randn(T_, B_, I)
+    rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} must be one of", x)
+
+
+def test_backend_string_is_checked_by_the_functional_api():
+    _, lstm = make_pair(Cfg())
+    weights = [getattr(lstm, n) for n in lstm._flat_weights_names]
+    x = randn(T_, B_, I)
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        fused_rnn.lstm(x, None, weights, backend="cuda")
+
+
+def test_triton_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, lstm = make_pair(Cfg(), backend="triton")
+    x = randn(T_, B_, I)
+    rejects(lstm, lambda: lstm(x), RuntimeError, r"backend='triton' is not available here: .*TRITON_INTERPRET=1", x)
+
+
+def test_cpp_with_a_dtype_it_does_not_run():
+    lstm = make_lstm(Cfg(), backend="cpp", dtype=torch.float16)
+    x = randn(T_, B_, I, dtype=torch.float16)
+    rejects(lstm, lambda: lstm(x), RuntimeError, r"backend='cpp' is not available here: .*float32 and float64", x)
+
+
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_unavailable_backend_names_the_reason(name):
+    device = torch.device("cpu")
+    reason = backends.unavailable_reason(name, device, torch.float64)
+    if reason is None:
+        pytest.skip(f"the {name} backend is available here")
+    _, lstm = make_pair(Cfg(), backend=name)
+    x = randn(T_, B_, I)
+    rejects(lstm, lambda: lstm(x), RuntimeError, rf"backend='{name}' is not available here: {re.escape(reason)}", x)
+
+
+def test_errors_come_before_any_randomness():
+    """A rejected call draws no seed: the global RNG is as it was."""
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    x = randn(T_, B_, I + 1)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with pytest.raises(RuntimeError):
+        lstm(x)
+    assert torch.equal(torch.get_rng_state(), before)

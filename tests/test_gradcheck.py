@@ -1,0 +1,111 @@
+"""torch.autograd.gradcheck in float64 with a fixed seed and every regularizer on (a fixed seed makes the
+stochastic op a deterministic, smooth function), w.r.t. input, h0, c0 and every weight."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+
+from _cases import ALL_ON, ALL_ON_OTHER_MODES, setup_backend
+
+SEED = 31337
+GC_T, GC_B, GC_I, GC_H = 3, 2, 2, 2
+
+
+def lstm_function(lstm: fused_rnn.LSTM, *, training: bool, packed_lengths=None):
+    """(x, h0, c0, *weights) -> (output, h_n, c_n) through fused_rnn.lstm with the module's settings."""
+
+    def f(x, h0, c0, *weights):
+        data = x if packed_lengths is None else pack_padded_sequence(x, packed_lengths, enforce_sorted=False)
+        out, (h_n, c_n) = fused_rnn.lstm(
+            data,
+            (h0, c0),
+            list(weights),
+            has_biases=lstm.bias,
+            num_layers=lstm.num_layers,
+            bidirectional=lstm.bidirectional,
+            batch_first=lstm.batch_first,
+            training=training,
+            regularizers=lstm.regularizers,
+            seed=SEED,
+            backend=lstm.backend,
+        )
+        return (out.data if packed_lengths is not None else out), h_n, c_n
+
+    return f
+
+
+def gradcheck_inputs(lstm, device, hidden, h_out):
+    g = torch.Generator().manual_seed(0)
+    states = lstm.num_layers * (2 if lstm.bidirectional else 1)
+    x = torch.randn(GC_T, GC_B, GC_I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(states, GC_B, h_out, generator=g, dtype=torch.float64)
+    c0 = torch.randn(states, GC_B, hidden, generator=g, dtype=torch.float64)
+    weights = [getattr(lstm, name).detach() for name in lstm._flat_weights_names]
+    return [t.to(device).requires_grad_() for t in (x, h0, c0, *weights)]
+
+
+# (name, module arguments, regularizers, training, packed lengths)
+CASES = [
+    ("L1-proj-all_on", dict(proj_size=1), ALL_ON, True, None),
+    ("L2-bi-proj-all_on", dict(num_layers=2, bidirectional=True, proj_size=1), ALL_ON, True, None),
+    (
+        "L2-bi-proj-locked_row_sequence",
+        dict(num_layers=2, bidirectional=True, proj_size=1),
+        ALL_ON_OTHER_MODES,
+        True,
+        None,
+    ),
+    ("L1-nobias-all_on", dict(bias=False), ALL_ON, True, None),
+    ("L1-bi-packed-all_on", dict(bidirectional=True), ALL_ON, True, [2, 3]),
+    ("L2-eval-zoneout", dict(num_layers=2, proj_size=1), ALL_ON, False, None),
+]
+# The larger cases use gradcheck's fast mode (a random projection of the Jacobian): a full Jacobian costs two
+# forwards per input element, and the reference regenerates every mask per forward. Triton's interpreter runs
+# the first (small) case only, in fast mode. Every backend's gradients are also compared with the reference's
+# (test_parity, test_regularizers).
+FAST_CASES = {"L2-bi-proj-all_on", "L2-bi-proj-locked_row_sequence", "L1-bi-packed-all_on"}
+
+
+@pytest.mark.parametrize("name,cfg,reg,training,lengths", CASES, ids=[c[0] for c in CASES])
+def test_gradcheck(backend, name, cfg, reg, training, lengths):
+    """gradcheck in float64 of fused_rnn.lstm w.r.t. input, h0, c0 and every weight, with a fixed seed."""
+    if backend == "triton" and name != CASES[0][0]:
+        pytest.skip("triton runs the first gradcheck case only (interpreter cost)")
+    device = setup_backend(backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dropout option adds dropout")
+        lstm = fused_rnn.LSTM(GC_I, GC_H, dtype=torch.float64, device=device, backend=backend, **cfg, **reg)
+    h_out = cfg.get("proj_size") or GC_H
+    inputs = gradcheck_inputs(lstm, device, GC_H, h_out)
+    fast = backend == "triton" or name in FAST_CASES
+    assert torch.autograd.gradcheck(
+        lstm_function(lstm, training=training, packed_lengths=lengths), inputs, fast_mode=fast
+    )
+
+
+def test_gradcheck_sees_a_wrong_gradient():
+    """The check can fail: a mask applied in the forward but forgotten in the backward is caught."""
+
+    class Forgetful(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad  # wrong: should be 2 * grad
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dropout option adds dropout")
+        lstm = fused_rnn.LSTM(GC_I, GC_H, dtype=torch.float64, backend="reference", **ALL_ON)
+    f = lstm_function(lstm, training=True)
+    inputs = gradcheck_inputs(lstm, "cpu", GC_H, GC_H)
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+    wrong = lambda x, *rest: f(Forgetful.apply(x), *rest)  # noqa: E731
+    assert not torch.autograd.gradcheck(wrong, inputs, raise_exception=False, fast_mode=True)

@@ -1,0 +1,325 @@
+"""fused_rnn.LSTM as a drop-in for torch.nn.LSTM (SPEC.md section 1): construction, parameters, state_dict,
+repr, warnings, input forms, attribute changes between calls, copies, dtype and device moves."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+
+from helpers import assert_close
+
+from _cases import (
+    ALL_ON,
+    ALL_DROPOUTS,
+    BIG_CFG,
+    TIGHT,
+    Cfg,
+    H,
+    I,
+    T,
+    compare_results,
+    make_inputs,
+    make_pair,
+    run_with_grads,
+)
+
+CONSTRUCTIONS = [
+    dict(),
+    dict(num_layers=3),
+    dict(num_layers=2, bidirectional=True),
+    dict(proj_size=2),
+    dict(num_layers=2, bidirectional=True, proj_size=3, bias=False, batch_first=True, dropout=0.5),
+]
+
+
+def ids(kwargs):
+    return "-".join(f"{k}={v}" for k, v in kwargs.items()) or "default"
+
+
+@pytest.mark.parametrize("kwargs", CONSTRUCTIONS, ids=ids)
+def test_parameters_are_nn_lstms(kwargs):
+    """Same names, shapes, order, dtypes, initial values under the same torch.manual_seed, and the same
+    number of draws from the global RNG."""
+    torch.manual_seed(11)
+    ref = torch.nn.LSTM(I, H, **kwargs)
+    after_ref = torch.randn(4)
+    torch.manual_seed(11)
+    lstm = fused_rnn.LSTM(I, H, **kwargs, zoneout_h=0.1, weight_dropout=0.2)
+    assert torch.equal(torch.randn(4), after_ref)
+    ours, theirs = list(lstm.named_parameters()), list(ref.named_parameters())
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    for (name, a), (_, b) in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), name
+    assert lstm._flat_weights_names == ref._flat_weights_names
+    assert lstm._all_weights == ref._all_weights
+    for attr in (
+        "mode",
+        "input_size",
+        "hidden_size",
+        "num_layers",
+        "bias",
+        "batch_first",
+        "dropout",
+        "bidirectional",
+        "proj_size",
+    ):
+        assert getattr(lstm, attr) == getattr(ref, attr), attr
+    assert isinstance(lstm, torch.nn.RNNBase)
+
+
+def test_device_and_dtype_arguments():
+    lstm = fused_rnn.LSTM(I, H, device="cpu", dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in lstm.parameters())
+    meta = fused_rnn.LSTM(I, H, 2, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+@pytest.mark.parametrize("kwargs", CONSTRUCTIONS, ids=ids)
+def test_state_dict_loads_both_ways(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.nn.LSTM(I, H, **kwargs, dtype=torch.float64)
+        lstm = fused_rnn.LSTM(I, H, **kwargs, dtype=torch.float64, backend="reference")
+    torch.manual_seed(1)
+    donor = torch.nn.LSTM(I, H, **kwargs, dtype=torch.float64)
+    lstm.load_state_dict(donor.state_dict(), strict=True)
+    assert list(lstm.state_dict()) == list(donor.state_dict())
+    ref.load_state_dict(lstm.state_dict(), strict=True)
+    for name, value in donor.state_dict().items():
+        assert torch.equal(lstm.state_dict()[name], value) and torch.equal(ref.state_dict()[name], value)
+    ref.eval()
+    lstm.eval()
+    x = torch.randn(T, 2, I, dtype=torch.float64)
+    if kwargs.get("batch_first"):
+        x = x.transpose(0, 1)
+    assert_close("output", ref(x)[0], lstm(x)[0], TIGHT)
+
+
+def test_repr():
+    for kwargs in CONSTRUCTIONS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert repr(fused_rnn.LSTM(I, H, **kwargs)) == repr(torch.nn.LSTM(I, H, **kwargs))
+    lstm = fused_rnn.LSTM(I, H, 2, zoneout_h=0.3, dropout_mode="locked", weight_dropout=0.5, backend="reference")
+    assert repr(lstm) == (
+        f"LSTM({I}, {H}, num_layers=2, dropout_mode='locked', weight_dropout=0.5, zoneout_h=0.3, backend='reference')"
+    )
+    lstm.zoneout_h = 0.0
+    lstm.cell_dropout = 0.25
+    assert repr(lstm) == (
+        f"LSTM({I}, {H}, num_layers=2, dropout_mode='locked', weight_dropout=0.5, cell_dropout=0.25, "
+        "backend='reference')"
+    )
+
+
+def test_dropout_with_one_layer_warns_like_nn_lstm():
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        torch.nn.LSTM(I, H, 1, dropout=0.5)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        fused_rnn.LSTM(I, H, 1, dropout=0.5)
+    assert len(theirs) == 1
+    assert [(w.category, str(w.message)) for w in ours] == [(w.category, str(w.message)) for w in theirs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_rnn.LSTM(I, H, 2, dropout=0.5)
+        fused_rnn.LSTM(I, H, 1, zoneout_h=0.5, recurrent_dropout=0.5, input_dropout=0.5, output_dropout=0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(proj_size=H),
+        dict(proj_size=-1),
+        dict(hidden_size=0),
+        dict(num_layers=0),
+        dict(hidden_size=2.5),
+        dict(num_layers=-1),
+    ],
+    ids=ids,
+)
+def test_bad_nn_lstm_arguments_fail_like_nn_lstm(kwargs):
+    args = dict(input_size=I, hidden_size=H, **{k: v for k, v in kwargs.items() if k != "hidden_size"})
+    if "hidden_size" in kwargs:
+        args["hidden_size"] = kwargs["hidden_size"]
+    try:
+        torch.nn.LSTM(**args)
+    except Exception as error:
+        expected = error
+    else:
+        pytest.skip(f"nn.LSTM accepts {kwargs} in this torch version")
+    with pytest.raises(type(expected)) as ours:
+        fused_rnn.LSTM(**args)
+    assert str(ours.value) == str(expected)
+
+
+def test_unbatched_input_and_hx():
+    cfg = BIG_CFG
+    ref, lstm = make_pair(cfg)
+    inputs = make_inputs(cfg, "unbatched", True)
+    out, (h_n, c_n) = lstm(*inputs.call_args())
+    assert out.shape == (T, 2 * 3) and h_n.shape == (4, 3) and c_n.shape == (4, H)
+    compare_results(run_with_grads(ref, inputs), run_with_grads(lstm, inputs), TIGHT)
+
+
+def test_hx_is_used_and_returned_in_nn_lstms_shapes():
+    cfg = Cfg(num_layers=2, proj_size=2, batch_first=True)
+    ref, lstm = make_pair(cfg)
+    inputs = make_inputs(cfg, "padded", True)
+    out, (h_n, c_n) = lstm(*inputs.call_args())
+    ref_out, (ref_h, ref_c) = ref(*inputs.call_args())
+    assert out.shape == ref_out.shape == (3, T, 2) and h_n.shape == ref_h.shape and c_n.shape == ref_c.shape
+    zero_hx = lstm(inputs.x)[0]
+    assert not torch.allclose(out, zero_hx)
+    assert out.is_contiguous()
+
+
+def test_empty_batch_like_nn_lstm():
+    ref, lstm = make_pair(BIG_CFG)
+    x = torch.randn(T, 0, I, dtype=torch.float64)
+    (out, (h, c)), (ref_out, (ref_h, ref_c)) = lstm(x), ref(x)
+    assert out.shape == ref_out.shape and h.shape == ref_h.shape and c.shape == ref_c.shape
+
+
+def test_batch_first_output_is_contiguous_and_transposed():
+    cfg = Cfg(bidirectional=True, batch_first=True)
+    ref, lstm = make_pair(cfg, zoneout_h=0.5)
+    x = make_inputs(cfg, "padded", False).x
+    for module in (lstm, lstm.eval()):
+        out, _ = module(x, seed=3)
+        assert out.shape == (3, T, 2 * H) and out.is_contiguous()
+
+
+def test_attribute_changes_take_effect_at_the_next_call():
+    """As nn.LSTM re-reads `dropout` and `batch_first` at each call, so fused_rnn.LSTM re-reads every setting."""
+    cfg = Cfg(num_layers=2)
+    _, lstm = make_pair(cfg)
+    inputs = make_inputs(cfg, "padded", False)
+    x = inputs.x
+    plain = lstm(x, seed=9)[0]
+    lstm.zoneout_h = 0.3
+    zoned = lstm(x, seed=9)[0]
+    _, fresh = make_pair(cfg, zoneout_h=0.3)
+    assert torch.equal(zoned, fresh(x, seed=9)[0])
+    assert not torch.equal(zoned, plain)
+    lstm.zoneout_h = 0.0
+    assert torch.equal(lstm(x, seed=9)[0], plain)
+    lstm.dropout = 0.5
+    _, fresh = make_pair(cfg, dropout=0.5)
+    assert torch.equal(lstm(x, seed=9)[0], fresh(x, seed=9)[0])
+    assert not torch.equal(lstm(x, seed=9)[0], plain)
+    lstm.dropout = 0.0
+    lstm.dropout_mode = "locked"
+    lstm.input_dropout = 0.5
+    masks = lstm.sample_masks(T, 3, 9)
+    assert masks["input"][0].shape == (1, 3, I)
+    lstm.batch_first = True
+    lstm.input_dropout = 0.0
+    lstm.dropout_mode = "step"
+    assert_close("batch_first output", plain, lstm(x.transpose(0, 1), seed=9)[0].transpose(0, 1), TIGHT)
+    lstm.backend = "reference"
+    lstm.batch_first = False
+    assert torch.equal(lstm(x, seed=9)[0], plain)
+
+
+def test_train_and_eval_switch():
+    ref, lstm = make_pair(BIG_CFG, **ALL_DROPOUTS)
+    x = make_inputs(BIG_CFG, "padded", False).x
+    ref.eval()
+    lstm.eval()
+    assert_close("output", ref(x)[0], lstm(x)[0], TIGHT)
+    lstm.train()
+    assert not torch.allclose(lstm(x, seed=1)[0], ref(x)[0])
+
+
+def test_dtype_and_device_moves():
+    ref, lstm = make_pair(BIG_CFG, **ALL_ON)
+    x = make_inputs(BIG_CFG, "padded", False).x
+    single = copy.deepcopy(lstm).float()
+    assert all(p.dtype == torch.float32 for p in single.parameters())
+    out32 = single(x.float(), seed=4)[0]
+    back = single.double()
+    assert all(p.dtype == torch.float64 for p in back.parameters())
+    moved = copy.deepcopy(lstm).to(torch.float32).to("cpu")
+    assert torch.equal(moved(x.float(), seed=4)[0], out32)
+    assert_close("float32 output", lstm(x, seed=4)[0], out32, 1e-5)
+    for name, p in lstm.named_parameters():
+        assert p.data_ptr() == getattr(lstm, name).data_ptr()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_copies_keep_the_regularizers(how):
+    _, lstm = make_pair(BIG_CFG, **ALL_ON, dropout_mode="locked", weight_dropout_mode="row", backend="reference")
+    if how == "deepcopy":
+        other = copy.deepcopy(lstm)
+    elif how == "pickle":
+        other = pickle.loads(pickle.dumps(lstm))
+    else:
+        buffer = io.BytesIO()
+        torch.save(lstm, buffer)
+        buffer.seek(0)
+        other = torch.load(buffer, weights_only=False)
+    assert repr(other) == repr(lstm)
+    assert other.regularizers == lstm.regularizers
+    x = make_inputs(BIG_CFG, "padded", False).x
+    assert torch.equal(other(x, seed=8)[0], lstm(x, seed=8)[0])
+
+
+def test_state_pickled_before_the_regularizers_existed():
+    """An object pickled without the regularizer attributes (an older version, or nn.LSTM's state) unpickles
+    with every regularizer off and backend "auto"."""
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    state = lstm.__getstate__() if hasattr(lstm, "__getstate__") else dict(lstm.__dict__)
+    state = dict(state)
+    for name in ("zoneout_h", "dropout_mode", "backend"):
+        state.pop(name)
+    restored = fused_rnn.LSTM.__new__(fused_rnn.LSTM)
+    restored.__setstate__(state)
+    assert restored.zoneout_h == 0.0 and restored.dropout_mode == "step" and restored.backend == "auto"
+
+
+def test_functional_call_uses_the_given_parameters():
+    ref, lstm = make_pair(BIG_CFG)
+    torch.manual_seed(5)
+    other = torch.nn.LSTM(I, H, **BIG_CFG.kwargs(), dtype=torch.float64)
+    x = make_inputs(BIG_CFG, "padded", False).x
+    out = torch.func.functional_call(lstm, dict(other.named_parameters()), (x,))[0]
+    assert_close("output", other(x)[0], out, TIGHT)
+    assert not torch.allclose(out, lstm(x)[0])
+    grads = torch.func.grad(lambda params: torch.func.functional_call(lstm, params, (x,))[0].sum())(
+        {k: v.detach() for k, v in other.named_parameters()}
+    )
+    ref_grads = torch.autograd.grad(other(x)[0].sum(), list(other.parameters()))
+    for (name, g), r in zip(grads.items(), ref_grads):
+        assert_close(name, r, g, TIGHT)
+
+
+def test_flatten_parameters_and_packed_round_trip():
+    ref, lstm = make_pair(Cfg(bidirectional=True))
+    lstm.flatten_parameters()
+    x = make_inputs(Cfg(), "padded", False).x
+    data = pack_padded_sequence(x, [3, 1, 4], enforce_sorted=False)
+    out, (h, c) = lstm(data)
+    ref_out, (ref_h, ref_c) = ref(data)
+    assert type(out) is type(ref_out)
+    assert_close("packed output", ref_out.data, out.data, TIGHT)
+    assert_close("h_n", ref_h, h, TIGHT)
+    assert_close("c_n", ref_c, c, TIGHT)
+
+
+def test_sample_masks_follow_the_module_device_and_settings():
+    lstm = fused_rnn.LSTM(I, H, 2, zoneout_h=0.5, backend="reference")
+    masks = lstm.sample_masks(T, 2, 0)
+    assert masks["zoneout_h"][0].device == lstm.weight_hh_l0.device
+    assert masks["zoneout_c"] == [None, None]
+    meta = lstm.sample_masks(T, 2, 0, device="meta")
+    assert meta["zoneout_h"][0].device.type == "meta"
