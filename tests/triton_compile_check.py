@@ -9,19 +9,25 @@ spills, shared memory within the architecture's limit. Prints one JSON object pe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+# Triton prints ptxas's own report (registers, spills) of each compile when this is set; an empty
+# cache of our own makes every kernel really compile
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_rnn_compile_check_")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
@@ -42,17 +48,22 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
         kernel = getattr(kernels, name)
         if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
             kernel.run = lambda *args, grid, warmup, _kernel=kernel, **kwargs: launches.append((_kernel, args, kwargs))
+    # what the launchers choose on a GPU, for tensors that live on this machine's CPU
     gpu_precision = launch.dot_precision
     launch.dot_precision = lambda dtype, device: gpu_precision(dtype, torch.device("cuda"))
+    gpu_options = launch.persistent_options
+    launch.persistent_options = lambda device, dtype: gpu_options(torch.device("cuda"), dtype)
     seed = torch.tensor(1234, dtype=torch.int64)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for dtype in dtypes:
         for tf32 in ((True, False) if dtype == torch.float32 else (True,)):
             torch.backends.cudnn.allow_tf32 = tf32
-            for batch in (1, 20, 40):  # each tile height launch.tile_sizes picks
+            for batch in (1, 20):  # each tile height launch.tile_sizes picks
                 for proj in (0, 3):
                     for packed in (False, True):
-                        drive_layer(dtype, batch, proj, packed, seed)
+                        for persistent in (0, 8):  # one launch per step, or every step in one launch
+                            launch.persistent_programs = lambda device, tiles, _programs=persistent: _programs
+                            drive_layer(dtype, batch, proj, packed, seed)
         for locked in (False, True):
             launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
     return launches
@@ -87,21 +98,15 @@ def specialize(kernel: JITFunction, args: tuple, kwargs: dict, backend) -> tuple
     return signature, constexprs, attrs, options
 
 
-def ptxas_report(ptx: str, arch: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        log = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", str(path), "-o", str(Path(tmp) / "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr
-    registers = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+def ptxas_report(log: str) -> dict:
+    """Registers and spills from the ptxas log Triton printed while compiling."""
+    registers = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     return {
-        "registers": int(registers.group(1)) if registers else None,
-        "spill_stores": int(spills.group(1)) if spills else 0,
-        "spill_loads": int(spills.group(2)) if spills else 0,
+        "registers": max(map(int, registers)) if registers else None,
+        "spill_stores": sum(int(stores) for stores, _ in spills),
+        "spill_loads": sum(int(loads) for _, loads in spills),
+        "ptxas_log_found": bool(registers),
     }
 
 
@@ -119,10 +124,14 @@ def main(arch: int) -> int:
         config = {"kernel": kernel.__name__, "arch": arch, "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                   "constexprs": {str(k): str(v) for k, v in constexprs.items()}}
         try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
-            report = ptxas_report(compiled.asm["ptx"], arch)
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(
+                    ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__
+                )
+            report = ptxas_report(log.getvalue())
             report["shared"] = compiled.metadata.shared
-            problems = []
+            problems = [] if report["ptxas_log_found"] else ["no ptxas report in Triton's output"]
             if report["spill_stores"] or report["spill_loads"]:
                 problems.append("register spills")
             if report["shared"] > SHARED_MEMORY_LIMIT[arch]:

@@ -106,21 +106,25 @@ def finish_h(
 
 # Runtime integers (not specialised, so one compiled kernel serves every step, shape and option).
 STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
+PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj", "B", "H", "H_out"]
+
+# Loads of what other programs wrote in this launch bypass L1, which is not coherent across SMs.
+SHARED: tl.constexpr = tl.constexpr(".cg")
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS)
-def forward_step_kernel(
+@triton.jit
+def forward_cell_tile(
+    pid_b, pid_h, t, reverse, stream, has_lengths, has_proj,
     xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, has_proj, B, H, H_out,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Step at position t: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a projection follows.
+    """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
+    projection follows (has_proj: hpre[t] is stored and projection_tile finishes h).
 
-    w: [4H, H_out] W_hh after weight drop. With has_proj the kernel stores hpre[t] and leaves h to
-    projection_step_kernel.
+    w: [4H, H_out] W_hh after weight drop.
     """
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
+    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     inside = (rows < B) & (units < H)
     prev = t + reverse
     new = t + 1 - reverse
@@ -134,7 +138,8 @@ def forward_step_kernel(
     acc_o = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     for k0 in range(0, H_out, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        r = tl.load(r_prev_ptr + rows * H_out + ks[None, :], mask=(rows < B) & (ks[None, :] < H_out), other=0.0)
+        r = tl.load(r_prev_ptr + rows * H_out + ks[None, :], mask=(rows < B) & (ks[None, :] < H_out), other=0.0,
+                    cache_modifier=SHARED)
         w_inside = (ks[:, None] < H_out) & (units < H)
         w_t = w_ptr + units * H_out + ks[:, None]  # [BK, BH]: element (k, j) is W~[gate * H + j, k]
         acc_i = tile_dot(r, tl.load(w_t, mask=w_inside, other=0.0), acc_i, PRECISION)
@@ -168,21 +173,24 @@ def forward_step_kernel(
                  hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS)
-def projection_step_kernel(
+@triton.jit
+def projection_tile(
+    pid_b, pid_h, t, reverse, stream, has_lengths,
     hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, B, H, H_out,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Step at position t, after forward_step_kernel: h~ = hpre[t] W_hr^T, then finish_h. w_hr: [H_out, H]."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H_out
+    """Step at position t, after forward_cell_tile: h~ = hpre[t] W_hr^T for my units of H_out, then finish_h.
+
+    w_hr: [H_out, H].
+    """
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H_out
     inside = (rows < B) & (units < H_out)
     hpre_t = hpre_ptr + t.to(tl.int64) * B * H
     acc = tl.zeros([BLOCK_B, BLOCK_H], hpre_ptr.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0)
+        a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0, cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + units * H + ks[:, None], mask=(ks[:, None] < H) & (units < H_out), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
     hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream)
@@ -222,22 +230,22 @@ def backward_cell(
     tl.store(dg_here + 3 * H, d_go, mask=inside)
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS)
-def backward_step_kernel(
+@triton.jit
+def backward_h_tile(
+    pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
     dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Backward of the step at position t, for my units of h (of H_out; of H too without a projection).
+    """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
 
-    gh [B, H_out], gc [B, H] carry dL/dh and dL/dc of the state between launches. First (has_next):
+    gh [B, H_out], gc [B, H] carry dL/dh and dL/dc of the state between steps. First (has_next):
     add the recurrent part dL/dr_{t_next} = dgates[t_next] W~ through recurrent dropout, completing
     dL/dh of the state after step t. Then (step) zoneout and frozen rows on h: gh becomes the part for
     the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
-    follows here. The final launch (has_next, not step) completes gh into dL/dh0.
+    follows here. The final call (has_next, not step) completes gh into dL/dh0.
     """
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
     h_here = rows * H_out + units
     hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
@@ -248,7 +256,8 @@ def backward_step_kernel(
         acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0)
+            a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0,
+                        cache_modifier=SHARED)
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
         g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
@@ -269,24 +278,178 @@ def backward_step_kernel(
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
 
-@triton.jit(do_not_specialize=STEP_ARGUMENTS)
-def backward_projection_cell_kernel(
+@triton.jit
+def backward_projection_cell_tile(
+    pid_b, pid_h, t, reverse, stream, has_lengths,
     dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, B, H, H_out,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """With a projection, after backward_step_kernel: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H
+    """With a projection, after backward_h_tile: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H
     inside = (rows < B) & (units < H)
     dht_t = dht_ptr + t.to(tl.int64) * B * H_out
     acc = tl.zeros([BLOCK_B, BLOCK_H], gc_ptr.dtype.element_ty)
     for k0 in range(0, H_out, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(dht_t + rows * H_out + ks[None, :], mask=(rows < B) & (ks[None, :] < H_out), other=0.0)
+        a = tl.load(dht_t + rows * H_out + ks[None, :], mask=(rows < B) & (ks[None, :] < H_out), other=0.0,
+                    cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + ks[:, None] * H + units, mask=(ks[:, None] < H_out) & (units < H), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     backward_cell(acc, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
                   xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+
+
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
+def forward_step_kernel(
+    xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    t, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One launch per step: forward_cell_tile on a (row tiles, unit tiles) grid."""
+    forward_cell_tile(
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
+        xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+    )
+
+
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
+def projection_step_kernel(
+    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    t, reverse, stream, has_lengths, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One launch per step, after forward_step_kernel: projection_tile on a (row tiles, H_out tiles) grid."""
+    projection_tile(
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
+        hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+    )
+
+
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
+def backward_step_kernel(
+    dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
+    backward_h_tile(
+        tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
+        dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+    )
+
+
+@triton.jit(do_not_specialize=STEP_ARGUMENTS)
+def backward_projection_cell_kernel(
+    dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    t, reverse, stream, has_lengths, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
+    backward_projection_cell_tile(
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
+        dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+    )
+
+
+@triton.jit
+def grid_barrier(arrivals_ptr, expected):
+    """Wait until the launch's arrival counter reaches `expected`, after adding this program's arrival.
+
+    Every program of the launch must be resident (a cooperative launch guarantees it). The release
+    add publishes this program's stores, after a CTA barrier has gathered them; the acquire reads make
+    every other program's stores visible here.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(arrivals_ptr, 1, sem="release")
+    arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+    while arrived < expected:
+        arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def position(s, seq_len, reverse):
+    """The sequence position of the s-th step a direction processes."""
+    return s + reverse * (seq_len - 1 - 2 * s)
+
+
+@triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
+def forward_persistent_kernel(
+    xg_ptr, w_ptr, w_hr_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
+    projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    tiles_h = tl.cdiv(H, BLOCK_H)
+    tiles_out = tl.cdiv(H_out, BLOCK_H)
+    expected = 0
+    for s in range(seq_len):
+        t = position(s, seq_len, reverse)
+        for tile in range(pid, tiles_b * tiles_h, programs):
+            forward_cell_tile(
+                tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
+                xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+            )
+        expected += programs
+        grid_barrier(arrivals_ptr, expected)
+        if has_proj != 0:
+            for tile in range(pid, tiles_b * tiles_out, programs):
+                projection_tile(
+                    tile // tiles_out, tile % tiles_out, t, reverse, stream, has_lengths,
+                    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                    B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                )
+            expected += programs
+            grid_barrier(arrivals_ptr, expected)
+
+
+@triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
+def backward_persistent_kernel(
+    dgates_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    tiles_h = tl.cdiv(H, BLOCK_H)
+    tiles_out = tl.cdiv(H_out, BLOCK_H)
+    expected = 0
+    for back in range(seq_len + 1):
+        # back = seq_len is the final call that completes dL/dh0 from the first step's dgates
+        s = tl.minimum(seq_len - 1 - back, seq_len - 1)
+        s = tl.maximum(s, 0)
+        t = position(s, seq_len, reverse)
+        t_next = position(tl.minimum(seq_len - back, seq_len - 1), seq_len, reverse)
+        for tile in range(pid, tiles_b * tiles_out, programs):
+            backward_h_tile(
+                tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
+                back > 0, back < seq_len,
+                dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+                floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+            )
+        expected += programs
+        grid_barrier(arrivals_ptr, expected)
+        if has_proj != 0:
+            if back < seq_len:
+                for tile in range(pid, tiles_b * tiles_h, programs):
+                    backward_projection_cell_tile(
+                        tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths,
+                        dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                    )
+                expected += programs
+                grid_barrier(arrivals_ptr, expected)

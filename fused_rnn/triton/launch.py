@@ -13,13 +13,17 @@ from .. import philox
 from ..regularizers import Regularizers
 from . import cell
 from .kernels import (
+    backward_persistent_kernel,
     backward_projection_cell_kernel,
     backward_step_kernel,
+    forward_persistent_kernel,
     forward_step_kernel,
     hidden_dropout_kernel,
     packed_dropout_kernel,
     projection_step_kernel,
 )
+
+RECURRENCE_MODES = ("auto", "steps", "persistent")
 
 ELEMENTWISE_BLOCK = 1024
 
@@ -111,12 +115,38 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "default"
 
 
-def tile_sizes(batch: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs 16 or more on every side; a program's tile stays at
-    512 units so that four gate accumulators and the Philox words fit in registers."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def persistent_programs(device: torch.device, tiles: int) -> int:
+    """Programs of a persistent launch (every step in one kernel, a grid barrier between them), or 0
+    for one launch per step. FUSED_RNN_RECURRENCE=steps|persistent|auto (default) chooses.
+
+    A barrier needs every program resident: on a GPU at most one program per SM, in a cooperative
+    launch; under the interpreter, which runs programs one after another, a single program.
+    """
+    mode = os.environ.get("FUSED_RNN_RECURRENCE", "auto")
+    if mode not in RECURRENCE_MODES:
+        raise ValueError(f"FUSED_RNN_RECURRENCE must be one of {', '.join(RECURRENCE_MODES)}, got {mode!r}")
+    if mode == "steps":
+        return 0
+    if interpreted():
+        return 1 if mode == "persistent" else 0
+    if device.type != "cuda":
+        return 0
+    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs 16 or more on every side; a per-step program's tile
+    stays at 512 units so that four gate accumulators and the Philox words fit in registers, a
+    persistent program's (which inlines every phase) at the smallest, 16 x 16."""
+    if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
         return max(16, triton.next_power_of_2(batch)), 64, 64
+    if persistent:
+        return 16, 16, 32
     block_b = min(32, max(16, triton.next_power_of_2(batch)))
     return block_b, 512 // block_b, 32
 
@@ -154,6 +184,27 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
     ).squeeze(0)
 
 
+def persistent_options(device: torch.device, dtype: torch.dtype) -> dict:
+    """GPU launch options of a persistent kernel: cooperative (the driver refuses the launch unless
+    every program is resident), every register a thread may have (some ptxas releases otherwise trade
+    spills for occupancy that one program per SM cannot use), and for float32 tiles 8 warps."""
+    if device.type != "cuda":
+        return {}
+    return {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": 8 if dtype == torch.float32 else 4}
+
+
+def _recurrence_plan(device: torch.device, precision: str, batch: int, hidden: int, real_hidden: int):
+    """(programs of a persistent launch, or 0 for one launch per step; the tile sizes that go with it).
+
+    IEEE float32 and float64 products (no tensor cores) always step: their persistent phases would not
+    fit in registers, and they are chosen for accuracy, not speed.
+    """
+    block_b, block_h, _ = sizes = tile_sizes(batch, persistent=True)
+    tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
+    programs = persistent_programs(device, tiles) if precision != "ieee" else 0
+    return programs, sizes if programs else tile_sizes(batch, persistent=False)
+
+
 def _positions(seq_len: int, reverse: bool) -> range:
     return range(seq_len - 1, -1, -1) if reverse else range(seq_len)
 
@@ -184,27 +235,34 @@ def layer_forward(
     out = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device)
     hpre = torch.empty(seq_len, batch, hidden, dtype=dtype, device=x.device) if w_hr is not None else out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
-    block_b, block_h, block_k = tile_sizes(batch)
-    if flags.hidden:
-        hidden_dropout_kernel[(triton.cdiv(batch, block_b), triton.cdiv(real_hidden, block_h))](
-            hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=block_b, BLOCK_H=block_h
-        )
     has_proj = w_hr is not None
     precision = dot_precision(w.dtype, x.device)
-    cell_grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-    proj_grid = (triton.cdiv(batch, block_b), triton.cdiv(real_hidden, block_h))
-    for t in _positions(seq_len, reverse):
-        forward_step_kernel[cell_grid](
-            xg, w, hs, rs, cs, out, hpre, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-            int(has_proj), batch, hidden, real_hidden,
-            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    programs, (block_b, block_h, block_k) = _recurrence_plan(x.device, precision, batch, hidden, real_hidden)
+    tiles_b, tiles_h, tiles_out = triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), triton.cdiv(real_hidden, block_h)
+    if flags.hidden:
+        hidden_dropout_kernel[(tiles_b, tiles_out)](
+            hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=block_b, BLOCK_H=block_h
         )
-        if has_proj:
-            projection_step_kernel[proj_grid](
-                hpre, w_hr, hs, rs, out, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-                batch, hidden, real_hidden,
-                PRECISION=dot_precision(w_hr.dtype, x.device), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    if programs:
+        forward_persistent_kernel[(programs,)](
+            xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, lengths_arg, ints, floats,
+            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            int(has_proj), batch, hidden, real_hidden,
+            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, **persistent_options(x.device, x.dtype),
+        )
+    else:
+        for t in _positions(seq_len, reverse):
+            forward_step_kernel[(tiles_b, tiles_h)](
+                xg, w, hs, rs, cs, out, hpre, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
+                int(has_proj), batch, hidden, real_hidden,
+                PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
             )
+            if has_proj:
+                projection_step_kernel[(tiles_b, tiles_out)](
+                    hpre, w_hr, hs, rs, out, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
+                    batch, hidden, real_hidden,
+                    PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                )
     return out, hs[last], cs[last], xg, rs, cs, hpre
 
 
@@ -225,28 +283,33 @@ def layer_backward(
     d_out = d_out.to(dtype).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
-    block_b, block_h, block_k = tile_sizes(batch)
     precision = dot_precision(w.dtype, x.device)
-    h_grid = (triton.cdiv(batch, block_b), triton.cdiv(real_hidden, block_h))
-    cell_grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-
-    def step(t: int, t_next: int, has_next: bool, is_step: bool) -> None:
-        backward_step_kernel[h_grid](
-            dgates, xg, w, cs, d_out, gh, gc, dht, lengths_arg, ints, floats, t, t_next, int(reverse), stream,
-            has_lengths, int(has_proj), int(has_next), int(is_step), batch, hidden, real_hidden,
-            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    programs, (block_b, block_h, block_k) = _recurrence_plan(x.device, precision, batch, hidden, real_hidden)
+    tiles_b, tiles_h, tiles_out = triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), triton.cdiv(real_hidden, block_h)
+    if programs:
+        backward_persistent_kernel[(programs,)](
+            dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, lengths_arg, ints, floats,
+            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            int(has_proj), batch, hidden, real_hidden,
+            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, **persistent_options(x.device, x.dtype),
         )
-
-    order = list(_positions(seq_len, reverse))[::-1]
-    for index, t in enumerate(order):
-        step(t, order[index - 1] if index else t, index > 0, True)
-        if has_proj:
-            backward_projection_cell_kernel[cell_grid](
-                dgates, xg, w_hr, cs, gc, dht, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
+    else:
+        # positions in the order the backward visits them: the forward's order reversed
+        order = list(_positions(seq_len, reverse))[::-1]
+        for index, t in enumerate(order + order[-1:]):
+            # the extra last launch (no step) completes dL/dh0 from the first position's dgates
+            backward_step_kernel[(tiles_b, tiles_out)](
+                dgates, xg, w, cs, d_out, gh, gc, dht, lengths_arg, ints, floats, t, order[index - 1] if index else t,
+                int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len),
                 batch, hidden, real_hidden,
-                PRECISION=dot_precision(w_hr.dtype, x.device), BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
             )
-    step(order[-1], order[-1], True, False)
+            if has_proj and index < seq_len:
+                backward_projection_cell_kernel[(tiles_b, tiles_h)](
+                    dgates, xg, w_hr, cs, gc, dht, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
+                    batch, hidden, real_hidden,
+                    PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                )
 
     # weight and input gradients: one GEMM each over the whole sequence
     dg = dgates.reshape(seq_len * batch, 4 * hidden)
