@@ -196,12 +196,12 @@ def persistent_options(device: torch.device, dtype: torch.dtype) -> dict:
 def _recurrence_plan(device: torch.device, precision: str, batch: int, hidden: int, real_hidden: int):
     """(programs of a persistent launch, or 0 for one launch per step; the tile sizes that go with it).
 
-    IEEE float32 and float64 products (no tensor cores) always step: their persistent phases would not
-    fit in registers, and they are chosen for accuracy, not speed.
+    On a GPU, IEEE float32 and float64 products (no tensor cores) always step: their persistent phases
+    would not fit in registers, and they are chosen for accuracy, not speed.
     """
     block_b, block_h, _ = sizes = tile_sizes(batch, persistent=True)
     tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
-    programs = persistent_programs(device, tiles) if precision != "ieee" else 0
+    programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
     return programs, sizes if programs else tile_sizes(batch, persistent=False)
 
 
