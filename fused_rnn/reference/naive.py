@@ -95,18 +95,23 @@ def lstm_naive(
     masks: dict | None,
     training: bool,
     lengths: Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The whole stack with explicit masks (as `sample_masks` returns them; None in eval).
 
     x: [T, B, I] time-major; h0: [L*D, B, H_out]; c0: [L*D, B, H]; lengths: [B] or None.
     Returns output [T, B, D*H_out], h_n [L*D, B, H_out], c_n [L*D, B, H] in x's dtype.
+    compute_dtype: what the math runs in; by default float32 for half inputs, else x's dtype (a test
+    passes a half dtype to get PyTorch's own low-precision result, the yardstick for the kernels').
     """
     if training and masks is None:
         raise ValueError("lstm_naive: a training forward needs its masks (sample_masks)")
     dtype = x.dtype
-    if dtype in _LOW_PRECISION:
-        x, h0, c0 = x.float(), h0.float(), c0.float()
-        weights = [LayerWeights(*(None if w is None else w.float() for w in lw)) for lw in weights]
+    if compute_dtype is None:
+        compute_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
+    if compute_dtype != dtype:
+        x, h0, c0 = x.to(compute_dtype), h0.to(compute_dtype), c0.to(compute_dtype)
+        weights = [LayerWeights(*(None if w is None else w.to(compute_dtype) for w in lw)) for lw in weights]
 
     layer_mask_names = ("hidden", "weight", "update", "cell", "zoneout_h", "zoneout_c")
 

@@ -61,10 +61,11 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
     """
     if not training:
         reg = dataclasses.replace(reg, recurrent_dropout=0.0, weight_dropout=0.0, update_dropout=0.0, cell_dropout=0.0)
-    zoneout_mode = cell.ZONEOUT_MASK if training else cell.ZONEOUT_MEAN
-    update_mode = cell.UPDATE_OFF
+    # plain ints: comparisons of tl.constexpr objects give tl.constexpr booleans
+    zoneout_mode = int(cell.ZONEOUT_MASK if training else cell.ZONEOUT_MEAN)
+    update_mode = int(cell.UPDATE_OFF)
     if reg.update_dropout > 0:
-        update_mode = cell.UPDATE_STEP if reg.update_per_step else cell.UPDATE_SEQUENCE
+        update_mode = int(cell.UPDATE_STEP if reg.update_per_step else cell.UPDATE_SEQUENCE)
     ints = _slots(
         {
             cell.INT_HIDDEN: philox.threshold(reg.recurrent_dropout),
@@ -73,11 +74,11 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
             cell.INT_ZONEOUT_H: philox.threshold(reg.zoneout_h),
             cell.INT_ZONEOUT_C: philox.threshold(reg.zoneout_c),
             cell.INT_WEIGHT: philox.threshold(reg.weight_dropout),
-            cell.INT_SEQUENCE_DRAWS: int(reg.recurrent_dropout > 0 or reg.cell_dropout > 0 or update_mode == cell.UPDATE_SEQUENCE),
-            cell.INT_STEP_DRAWS: int(training and (reg.zoneout_h > 0 or reg.zoneout_c > 0) or update_mode == cell.UPDATE_STEP),
-            cell.INT_UPDATE_MODE: int(update_mode),
-            cell.INT_ZONEOUT_H_MODE: int(zoneout_mode) if reg.zoneout_h > 0 else 0,
-            cell.INT_ZONEOUT_C_MODE: int(zoneout_mode) if reg.zoneout_c > 0 else 0,
+            cell.INT_SEQUENCE_DRAWS: int(reg.recurrent_dropout > 0 or reg.cell_dropout > 0 or update_mode == int(cell.UPDATE_SEQUENCE)),
+            cell.INT_STEP_DRAWS: int(training and (reg.zoneout_h > 0 or reg.zoneout_c > 0) or update_mode == int(cell.UPDATE_STEP)),
+            cell.INT_UPDATE_MODE: update_mode,
+            cell.INT_ZONEOUT_H_MODE: zoneout_mode if reg.zoneout_h > 0 else 0,
+            cell.INT_ZONEOUT_C_MODE: zoneout_mode if reg.zoneout_c > 0 else 0,
             cell.INT_HIDDEN_ON: int(reg.recurrent_dropout > 0),
         },
         cell.INT_SLOTS,

@@ -1,0 +1,288 @@
+"""The Triton backend against the reference: masks bit for bit from every kernel that draws them,
+results and gradients on awkward shapes in both recurrence modes (one launch per step, and one
+persistent launch per layer-direction), the custom ops; on a GPU the same, plus low precision.
+
+Without a GPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET), where a persistent
+launch is one program walking every tile.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fused_rnn
+from fused_rnn import masks, philox
+from fused_rnn.reference import lstm_naive
+from fused_rnn.regularizers import Regularizers
+from fused_rnn.stack import split_flat_weights
+
+from conftest import require_backend
+from helpers import assert_close, error_ratio
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from fused_rnn.triton import cell, launch, ops  # noqa: E402
+
+SEEDS = (0, 5, 2**32 + 7, 2**63 - 1)
+EVERY = dict(
+    dropout=0.25, input_dropout=0.2, output_dropout=0.3, recurrent_dropout=0.35, weight_dropout=0.4,
+    update_dropout=0.3, cell_dropout=0.2, zoneout_h=0.3, zoneout_c=0.4,
+)
+EVERY_OTHER_MODES = dict(EVERY, dropout_mode="locked", weight_dropout_mode="row", update_dropout_mode="sequence")
+RECURRENCE_MODES = ("steps", "persistent")
+gpu = pytest.mark.cuda
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def seed_tensor(seed: int) -> torch.Tensor:
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind", [philox.KIND_INPUT, philox.KIND_OUTPUT])
+@pytest.mark.parametrize("locked", [False, True])
+def test_bulk_dropout_masks_are_the_references(seed, kind, locked):
+    device = require_backend("triton", torch.float32)
+    steps, batch, features, index, p = 3, 5, 301, 2, 0.37  # 1505 elements a step: two programs, not a multiple of 4
+    x = torch.ones(steps, batch, features, device=device)
+    y = launch.feature_dropout(x, seed_tensor(seed), kind, index, p, locked)
+    keep = masks.feature_keep_mask(seed, kind, index, p, 1 if locked else steps, batch, features, device)
+    assert torch.equal(y != 0, keep.expand_as(y))
+    assert torch.equal(y[keep.expand_as(y)], torch.full_like(y, philox.keep_scale(p))[keep.expand_as(y)])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("rows", [False, True])
+def test_weight_drop_masks_are_the_references(seed, rows):
+    device = require_backend("triton", torch.float32)
+    hidden, real_hidden, k, p = 7, 5, 3, 0.45
+    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
+    ints, floats = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
+    w = torch.ones(4 * hidden, real_hidden, device=device)
+    dropped = launch.dropped_weight(w, ints, floats, k, rows)
+    keep = masks.weight_keep_mask(seed, k, p, rows, hidden, real_hidden, device)
+    assert torch.equal(dropped != 0, keep.expand_as(dropped))
+    if rows:
+        assert ((dropped != 0).all(1) | (dropped == 0).all(1)).all(), "row mode drops whole rows of W_hh"
+
+
+@triton.jit
+def _unit_masks_kernel(ints_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.arange(0, BLOCK_B)[:, None]
+    units = tl.arange(0, BLOCK_H)[None, :]
+    inside = (rows < B) & (units < H)
+    here = rows * H + units
+    hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints_ptr, rows, units, H, t, stream)
+    tl.store(out_ptr + here, hidden.to(tl.int8), mask=inside)
+    tl.store(out_ptr + B * H + here, update.to(tl.int8), mask=inside)
+    tl.store(out_ptr + 2 * B * H + here, cell_keep.to(tl.int8), mask=inside)
+    tl.store(out_ptr + 3 * B * H + here, zone_h.to(tl.int8), mask=inside)
+    tl.store(out_ptr + 4 * B * H + here, zone_c.to(tl.int8), mask=inside)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "reg",
+    [
+        Regularizers(recurrent_dropout=0.3, update_dropout=0.2, cell_dropout=0.4, zoneout_h=0.25, zoneout_c=0.35),
+        Regularizers(recurrent_dropout=0.3, update_dropout=0.2, update_dropout_mode="sequence", zoneout_c=0.35),
+        Regularizers(cell_dropout=1.0, zoneout_h=1.0),
+    ],
+    ids=["update-per-step", "update-per-sequence", "p-one"],
+)
+def test_unit_masks_are_the_references(seed, reg):
+    device = require_backend("triton", torch.float32)
+    seq_len, batch, hidden, real_hidden, k = 3, 5, 7, 4, 2
+    expected = masks.unit_masks(reg, seed, k, seq_len, batch, hidden, real_hidden, device)
+    ints, _ = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
+    for t in range(seq_len):
+        out = torch.zeros(5, batch, hidden, dtype=torch.int8, device=device)
+        _unit_masks_kernel[(1,)](ints, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
+        got = dict(zip(("hidden", "update", "cell", "zoneout_h", "zoneout_c"), out.bool()))
+        off = dict(hidden=True, update=True, cell=True, zoneout_h=False, zoneout_c=False)  # what a mask that is off reads
+        for name, mask in expected.items():
+            if mask is None:
+                assert (got[name] == off[name]).all(), f"{name} is off but the kernel's mask is not neutral"
+                continue
+            if name in ("update", "zoneout_h", "zoneout_c"):
+                mask = mask[t if mask.shape[0] > 1 else 0]
+            assert torch.equal(got[name][:, : mask.shape[1]], mask), f"{name} at t={t}"
+
+
+def _compare_with_reference(device, dtype, ratio, *, seq_len, batch, inputs, hidden, proj, layers, bidirectional,
+                            packed, training, reg):
+    model = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, proj_size=proj, backend="triton",
+                           device=device, dtype=dtype, **reg).train(training)
+    reference = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, proj_size=proj,
+                               backend="reference", device=device, dtype=dtype, **reg).train(training)
+    reference.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    directions = 2 if bidirectional else 1
+    make = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype).to(device)  # noqa: E731
+    x, h0, c0 = make(seq_len, batch, inputs), make(layers * directions, batch, proj or hidden), make(layers * directions, batch, hidden)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator) if packed else None
+    results = []
+    for module in (model, reference):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        inp = pack_padded_sequence(leaves[0], lengths, enforce_sorted=False) if packed else leaves[0]
+        out, (h_n, c_n) = module(inp, (leaves[1], leaves[2]), seed=1234)
+        out = out.data if packed else out
+        cotangents = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=cotangents, dtype=dtype).to(device)).sum() for t in (out, h_n, c_n))
+        loss.backward()
+        results.append([out, h_n, c_n] + [t.grad for t in leaves] + [p.grad for p in module.parameters()])
+    names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"] + [f"d {n}" for n, _ in model.named_parameters()]
+    for name, out, ref in zip(names, *results):
+        assert_close(name, ref, out, ratio)
+
+
+# (seq_len, batch, inputs, hidden, proj, layers, bidirectional, packed, training, regularizers)
+AWKWARD = {
+    "T1-oddB": (1, 3, 2, 5, 0, 1, False, False, True, EVERY),
+    "packed-proj-bi-2layers": (4, 5, 3, 6, 4, 2, True, True, True, EVERY_OTHER_MODES),
+    "two-unit-tiles-eval": (3, 2, 3, 70, 0, 1, False, False, False, EVERY),
+    "proj-two-tiles": (2, 17, 3, 70, 66, 1, True, True, True, EVERY),
+}
+
+
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+@pytest.mark.parametrize("case", AWKWARD.values(), ids=AWKWARD.keys())
+def test_matches_the_reference_in_float64(case, mode, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    device = require_backend("triton", torch.float64)
+    seq_len, batch, inputs, hidden, proj, layers, bidirectional, packed, training, reg = case
+    # float64 differs from the reference only by summation order: errors near 1e-16
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=seq_len, batch=batch, inputs=inputs, hidden=hidden,
+                            proj=proj, layers=layers, bidirectional=bidirectional, packed=packed, training=training, reg=reg)
+
+
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+def test_matches_the_reference_in_float32(mode, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    device = require_backend("triton", torch.float32)
+    # float32 with IEEE products: a few ulps per step, 1e-5 of the signal at most over these steps
+    _compare_with_reference(device, torch.float32, 1e-5, seq_len=4, batch=3, inputs=3, hidden=6, proj=4, layers=2,
+                            bidirectional=True, packed=True, training=True, reg=EVERY)
+
+
+def _op_arguments(device, proj: bool, lengths: bool):
+    generator = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
+    seq_len, batch, inputs, hidden, real = 3, 2, 4, 5, 3 if proj else 5
+    reg = Regularizers(recurrent_dropout=0.2, weight_dropout=0.3, update_dropout=0.1, cell_dropout=0.1, zoneout_h=0.2, zoneout_c=0.2)
+    probabilities, modes = ops.layer_arguments(reg)
+    return (
+        make(seq_len, batch, inputs), make(batch, real), make(batch, hidden), make(4 * hidden, inputs),
+        make(4 * hidden, real), make(4 * hidden), make(real, hidden) if proj else None,
+        torch.tensor([3, 1], device=device) if lengths else None, seed_tensor(99), 1, True, True, probabilities, modes,
+    )
+
+
+@pytest.mark.parametrize("proj, lengths", [(False, False), (True, True)])
+def test_custom_ops_pass_opcheck(proj, lengths):
+    device = require_backend("triton", torch.float64)
+    torch.library.opcheck(ops.lstm_layer, _op_arguments(device, proj, lengths))
+    x = torch.randn(3, 2, 7, dtype=torch.float64, device=device, requires_grad=True)
+    torch.library.opcheck(ops.feature_dropout, (x, seed_tensor(3), philox.KIND_INPUT, 1, 0.3, False))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    device = require_backend("triton", torch.float64)
+    model = fused_rnn.LSTM(4, 5, 2, backend="triton", device=device, dtype=torch.float64, **EVERY)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, device=device)
+
+    def loss(x, seed):
+        out, (h_n, c_n) = model(x, seed=seed)
+        return out.square().sum() + h_n.sum() + c_n.sum()
+
+    eager = loss(x, 42)
+    eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+    compiled = torch.compile(loss, fullgraph=True)(x, 42)
+    compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
+    assert_close("loss", eager.detach(), compiled.detach(), 1e-12)
+    for eager_grad, compiled_grad in zip(eager_grads, compiled_grads):
+        assert_close("gradient", eager_grad, compiled_grad, 1e-12)
+
+
+def test_recurrence_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "sideways")
+    with pytest.raises(ValueError, match="FUSED_RNN_RECURRENCE"):
+        launch.persistent_programs(torch.device("cpu"), 4)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+@pytest.mark.parametrize("dtype, ratio", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("proj", [0, 100])
+def test_gpu_matches_the_reference(mode, dtype, ratio, proj, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    # many programs and tiles: B=40 spans row tiles, H=300 unit tiles
+    _compare_with_reference(torch.device("cuda"), dtype, ratio, seq_len=20, batch=40, inputs=33, hidden=300, proj=proj,
+                            layers=2, bidirectional=True, packed=True, training=True, reg=EVERY)
+
+
+def _low_precision_run(model, x, h0, c0, seed, *, reference_dtype=None):
+    """Outputs and gradients of the module (reference_dtype None) or of the reference math run in reference_dtype."""
+    leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    weights = [p for p in model.parameters()]
+    if reference_dtype is None:
+        out, (h_n, c_n) = model(leaves[0], (leaves[1], leaves[2]), seed=seed)
+    else:
+        sampled = model.sample_masks(x.shape[0], x.shape[1], seed)
+        out, h_n, c_n = lstm_naive(
+            leaves[0], leaves[1], leaves[2],
+            split_flat_weights([getattr(model, n) for n in model._flat_weights_names], model.num_layers,
+                               2 if model.bidirectional else 1, model.bias, model.proj_size > 0),
+            num_directions=2 if model.bidirectional else 1, reg=model.regularizers, masks=sampled, training=True,
+            compute_dtype=reference_dtype,
+        )
+    cotangents = torch.Generator().manual_seed(1)
+    loss = sum((t.float() * torch.randn(t.shape, generator=cotangents).to(t.device)).sum() for t in (out, h_n, c_n))
+    grads = torch.autograd.grad(loss, leaves + weights)
+    return [t.double() for t in (out, h_n, c_n, *grads)]
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_gpu_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch):
+    """flash-attention's rule: against a float64 reference, the kernels' error is at most twice the
+    error of PyTorch computing the same math in the same low precision."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    tf32 = dtype == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    low = torch.float32 if tf32 else getattr(torch, dtype)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    exact = fused_rnn.LSTM(64, 128, 2, bidirectional=True, device=device, dtype=torch.float64, backend="reference", **EVERY)
+    model = fused_rnn.LSTM(64, 128, 2, bidirectional=True, device=device, dtype=low, backend="triton", **EVERY)
+    model.load_state_dict(exact.state_dict())
+    x, h0, c0 = torch.randn(30, 24, 64, device=device), torch.randn(4, 24, 128, device=device), torch.randn(4, 24, 128, device=device)
+    truth = _low_precision_run(exact, x.double(), h0.double(), c0.double(), 7)
+    kernel = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7)
+    pytorch = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7, reference_dtype=low)
+    for index, (t, k, p) in enumerate(zip(truth, kernel, pytorch)):
+        assert error_ratio(t, k) <= 2 * error_ratio(t, p), f"result {index}: kernel {error_ratio(t, k):.3g} vs PyTorch {error_ratio(t, p):.3g}"
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+def test_gpu_same_seed_is_bitwise_reproducible(mode, monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    model = fused_rnn.LSTM(48, 200, 2, bidirectional=True, device="cuda", backend="triton", **EVERY)
+    x = torch.randn(25, 33, 48, device="cuda")
+    runs = []
+    for _ in range(2):
+        out, (h_n, c_n) = model(x, seed=5)
+        grads = torch.autograd.grad(out.sum() + h_n.sum() + c_n.sum(), list(model.parameters()))
+        runs.append([out, h_n, c_n, *grads])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
