@@ -165,9 +165,12 @@ def cell_backward(i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, update_
 
 @triton.jit
 def tile_dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a [M, K] @ b [K, N], the product in b's dtype (tensor cores for half weights), acc in float32/64."""
+    """acc + a [M, K] @ b [K, N]. "ieee": both operands in acc's float type, exact products; otherwise
+    the product in b's dtype (tensor cores for half weights, TF32 for float32 with "tf32")."""
     # out_dtype spelled out: Triton 3.6 defaults it to float32, even for a float64 accumulator
-    if PRECISION == "default":
+    if PRECISION == "ieee":
+        return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    elif PRECISION == "default":
         return tl.dot(a.to(b.dtype), b, acc, out_dtype=acc.dtype)
     else:
         return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)

@@ -108,8 +108,11 @@ def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torc
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 products use TF32 where cuDNN would (torch.backends.cudnn.allow_tf32, nn.LSTM's switch)."""
-    if dtype == torch.float64:
+    """fp32 products use TF32 where cuDNN would (torch.backends.cudnn.allow_tf32, nn.LSTM's switch).
+
+    The interpreter's products are IEEE float32 for every dtype: it computes bfloat16 wrongly.
+    """
+    if dtype == torch.float64 or interpreted():
         return "ieee"
     if dtype == torch.float32:
         return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
