@@ -35,7 +35,7 @@ def set_up(requirements: str) -> str:
     if subprocess.run([python, "-c", "import torch"], cwd=ROOT, capture_output=True).returncode != 0:
         run(*pip, TORCH)
     run(*pip, "-r", f"requirements/{requirements}.txt")
-    run(*pip, "--no-deps", "--no-build-isolation", "-e", ".")
+    run(*pip, "--no-deps", "-e", ".")
     return python
 
 
