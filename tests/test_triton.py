@@ -289,3 +289,23 @@ def test_gpu_same_seed_is_bitwise_reproducible(mode, monkeypatch):
         runs.append([out, h_n, c_n, *grads])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+def test_a_refused_persistent_launch_falls_back_to_steps(monkeypatch):
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
+    monkeypatch.setattr(launch, "_persistent_refused", [])
+
+    class Refused:
+        def __getitem__(self, grid):
+            def refuse(*args, **kwargs):
+                raise RuntimeError("too many blocks in cooperative launch")
+
+            return refuse
+
+    monkeypatch.setattr(launch, "forward_persistent_kernel", Refused())
+    monkeypatch.setattr(launch, "backward_persistent_kernel", Refused())
+    with pytest.warns(UserWarning, match="persistent Triton launch failed"):
+        _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=5, proj=0, layers=1,
+                                bidirectional=True, packed=False, training=True, reg=EVERY)
+    assert launch.persistent_programs(device, 4) == 0, "after a refusal, later calls step"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import torch
 import triton
@@ -123,6 +124,23 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_persistent_refused: list = []  # the first reason a persistent launch failed in this process, if one did
+
+
+def _launch_persistent(kernel, programs: int, x: Tensor, *args, **constexprs) -> bool:
+    """Launch a persistent kernel; False (and one warning, and steps from then on) if the GPU refuses it.
+
+    A refused cooperative launch never started, so the caller can run the same work one step at a time.
+    """
+    try:
+        kernel[(programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype))
+    except RuntimeError as error:
+        _persistent_refused.append(f"{type(error).__name__}: {error}")
+        warnings.warn(f"fused_rnn: a persistent Triton launch failed ({error}); running one launch per step from now on")
+        return False
+    return True
+
+
 def persistent_programs(device: torch.device, tiles: int) -> int:
     """Programs of a persistent launch (every step in one kernel, a grid barrier between them), or 0
     for one launch per step. FUSED_RNN_RECURRENCE=steps|persistent|auto (default) chooses.
@@ -133,7 +151,7 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
     mode = os.environ.get("FUSED_RNN_RECURRENCE", "auto")
     if mode not in RECURRENCE_MODES:
         raise ValueError(f"FUSED_RNN_RECURRENCE must be one of {', '.join(RECURRENCE_MODES)}, got {mode!r}")
-    if mode == "steps":
+    if mode == "steps" or _persistent_refused:
         return 0
     if interpreted():
         return 1 if mode == "persistent" else 0
@@ -247,14 +265,14 @@ def layer_forward(
         hidden_dropout_kernel[(tiles_b, tiles_out)](
             hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=block_b, BLOCK_H=block_h
         )
-    if programs:
-        forward_persistent_kernel[(programs,)](
-            xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, lengths_arg, ints, floats,
-            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
-            int(has_proj), batch, hidden, real_hidden,
-            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, **persistent_options(x.device, x.dtype),
-        )
-    else:
+    persistent = programs and _launch_persistent(
+        forward_persistent_kernel, programs, x,
+        xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, lengths_arg, ints, floats,
+        torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+        int(has_proj), batch, hidden, real_hidden,
+        PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    )
+    if not persistent:
         for t in _positions(seq_len, reverse):
             forward_step_kernel[(tiles_b, tiles_h)](
                 xg, w, hs, rs, cs, out, hpre, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
@@ -290,14 +308,14 @@ def layer_backward(
     precision = dot_precision(w.dtype, x.device)
     programs, (block_b, block_h, block_k) = _recurrence_plan(x.device, precision, batch, hidden, real_hidden)
     tiles_b, tiles_h, tiles_out = triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), triton.cdiv(real_hidden, block_h)
-    if programs:
-        backward_persistent_kernel[(programs,)](
-            dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, lengths_arg, ints, floats,
-            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
-            int(has_proj), batch, hidden, real_hidden,
-            PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, **persistent_options(x.device, x.dtype),
-        )
-    else:
+    persistent = programs and _launch_persistent(
+        backward_persistent_kernel, programs, x,
+        dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, lengths_arg, ints, floats,
+        torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+        int(has_proj), batch, hidden, real_hidden,
+        PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+    )
+    if not persistent:
         # positions in the order the backward visits them: the forward's order reversed
         order = list(_positions(seq_len, reverse))[::-1]
         for index, t in enumerate(order + order[-1:]):
