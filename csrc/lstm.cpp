@@ -19,91 +19,64 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 #include "cell.h"
+#include "gemm.h"
 #include "philox.h"
-
-// MKL's packed GEMM, exported by MKL builds of libtorch: weak, so that the library loads (and falls back to
-// ATen's mm) where it is absent. Integer arguments are MKL's LP64 ints and CBLAS enum values.
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld, float* dest)
-    __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-                         float beta, float* c, int ldc) __attribute__((weak));
-}
 
 namespace fused_rnn {
 namespace {
 
 using at::Tensor;
 
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151, kCblasBMatrix = 162;
+// ---- matrix products ------------------------------------------------------------------------------------------------
 
-// ---- GEMM with a right-hand side fixed for the whole sequence -------------------------------------------------
-
-bool mkl_packed_available() {
-  static const bool linked = cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
-  // FUSED_RNN_CPP_GEMM=aten forces ATen's mm (tests use it to cover that path).
+// FUSED_RNN_CPP_GEMM=aten forces ATen's mm instead of gemm.h (tests use it to cover that path).
+bool vector_gemm() {
   const char* choice = std::getenv("FUSED_RNN_CPP_GEMM");
-  return linked && !(choice && std::strcmp(choice, "aten") == 0);
+  return kVectorGemm && !(choice && std::strcmp(choice, "aten") == 0);
 }
 
-// C[M, N] = (accumulate ? C : 0) + A[M, K] op(B)[K, N], op(B) = B or B^T, with B fixed for many products.
-// float32 with MKL: B is packed once (MKL's sgemm_pack) and every product skips the repacking. Else ATen's mm.
+template <typename scalar_t>
+Tensor strided(const scalar_t* p, int64_t rows, int64_t cols, int64_t s0, int64_t s1) {
+  return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {s0, s1},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
+}
+
+// C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N] with B fixed for a whole sequence: packed once (gemm.h), or
+// without vector instructions an ATen mm per product.
 template <typename scalar_t>
 class FixedRhs {
  public:
-  static bool packs() { return std::is_same<scalar_t, float>::value && mkl_packed_available(); }
-
-  static int64_t packed_bytes(int64_t m, int64_t n, int64_t k) {
-    if (!packs() || m == 0 || n == 0) {
-      return 0;
-    }
-    return static_cast<int64_t>(cblas_sgemm_pack_get_size(kCblasBMatrix, int(m), int(n), int(k)));
-  }
-
-  // b: B [K, N] with row stride ldb, or B^T [N, K] with row stride ldb when transposed. Aliases the caller's
-  // memory when not packed. pack: packed_bytes(m, n, k) bytes, 64-byte aligned, or null when not packing.
-  void init(int64_t m, int64_t n, int64_t k, const scalar_t* b, int64_t ldb, bool transposed, void* pack) {
+  // B(k, n) = b[k sk + n sn]; b must outlive this object when not packed.
+  void init(int64_t m, int64_t n, int64_t k, const scalar_t* b, int64_t sk, int64_t sn) {
     m_ = m;
     n_ = n;
     k_ = k;
     b_ = b;
-    ldb_ = ldb;
-    transposed_ = transposed;
-    packed_ = nullptr;
-    if (pack && m > 0 && n > 0) {
-      if constexpr (std::is_same<scalar_t, float>::value) {
-        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, int(m), int(n), int(k), 1.0f,
-                         b, int(ldb), static_cast<float*>(pack));
-        packed_ = pack;
-      }
+    sk_ = sk;
+    sn_ = sn;
+    packed_ = vector_gemm() && m > 0 && n > 0;
+    if (packed_) {
+      pack_.pack(k, n, b, sk, sn);
     }
   }
 
-  // a: A [M, K], row stride lda; c: C [M, N], row stride ldc (C must not overlap A or B).
+  // a: A [M, K] with row stride lda; c: C [M, N] with row stride ldc (not overlapping A or B).
   void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, bool accumulate) const {
     if (m_ == 0 || n_ == 0) {
       return;
     }
-    if constexpr (std::is_same<scalar_t, float>::value) {
-      if (packed_) {
-        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, int(m_), int(n_), int(k_), a, int(lda),
-                            static_cast<const float*>(packed_), int(n_), accumulate ? 1.0f : 0.0f, c, int(ldc));
-        return;
-      }
+    if (packed_) {
+      gemm_rows(pack_, 0, m_, a, lda, 1, c, ldc, accumulate ? Init::kAccumulate : Init::kZero);
+      return;
     }
-    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-    auto* a_ptr = const_cast<scalar_t*>(a);
-    auto* b_ptr = const_cast<scalar_t*>(b_);
-    const Tensor a_view = at::from_blob(a_ptr, {m_, k_}, {lda, 1}, options);
-    const Tensor b_view = transposed_ ? at::from_blob(b_ptr, {n_, k_}, {ldb_, 1}, options).t()
-                                      : at::from_blob(b_ptr, {k_, n_}, {ldb_, 1}, options);
-    Tensor c_view = at::from_blob(c, {m_, n_}, {ldc, 1}, options);
+    Tensor c_view = strided(c, m_, n_, ldc, 1);
+    const Tensor a_view = strided(a, m_, k_, lda, 1), b_view = strided(b_, k_, n_, sk_, sn_);
     if (accumulate) {
       c_view.addmm_(a_view, b_view);
     } else {
@@ -112,30 +85,52 @@ class FixedRhs {
   }
 
  private:
-  int64_t m_ = 0, n_ = 0, k_ = 0, ldb_ = 0;
+  int64_t m_ = 0, n_ = 0, k_ = 0, sk_ = 0, sn_ = 0;
   const scalar_t* b_ = nullptr;
-  bool transposed_ = false;
-  const void* packed_ = nullptr;
+  bool packed_ = false;
+  PackedB<scalar_t> pack_;
 };
 
-// Packed buffers of several FixedRhs, one allocation, each slice 64-byte aligned.
-class PackArena {
+// c [M, N] (contiguous) = (bias [N]) + A B for the products over a whole sequence, A(m, k) = a[m sm + k sk],
+// B(k, n) = b[k bsk + n bsn]. Threads share the packing of B, then split the rows.
+template <typename scalar_t>
+void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int64_t sk, const scalar_t* b, int64_t bsk, int64_t bsn,
+            scalar_t* c, const scalar_t* bias) {
+  if (M == 0 || N == 0) {
+    return;
+  }
+  if (!vector_gemm()) {
+    Tensor c_view = strided(c, M, N, N, 1);
+    const Tensor a_view = strided(a, M, K, sm, sk), b_view = strided(b, K, N, bsk, bsn);
+    if (bias) {
+      at::addmm_out(c_view, strided(bias, 1, N, 0, 1), a_view, b_view);
+    } else {
+      at::mm_out(c_view, a_view, b_view);
+    }
+    return;
+  }
+  PackedB<scalar_t> packed;
+  packed.allocate(K, N);
+  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(b, bsk, bsn, p0, p1); });
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    gemm_rows(packed, m0, m1, a, sm, sk, c, N, bias ? Init::kBias : Init::kZero, bias);
+  });
+}
+
+// Scratch memory of one call, not zero-filled: every element is written before it is read.
+template <typename T>
+class Scratch {
  public:
-  int64_t add(int64_t bytes) {
-    const int64_t at = size_;
-    size_ += (bytes + 63) / 64 * 64;
-    return bytes > 0 ? at : -1;
-  }
-  void allocate() {
-    storage_ = at::empty({size_ + 64}, at::kByte);
-    base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(storage_.data_ptr()) + 63) / 64 * 64);
-  }
-  void* at(int64_t offset) const { return offset < 0 ? nullptr : base_ + offset; }
+  explicit Scratch(int64_t n = 0) : data_(n > 0 ? new T[n] : nullptr), size_(n) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  bool empty() const { return size_ == 0; }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
 
  private:
-  int64_t size_ = 0;
-  Tensor storage_;
-  char* base_ = nullptr;
+  std::unique_ptr<T[]> data_;
+  int64_t size_;
 };
 
 // ---- threads ----------------------------------------------------------------------------------------------------
@@ -177,6 +172,29 @@ int64_t team_size() {
 
 // ---- masks ------------------------------------------------------------------------------------------------------
 
+// out = in * keep-mask / (1 - p) for the draws of in's elements; exactly 0 where dropped.
+template <typename scalar_t>
+void apply_keep(const uint32_t* __restrict draws, const scalar_t* __restrict in, scalar_t* __restrict out, int64_t n, Event drop,
+                scalar_t scale) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = drop.fires(draws[i]) ? scalar_t(0) : in[i] * scale;
+  }
+}
+
+template <typename scalar_t>
+void multiply_row(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n, scalar_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a[i] * b[i];
+  }
+}
+
+template <typename scalar_t>
+void scale_row(const scalar_t* __restrict a, scalar_t b, int64_t n, scalar_t* __restrict out) {
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a[i] * b;
+  }
+}
+
 // Factors of row r of the weight-drop mask of W_hh: out[0, cols), cols = R (element mode) or 1 (row mode).
 template <typename scalar_t>
 void weight_row_factors(PhiloxKey key, uint32_t k, double p, int64_t cols, int64_t r, scalar_t* out) {
@@ -193,14 +211,15 @@ void weight_row_factors(PhiloxKey key, uint32_t k, double p, int64_t cols, int64
 template <typename scalar_t>
 void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hidden, int64_t real, int64_t s, int64_t e,
                         const scalar_t* w_hh, scalar_t* w_perm, scalar_t* factors) {
-  const int64_t cols = regs.weight_rows ? 1 : real;
-  std::vector<scalar_t> row(regs.weight_mask() ? cols : 0);
+  const bool masked = regs.weight_mask(), rows = regs.weight_rows;
+  const int64_t cols = rows ? 1 : real;
+  Scratch<scalar_t> row(masked ? cols : 0);
   for (int64_t g = 0; g < 4; ++g) {
     for (int64_t j = s; j < e; ++j) {
       const int64_t r = g * hidden + j;
       const scalar_t* src = w_hh + r * real;
       scalar_t* dst = w_perm + (4 * s + g * (e - s) + (j - s)) * real;
-      if (!regs.weight_mask()) {
+      if (!masked) {
         std::memcpy(dst, src, sizeof(scalar_t) * real);
         continue;
       }
@@ -208,8 +227,10 @@ void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hid
       if (factors) {
         std::memcpy(factors + r * cols, row.data(), sizeof(scalar_t) * cols);
       }
-      for (int64_t c = 0; c < real; ++c) {
-        dst[c] = src[c] * row[regs.weight_rows ? 0 : c];
+      if (rows) {
+        scale_row(src, row[0], real, dst);
+      } else {
+        multiply_row(src, row.data(), real, dst);
       }
     }
   }
@@ -256,14 +277,12 @@ std::vector<int64_t> read_lengths(const std::optional<Tensor>& lengths, int64_t 
 // Each vector is empty when its mask is off.
 template <typename scalar_t>
 struct SequenceFactors {
-  std::vector<scalar_t> rec, cell, update;
+  Scratch<scalar_t> rec, cell, update;
 
-  SequenceFactors(const Regs& regs, int64_t batch, int64_t hidden) {
-    const int64_t n = batch * hidden;
-    if (regs.rec_mask()) rec.resize(n);
-    if (regs.cell_mask()) cell.resize(n);
-    if (regs.update_seq_mask()) update.resize(n);
-  }
+  SequenceFactors(const Regs& regs, int64_t batch, int64_t hidden)
+      : rec(regs.rec_mask() ? batch * hidden : 0),
+        cell(regs.cell_mask() ? batch * hidden : 0),
+        update(regs.update_seq_mask() ? batch * hidden : 0) {}
   // Units [s, e) of every row.
   void draw(const Regs& regs, const UnitStream& stream, int64_t batch, int64_t real, int64_t s, int64_t e) {
     if (!regs.sequence_draws()) {
@@ -278,7 +297,7 @@ struct SequenceFactors {
       }
     }
   }
-  const scalar_t* row(const std::vector<scalar_t>& v, int64_t b, int64_t hidden) const {
+  const scalar_t* row(const Scratch<scalar_t>& v, int64_t b, int64_t hidden) const {
     return v.empty() ? nullptr : v.data() + b * hidden;
   }
 };
@@ -304,23 +323,14 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
 
   // W~ in perm layout [4H, R]; W_hh itself when that layout is the standard one and nothing is dropped.
   const bool copy_w = regs.weight_mask() || units.count > 1;
-  std::vector<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
+  Scratch<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
   const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
-  std::vector<scalar_t> g_rec(B * 4 * H);                     // [B, 4H] perm: r W~^T of the current step
-  std::vector<scalar_t> r_buf(regs.rec_mask() ? 2 * B * R : 0);  // [2, B, R]: r = h * rec, double-buffered by step
-  std::vector<scalar_t> hh(d.proj ? B * H : 0);               // [B, H] o * tanh(c~) before the projection
-  std::vector<scalar_t> hp(d.proj ? B * R : 0);               // [B, R] its projection
+  Scratch<scalar_t> g_rec(B * 4 * H);                     // [B, 4H] perm: r W~^T of the current step
+  Scratch<scalar_t> r_buf(regs.rec_mask() ? 2 * B * R : 0);  // [2, B, R]: r = h * rec, double-buffered by step
+  Scratch<scalar_t> hh(d.proj ? B * H : 0);               // [B, H] o * tanh(c~) before the projection
+  Scratch<scalar_t> hp(d.proj ? B * R : 0);               // [B, R] its projection
 
   std::vector<FixedRhs<scalar_t>> gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
-  PackArena arena;
-  std::vector<int64_t> gate_pack(units.count), proj_pack(proj_gemm.size());
-  for (int64_t q = 0; q < units.count; ++q) {
-    gate_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, 4 * (units.end(q) - units.begin(q)), R));
-  }
-  for (size_t q = 0; q < proj_gemm.size(); ++q) {
-    proj_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, h_units.end(q) - h_units.begin(q), H));
-  }
-  arena.allocate();
 
   auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
 
@@ -332,12 +342,12 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
       if (copy_w) {
         build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), static_cast<scalar_t*>(nullptr));
       }
-      gate_gemm[q].init(B, 4 * (e - s), R, w_perm + 4 * s * R, R, true, arena.at(gate_pack[q]));
+      gate_gemm[q].init(B, 4 * (e - s), R, w_perm + 4 * s * R, 1, R);  // B(k, n) = W~[4s + n, k]
       seq.draw(regs, stream, B, R, s, e);
     }
     for (int64_t q = thread; q < static_cast<int64_t>(proj_gemm.size()); q += team) {
       const int64_t s = h_units.begin(q), e = h_units.end(q);
-      proj_gemm[q].init(B, e - s, H, w_hr + s * H, H, true, arena.at(proj_pack[q]));
+      proj_gemm[q].init(B, e - s, H, w_hr + s * H, 1, H);  // B(k, n) = W_hr[s + n, k]
     }
     team_barrier();
     const int64_t first_slot = reverse ? S : 0;
@@ -466,24 +476,15 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
   SequenceFactors<scalar_t> seq(regs, B, H);
 
   const bool copy_w = regs.weight_mask() || units.count > 1;
-  std::vector<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
+  Scratch<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
   const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
-  std::vector<scalar_t> dg_perm(B * 4 * H);                 // [B, 4H] perm: this step's dgates for the dh GEMM
-  std::vector<scalar_t> partial(2 * units.count * B * R);   // [2, blocks, B, R]: dgates W~ per unit block, by step parity
-  std::vector<scalar_t> dh_keep(B * R);                     // [B, R] gradient of h_{t-1} outside the GEMM (zoneout, finished rows)
-  std::vector<scalar_t> dc(B * H);                          // [B, H] gradient of c_t, then c_{t-1}
-  std::vector<scalar_t> dhh(d.proj ? B * H : 0);            // [B, H] gradient of o * tanh(c~)
+  Scratch<scalar_t> dg_perm(B * 4 * H);                 // [B, 4H] perm: this step's dgates for the dh GEMM
+  Scratch<scalar_t> partial(2 * units.count * B * R);   // [2, blocks, B, R]: dgates W~ per unit block, by step parity
+  Scratch<scalar_t> dh_keep(B * R);                     // [B, R] gradient of h_{t-1} outside the GEMM (zoneout, finished rows)
+  Scratch<scalar_t> dc(B * H);                          // [B, H] gradient of c_t, then c_{t-1}
+  Scratch<scalar_t> dhh(d.proj ? B * H : 0);            // [B, H] gradient of o * tanh(c~)
 
   std::vector<FixedRhs<scalar_t>> dh_gemm(units.count), proj_gemm(d.proj ? units.count : 0);
-  PackArena arena;
-  std::vector<int64_t> dh_pack(units.count), proj_pack(proj_gemm.size());
-  for (int64_t q = 0; q < units.count; ++q) {
-    dh_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, R, 4 * (units.end(q) - units.begin(q))));
-    if (d.proj) {
-      proj_pack[q] = arena.add(FixedRhs<scalar_t>::packed_bytes(B, units.end(q) - units.begin(q), R));
-    }
-  }
-  arena.allocate();
 
   auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
 
@@ -496,9 +497,9 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       if (copy_w) {
         build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), weight_factors);
       }
-      dh_gemm[q].init(B, R, 4 * (e - s), w_perm + 4 * s * R, R, false, arena.at(dh_pack[q]));
+      dh_gemm[q].init(B, R, 4 * (e - s), w_perm + 4 * s * R, R, 1);  // B(k, n) = W~[4s + k, n]
       if (d.proj) {
-        proj_gemm[q].init(B, e - s, R, w_hr + s, H, false, arena.at(proj_pack[q]));
+        proj_gemm[q].init(B, e - s, R, w_hr + s, H, 1);  // B(k, n) = W_hr[k, s + n]
       }
       seq.draw(regs, stream, B, R, s, e);
       for (int64_t b = 0; b < B; ++b) {
@@ -691,9 +692,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = d.proj ? w_hr_->contiguous() : Tensor();
   // [S * B, 4H] the input projection of every step at once, both biases folded in
-  Tensor xp = b_ih.has_value() ? at::addmm(*b_ih + *b_hh, x.reshape({S * B, d.input}), w_ih.t())
-                               : at::mm(x.reshape({S * B, d.input}), w_ih.t());
-  xp = xp.contiguous();
+  Tensor xp = at::empty({S * B, 4 * H}, options);
+  const Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous() : Tensor();
 
   Tensor out = at::empty({S, B, R}, options);
   Tensor gates = at::empty({S, B, 4 * H}, options);
@@ -704,6 +704,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
   hs[first].copy_(h0);
   cs[first].copy_(c0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer", [&] {
+    matmul<scalar_t>(S * B, 4 * H, d.input, x.data_ptr<scalar_t>(), d.input, 1, w_ih.data_ptr<scalar_t>(), 1, d.input,
+                     xp.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
     layer_forward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, xp.data_ptr<scalar_t>(),
                             w_hh.data_ptr<scalar_t>(), d.proj ? w_hr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                             gates.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>());
@@ -746,21 +748,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                              ptr(d_hp), ptr(hh_all), ptr(dh0), ptr(dc0));
   });
 
-  // The weight gradients: one GEMM each over all steps.
+  // The weight gradients and dx: one product each over all steps. dgates^T is read in place (row stride 1).
   const Tensor dg = dgates.view({S * B, 4 * H});
   // [S * B, R] the recurrent input r of every step: h_{t-1} (slots 0..S-1 forward, 1..S reverse) times rec
   Tensor r_all = hs.narrow(0, reverse ? 1 : 0, S).reshape({S * B, R});
   if (regs.rec_mask()) {
     r_all = (r_all.view({S, B, R}) * rec_factors).view({S * B, R});
   }
-  Tensor dw_hh = at::mm(dg.t(), r_all);
+  Tensor dw_hh = at::empty({4 * H, R}, options);
+  Tensor dw_ih = at::empty({4 * H, d.input}, options);
+  Tensor dx = at::empty(input_grad ? at::IntArrayRef({S, B, d.input}) : at::IntArrayRef({0}), options);
+  Tensor dw_hr = at::empty(d.proj ? at::IntArrayRef({R, H}) : at::IntArrayRef({0}), options);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer_backward", [&] {
+    const scalar_t* g = dg.data_ptr<scalar_t>();
+    const int64_t rows = S * B;
+    matmul<scalar_t>(4 * H, R, rows, g, 1, 4 * H, r_all.data_ptr<scalar_t>(), R, 1, dw_hh.data_ptr<scalar_t>(), nullptr);
+    matmul<scalar_t>(4 * H, d.input, rows, g, 1, 4 * H, x.data_ptr<scalar_t>(), d.input, 1, dw_ih.data_ptr<scalar_t>(), nullptr);
+    if (input_grad) {
+      matmul<scalar_t>(rows, d.input, 4 * H, g, 4 * H, 1, w_ih.data_ptr<scalar_t>(), d.input, 1, dx.data_ptr<scalar_t>(), nullptr);
+    }
+    if (d.proj) {
+      matmul<scalar_t>(R, H, rows, d_hp.data_ptr<scalar_t>(), 1, R, hh_all.data_ptr<scalar_t>(), H, 1, dw_hr.data_ptr<scalar_t>(),
+                       nullptr);
+    }
+  });
   if (regs.weight_mask()) {
     dw_hh.mul_(weight_factors);
   }
-  Tensor dw_ih = at::mm(dg.t(), x.view({S * B, d.input}));
   Tensor db = dg.sum(0);
-  Tensor dx = input_grad ? at::mm(dg, w_ih).view({S, B, d.input}) : at::empty({0}, options);
-  Tensor dw_hr = d.proj ? at::mm(d_hp.view({S * B, R}).t(), hh_all.view({S * B, H})) : at::empty({0}, options);
   return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
 }
 
@@ -781,11 +796,6 @@ Tensor feature_dropout(const Tensor& x_, const Tensor& seed, int64_t kind, int64
     const scalar_t scale = static_cast<scalar_t>(keep_scale(p));
     const scalar_t* src = x.data_ptr<scalar_t>();
     scalar_t* dst = y.data_ptr<scalar_t>();
-    auto apply = [&](const uint32_t* draws, const scalar_t* in, scalar_t* o, int64_t n) {
-      for (int64_t i = 0; i < n; ++i) {
-        o[i] = drop.fires(draws[i]) ? scalar_t(0) : in[i] * scale;
-      }
-    };
     if (locked) {
       // one mask for every step: draw it once
       std::vector<uint32_t> draws(per_step);
@@ -799,7 +809,7 @@ Tensor feature_dropout(const Tensor& x_, const Tensor& seed, int64_t kind, int64
       at::parallel_for(0, S * blocks, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t i = b0; i < b1; ++i) {
           const int64_t t = i / blocks, e0 = (i % blocks) * kBlock, n = std::min(kBlock, per_step - e0);
-          apply(draws.data() + e0, src + t * per_step + e0, dst + t * per_step + e0, n);
+          apply_keep(draws.data() + e0, src + t * per_step + e0, dst + t * per_step + e0, n, drop, scale);
         }
       });
       return;
@@ -809,7 +819,7 @@ Tensor feature_dropout(const Tensor& x_, const Tensor& seed, int64_t kind, int64
       for (int64_t i = b0; i < b1; ++i) {
         const int64_t t = i / blocks, e0 = (i % blocks) * kBlock, n = std::min(kBlock, per_step - e0);
         packed_draws(key, static_cast<uint32_t>(kind), static_cast<uint32_t>(index), static_cast<uint32_t>(t), e0, n, draws);
-        apply(draws, src + t * per_step + e0, dst + t * per_step + e0, n);
+        apply_keep(draws, src + t * per_step + e0, dst + t * per_step + e0, n, drop, scale);
       }
     });
   });
@@ -878,8 +888,8 @@ Tensor weight_factors(const Tensor& seed, int64_t index, double p, bool rows, in
   return out;
 }
 
-bool packed_gemm() {
-  return mkl_packed_available();
+bool uses_vector_gemm() {
+  return vector_gemm();
 }
 
 }  // namespace
@@ -903,7 +913,7 @@ TORCH_LIBRARY(fused_rnn_cpp, m) {
   m.def("bulk_draws(Tensor seed, int kind, int index, int step, int numel) -> Tensor");
   m.def("unit_draws(Tensor seed, int kind, int index, int step, int batch, int hidden) -> Tensor");
   m.def("weight_factors(Tensor seed, int index, float p, bool rows, int hidden, int real, ScalarType dtype) -> Tensor");
-  m.def("packed_gemm() -> bool", &fused_rnn::packed_gemm);
+  m.def("vector_gemm() -> bool", &fused_rnn::uses_vector_gemm);
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn_cpp, CPU, m) {

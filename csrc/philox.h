@@ -12,6 +12,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace fused_rnn {
 
 enum Kind : uint32_t {
@@ -46,15 +50,84 @@ constexpr uint32_t kKeyA = 0x9E3779B9u;
 constexpr uint32_t kKeyB = 0xBB67AE85u;
 }  // namespace philox_detail
 
+namespace philox_detail {
+
+// The rounds on one vector of lanes: hi and lo 32-bit halves of the 32 x 32 products come from vpmulld (lo) and
+// two vpmuludq on the even and odd lanes (hi); about twice the speed of the compiler's vectorisation of the
+// scalar loop, which widens every lane to 64 bits.
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+inline void rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key, uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                   uint32_t* w3) {
+  const __m512i a = _mm512_set1_epi32(static_cast<int>(kRoundA)), b = _mm512_set1_epi32(static_cast<int>(kRoundB));
+  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c0)), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i x1 = _mm512_set1_epi32(static_cast<int>(c1)), x2 = _mm512_set1_epi32(static_cast<int>(c2)), x3 = _mm512_set1_epi32(static_cast<int>(c3));
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    const __m512i lo_a = _mm512_mullo_epi32(x0, a), lo_b = _mm512_mullo_epi32(x2, b);
+    const __m512i even_a = _mm512_mul_epu32(x0, a), odd_a = _mm512_mul_epu32(_mm512_srli_epi64(x0, 32), a);
+    const __m512i even_b = _mm512_mul_epu32(x2, b), odd_b = _mm512_mul_epu32(_mm512_srli_epi64(x2, 32), b);
+    const __m512i hi_a = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even_a, 32), odd_a);
+    const __m512i hi_b = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even_b, 32), odd_b);
+    x0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, x1), _mm512_set1_epi32(static_cast<int>(k0)));
+    x2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, x3), _mm512_set1_epi32(static_cast<int>(k1)));
+    x1 = lo_b;
+    x3 = lo_a;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  _mm512_storeu_si512(w0, x0);
+  _mm512_storeu_si512(w1, x1);
+  _mm512_storeu_si512(w2, x2);
+  if (w3) _mm512_storeu_si512(w3, x3);
+}
+#elif defined(__AVX2__)
+constexpr int64_t kLanes = 8;
+inline void rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key, uint32_t* w0, uint32_t* w1, uint32_t* w2,
+                   uint32_t* w3) {
+  const __m256i a = _mm256_set1_epi32(static_cast<int>(kRoundA)), b = _mm256_set1_epi32(static_cast<int>(kRoundB));
+  __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x1 = _mm256_set1_epi32(static_cast<int>(c1)), x2 = _mm256_set1_epi32(static_cast<int>(c2)), x3 = _mm256_set1_epi32(static_cast<int>(c3));
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int round = 0; round < 10; ++round) {
+    const __m256i lo_a = _mm256_mullo_epi32(x0, a), lo_b = _mm256_mullo_epi32(x2, b);
+    const __m256i even_a = _mm256_mul_epu32(x0, a), odd_a = _mm256_mul_epu32(_mm256_srli_epi64(x0, 32), a);
+    const __m256i even_b = _mm256_mul_epu32(x2, b), odd_b = _mm256_mul_epu32(_mm256_srli_epi64(x2, 32), b);
+    const __m256i hi_a = _mm256_blend_epi32(_mm256_srli_epi64(even_a, 32), odd_a, 0xAA);
+    const __m256i hi_b = _mm256_blend_epi32(_mm256_srli_epi64(even_b, 32), odd_b, 0xAA);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, x1), _mm256_set1_epi32(static_cast<int>(k0)));
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, x3), _mm256_set1_epi32(static_cast<int>(k1)));
+    x1 = lo_b;
+    x3 = lo_a;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0), x0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1), x1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2), x2);
+  if (w3) _mm256_storeu_si256(reinterpret_cast<__m256i*>(w3), x3);
+}
+#else
+constexpr int64_t kLanes = 0;
+#endif
+
+}  // namespace philox_detail
+
 // Philox of the n counters (c0 + i, c1, c2, c3), i in [0, n): word w of call i in ww[i]. w3 is written only when
-// kFourWords (the per-unit masks never read it). A flat loop over i with the rounds inside, so that the compiler
-// vectorises it across i.
+// kFourWords (the per-unit masks never read it). Whole vectors of lanes go through philox_detail::rounds; the
+// rest through a flat scalar loop.
 template <bool kFourWords>
 inline void philox_run(
     uint32_t c0, int64_t n, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey key,
     uint32_t* __restrict w0, uint32_t* __restrict w1, uint32_t* __restrict w2, uint32_t* __restrict w3) {
   using namespace philox_detail;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  if constexpr (kLanes > 0) {
+    for (; i + kLanes <= n; i += kLanes) {
+      rounds(c0 + static_cast<uint32_t>(i), c1, c2, c3, key, w0 + i, w1 + i, w2 + i, kFourWords ? w3 + i : nullptr);
+    }
+  }
+  for (; i < n; ++i) {
     uint32_t x0 = c0 + static_cast<uint32_t>(i), x1 = c1, x2 = c2, x3 = c3;
     uint32_t k0 = key.k0, k1 = key.k1;
     for (int round = 0; round < 10; ++round) {
@@ -113,16 +186,24 @@ struct Event {
 inline void packed_draws(PhiloxKey key, uint32_t kind, uint32_t index, uint32_t step, int64_t e0, int64_t n, uint32_t* out) {
   constexpr int64_t kGroups = 64;
   uint32_t w[4][kGroups];
-  int64_t e = e0;
   const int64_t end = e0 + n;
-  while (e < end) {
-    const int64_t first = e / 4;
-    const int64_t groups = std::min<int64_t>(kGroups, (end - 1) / 4 - first + 1);
+  for (int64_t first = e0 / 4; first * 4 < end; first += kGroups) {
+    const int64_t groups = std::min<int64_t>(kGroups, (end + 3) / 4 - first);
     philox_run<true>(static_cast<uint32_t>(first), groups, step, index, kind, key, w[0], w[1], w[2], w[3]);
-    const int64_t last = std::min(end, (first + groups) * 4);
-    for (; e < last; ++e) {
-      const int64_t g = e / 4 - first;
-      out[e - e0] = w[e % 4][g];
+    const int64_t lo = std::max(e0, first * 4), hi = std::min(end, (first + groups) * 4);
+    if (lo == first * 4 && hi == (first + groups) * 4) {
+      // whole groups: interleave the four words
+      uint32_t* o = out + (lo - e0);
+      for (int64_t g = 0; g < groups; ++g) {
+        o[4 * g] = w[0][g];
+        o[4 * g + 1] = w[1][g];
+        o[4 * g + 2] = w[2][g];
+        o[4 * g + 3] = w[3][g];
+      }
+      continue;
+    }
+    for (int64_t e = lo; e < hi; ++e) {
+      out[e - e0] = w[e % 4][e / 4 - first];
     }
   }
 }
