@@ -53,6 +53,8 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
     launch.dot_precision = lambda dtype, device: gpu_precision(dtype, torch.device("cuda"))
     gpu_options = launch.persistent_options
     launch.persistent_options = lambda device, dtype: gpu_options(torch.device("cuda"), dtype)
+    gpu_plan = launch._recurrence_plan
+    launch._recurrence_plan = lambda device, precision, *sizes: gpu_plan(torch.device("cuda"), precision, *sizes)
     seed = torch.tensor(1234, dtype=torch.int64)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for dtype in dtypes:
