@@ -21,11 +21,11 @@ from .stack import split_flat_weights
 
 
 def draw_seed() -> Tensor:
-    """One 64-bit seed in [0, 2**63) from torch's default CPU generator, as a 0-dim int64 CPU tensor.
+    """One 64-bit seed in [0, 2**63 - 1) from torch's default CPU generator, as a 0-dim int64 CPU tensor.
 
-    A tensor, not an int, so that torch.compile traces the draw and CUDA graphs can replay a new seed.
+    A tensor, not an int, and drawn out of place, so that torch.compile traces the draw into the graph.
     """
-    return torch.empty((), dtype=torch.int64).random_()
+    return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
 
 
 def check_seed(seed) -> Tensor:

@@ -297,7 +297,7 @@ def test_the_document_says_what_the_tests_check():
         "Unit `j` (in `[0, H)`) of batch row `b` uses `Philox(c0 = b * H + j, c1, c2 = k, c3)`",
         "(the row stride stays `H`)",
         "r < threshold(p),   threshold(p) = floor(p * 2**32)",
-        "torch.empty((), dtype=torch.int64).random_()",
+        "torch.randint(0, 2**63 - 1, (), dtype=torch.int64)",
     ]:
         assert " ".join(phrase.split()) in flowing, phrase
 
