@@ -109,6 +109,7 @@ inline void rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, PhiloxKey
 }
 #else
 constexpr int64_t kLanes = 0;
+inline void rounds(uint32_t, uint32_t, uint32_t, uint32_t, PhiloxKey, uint32_t*, uint32_t*, uint32_t*, uint32_t*) {}  // never called
 #endif
 
 }  // namespace philox_detail

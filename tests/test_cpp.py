@@ -189,6 +189,7 @@ def test_float64_equals_reference(ops, cfg, lengths, training, weight_mode, upda
     assert_equal64(ref, run_lstm("cpp", cfg, reg, training, lengths))
 
 
+@pytest.mark.filterwarnings(ONE_LAYER_DROPOUT)
 @pytest.mark.parametrize("cfg", [(2, True, 0), (2, True, 37), (1, False, 37)])
 @pytest.mark.parametrize("lengths", [None, (9, 3, 7, 1, 9)])
 def test_float64_equals_reference_in_thread_blocks(ops, two_threads, cfg, lengths):
@@ -213,6 +214,7 @@ def test_batch_first_input_is_not_contiguous(ops):
     assert_equal64(ref, run_lstm("cpp", (2, False, 0), ALL_ON, True, None, batch_first=True))
 
 
+@pytest.mark.filterwarnings(ONE_LAYER_DROPOUT)
 @pytest.mark.parametrize("gemm", ["vector", "aten"])
 @pytest.mark.parametrize("cfg", [(2, True, 0), (1, False, 37)])
 def test_float32_close_to_reference(ops, two_threads, monkeypatch, gemm, cfg):
@@ -346,6 +348,12 @@ def test_stale_build_lock_is_cleared(tmp_path):
     (tmp_path / "lock").write_text("")  # what torch leaves behind when a build is killed
     with loader._build_lock(tmp_path):
         assert not (tmp_path / "lock").exists()
+
+
+def test_build_failure_reason_names_the_compiler_error():
+    output = "Error building extension 'fused_rnn_cpp': [1/2] c++ -MMD -c lstm.cpp\nIn file included from lstm.cpp:3:\n" \
+             "csrc/philox.h:12:7: error: 'x' was not declared in this scope\nninja: build stopped: subcommand failed."
+    assert loader._compiler_error(output) == "csrc/philox.h:12:7: error: 'x' was not declared in this scope"
 
 
 def test_default_capability_flags_are_portable(monkeypatch):
