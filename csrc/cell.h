@@ -130,8 +130,7 @@ inline void sequence_factors(
 template <typename T>
 struct CellForward {
   int64_t n;
-  const T* x[4];     // [n] x_t W_ih^T + b_ih + b_hh of each gate
-  const T* r[4];     // [n] r W~^T of each gate
+  const T* pre[4];   // [n] pre-activation of each gate: x_t W_ih^T + b_ih + b_hh + r W~^T
   const T* c_prev;   // [n]
   const T* h_prev;   // [n] read only when h is finished here (h, out non-null)
   const T* update;   // [n] update dropout factor, nullable
@@ -155,10 +154,10 @@ struct CellForward {
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t m = std::min<int64_t>(Vec::size(), n - j);
       auto load = [&](const T* p) { return Vec::loadu(p + j, m); };
-      const Vec i = (one + (load(x[0]) + load(r[0])).neg().exp()).reciprocal();
-      const Vec f = (one + (load(x[1]) + load(r[1])).neg().exp()).reciprocal();
-      const Vec g = (load(x[2]) + load(r[2])).tanh();
-      const Vec o = (one + (load(x[3]) + load(r[3])).neg().exp()).reciprocal();
+      const Vec i = (one + load(pre[0]).neg().exp()).reciprocal();
+      const Vec f = (one + load(pre[1]).neg().exp()).reciprocal();
+      const Vec g = load(pre[2]).tanh();
+      const Vec o = (one + load(pre[3]).neg().exp()).reciprocal();
       i.store(act[0] + j, m);
       f.store(act[1] + j, m);
       g.store(act[2] + j, m);

@@ -28,48 +28,51 @@ constexpr bool kVectorGemm = false;
 
 enum class Init { kZero, kAccumulate, kBias };
 
+// B packed into panels, in memory the caller provides (bytes(K, N) elements of T, reused across calls).
 template <typename T>
 class PackedB {
  public:
   using Vec = at::vec::Vectorized<T>;
   static constexpr int64_t V = Vec::size();
 
-  // B(k, n) = b[k * sk + n * sn], k < K, n < N.
-  void pack(int64_t K, int64_t N, const T* b, int64_t sk, int64_t sn) {
+  static int64_t panels_of(int64_t N) { return ((N + V - 1) / V + 1) / 2 * 2; }
+  // Elements of T that a K x N panel set occupies.
+  static int64_t size(int64_t K, int64_t N) { return panels_of(N) * K * V; }
+
+  void attach(int64_t K, int64_t N, T* memory) {
     K_ = K;
     N_ = N;
-    panels_ = ((N + V - 1) / V + 1) / 2 * 2;
-    data_.reset(new T[panels_ * K * V]);
-    pack_panels(b, sk, sn, 0, panels_);
+    panels_ = panels_of(N);
+    data_ = memory;
   }
-  // Panels [p0, p1) only (after allocate()), so that threads can share the packing.
-  void allocate(int64_t K, int64_t N) {
-    K_ = K;
-    N_ = N;
-    panels_ = ((N + V - 1) / V + 1) / 2 * 2;
-    data_.reset(new T[panels_ * K * V]);
-  }
-  void pack_panels(const T* b, int64_t sk, int64_t sn, int64_t p0, int64_t p1) {
+  // Panels [p0, p1) of B(k, n) = column(n)[k * sk], so that threads can share the packing.
+  template <typename Column>
+  void pack_panels(const Column& column, int64_t sk, int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      T* dst = data_.get() + p * K_ * V;
+      T* dst = data_ + p * K_ * V;
       const int64_t n0 = p * V, width = std::max<int64_t>(0, std::min(V, N_ - n0));
-      for (int64_t k = 0; k < K_; ++k) {
-        const T* src = b + k * sk + n0 * sn;
+      const T* src[V];
+      for (int64_t v = 0; v < width; ++v) src[v] = column(n0 + v);
+      for (int64_t k = 0; k < K_; ++k, dst += V) {
         int64_t v = 0;
-        for (; v < width; ++v) dst[k * V + v] = src[v * sn];
-        for (; v < V; ++v) dst[k * V + v] = T(0);
+        for (; v < width; ++v) dst[v] = src[v][k * sk];
+        for (; v < V; ++v) dst[v] = T(0);
       }
     }
+  }
+  // All panels of B(k, n) = b[k sk + n sn].
+  void pack(const T* b, int64_t sk, int64_t sn) {
+    pack_panels([&](int64_t n) { return b + n * sn; }, sk, 0, panels_);
   }
 
   int64_t K() const { return K_; }
   int64_t N() const { return N_; }
   int64_t panels() const { return panels_; }
-  const T* panel(int64_t p) const { return data_.get() + p * K_ * V; }
+  const T* panel(int64_t p) const { return data_ + p * K_ * V; }
 
  private:
   int64_t K_ = 0, N_ = 0, panels_ = 0;
-  std::unique_ptr<T[]> data_;
+  T* data_ = nullptr;
 };
 
 namespace gemm_detail {

@@ -5,10 +5,13 @@
 // Gate order i, f, g, o. Masks follow docs/randomness.md and are regenerated wherever they are used.
 //
 // Threads: the time loop runs inside one OpenMP team. The hidden units are split into contiguous blocks, one per
-// thread; a thread owns units j of its block for all four gates (rows j, H + j, 2H + j, 3H + j of W_hh), so its
-// step GEMM produces exactly the gates its pointwise pass needs, and threads meet once per step.
-// W~ (W_hh after weight drop) is stored block-major for this: the rows of block [s, e) are the 4 (e - s) rows
-// 4 s + g (e - s) + (j - s), one contiguous GEMM operand per thread ("perm" layout below).
+// thread; a thread owns units j of its block for all four gates (rows j, H + j, 2H + j, 3H + j of W_ih and W_hh),
+// so its step GEMMs produce exactly the gates its pointwise pass needs, and threads meet once per step.
+// Weights are stored block-major for this ("perm" layout): the rows of block [s, e) are the 4 (e - s) rows
+// 4 s + g (e - s) + (j - s), one contiguous GEMM operand per thread.
+//
+// Memory: temporaries come from a per-thread workspace and the backward reserve from a recycling pool, both kept
+// between calls; a training loop asks for the same sizes every step, and fresh pages cost a page fault each.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,11 +20,15 @@
 #include <omp.h>
 #endif
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <thread>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "cell.h"
@@ -32,6 +39,126 @@ namespace fused_rnn {
 namespace {
 
 using at::Tensor;
+
+// ---- memory -------------------------------------------------------------------------------------------------------
+
+// Scratch memory of the calling thread, kept between calls. Carved by the calling thread only (before a team
+// starts); a Frame gives back everything carved since it opened. When one call needed several blocks, the next
+// outermost frame replaces them by one block of the total.
+class Workspace {
+ public:
+  static Workspace& local() {
+    static thread_local Workspace workspace;
+    return workspace;
+  }
+
+  template <typename T>
+  T* take(int64_t n) {
+    const int64_t bytes = (std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
+    if (blocks_.empty() || used_ + bytes > blocks_.back().bytes) {
+      blocks_.push_back(Block(std::max<int64_t>(bytes, int64_t{1} << 20)));
+      used_ = 0;
+    }
+    char* p = blocks_.back().data.get() + used_;
+    used_ += bytes;
+    taken_ += bytes;
+    return reinterpret_cast<T*>(p);
+  }
+
+  class Frame {
+   public:
+    explicit Frame(Workspace& w) : w_(w), blocks_(w.blocks_.size()), used_(w.used_), taken_(w.taken_) { ++w_.depth_; }
+    ~Frame() {
+      if (--w_.depth_ > 0) {
+        // nested: give back what this frame took
+        const size_t keep = std::max<size_t>(blocks_, 1);
+        if (w_.blocks_.size() > keep) {
+          w_.blocks_.erase(w_.blocks_.begin() + keep, w_.blocks_.end());
+        }
+        w_.used_ = used_;
+        w_.taken_ = taken_;
+        return;
+      }
+      const int64_t total = w_.taken_;
+      if (w_.blocks_.size() > 1 || total > kKept) {
+        w_.blocks_.clear();
+        if (total > 0 && total <= kKept) {
+          w_.blocks_.push_back(Block(total));
+        }
+      }
+      w_.used_ = 0;
+      w_.taken_ = 0;
+    }
+    Frame(const Frame&) = delete;
+    Frame& operator=(const Frame&) = delete;
+
+   private:
+    Workspace& w_;
+    size_t blocks_;
+    int64_t used_, taken_;
+  };
+
+ private:
+  static constexpr int64_t kKept = int64_t{256} << 20;  // larger needs are given back after the call
+
+  struct Block {
+    explicit Block(int64_t n) : data(static_cast<char*>(std::aligned_alloc(64, (n + 63) / 64 * 64)), &std::free), bytes(n) {
+      TORCH_CHECK(data, "fused_rnn_cpp: out of memory (", n, " bytes of workspace)");
+    }
+    std::unique_ptr<char, decltype(&std::free)> data;
+    int64_t bytes;
+  };
+  std::vector<Block> blocks_;
+  int64_t used_ = 0, taken_ = 0;
+  int depth_ = 0;
+};
+
+// Tensors for the backward reserve (gates, tanh(c~), states): they live from a forward to its backward, and the
+// next forward asks for the same sizes, so their memory is recycled (exact sizes, at most 1 GiB kept). Never
+// handed to the user: only the autograd formula holds them.
+class ReservePool {
+ public:
+  static ReservePool& get() {
+    static ReservePool* pool = new ReservePool;  // never destroyed: a tensor may be freed after static destruction
+    return *pool;
+  }
+
+  Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t s : sizes) numel *= s;
+    const size_t bytes = (std::max<size_t>(numel * options.dtype().itemsize(), 1) + 63) / 64 * 64;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        p = it->second.back();
+        it->second.pop_back();
+        pooled_ -= bytes;
+      }
+    }
+    if (!p) {
+      p = std::aligned_alloc(64, bytes);
+      TORCH_CHECK(p, "fused_rnn_cpp: out of memory (", bytes, " bytes of reserve)");
+    }
+    return at::from_blob(p, sizes, [bytes](void* q) { ReservePool::get().give(q, bytes); }, options);
+  }
+
+ private:
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (pooled_ + bytes > (size_t{1} << 30)) {
+      std::free(p);
+      return;
+    }
+    free_[bytes].push_back(p);
+    pooled_ += bytes;
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t pooled_ = 0;
+};
 
 // ---- matrix products ------------------------------------------------------------------------------------------------
 
@@ -47,13 +174,18 @@ Tensor strided(const scalar_t* p, int64_t rows, int64_t cols, int64_t s0, int64_
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
 }
 
-// C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N] with B fixed for a whole sequence: packed once (gemm.h), or
-// without vector instructions an ATen mm per product.
+// C[M, N] = init + A[M, K] B[K, N] with B fixed for a whole sequence: packed once (gemm.h), or without vector
+// instructions an ATen mm per product.
 template <typename scalar_t>
 class FixedRhs {
  public:
-  // B(k, n) = b[k sk + n sn]; b must outlive this object when not packed.
-  void init(int64_t m, int64_t n, int64_t k, const scalar_t* b, int64_t sk, int64_t sn) {
+  // Elements of workspace that init() needs for these sizes.
+  static int64_t workspace(int64_t m, int64_t n, int64_t k) {
+    return vector_gemm() && m > 0 && n > 0 ? PackedB<scalar_t>::size(k, n) : 0;
+  }
+
+  // B(k, n) = b[k sk + n sn]; memory: workspace(m, n, k) elements. b must outlive this object when not packed.
+  void init(int64_t m, int64_t n, int64_t k, const scalar_t* b, int64_t sk, int64_t sn, scalar_t* memory) {
     m_ = m;
     n_ = n;
     k_ = k;
@@ -62,23 +194,26 @@ class FixedRhs {
     sn_ = sn;
     packed_ = vector_gemm() && m > 0 && n > 0;
     if (packed_) {
-      pack_.pack(k, n, b, sk, sn);
+      pack_.attach(k, n, memory);
+      pack_.pack(b, sk, sn);
     }
   }
 
-  // a: A [M, K] with row stride lda; c: C [M, N] with row stride ldc (not overlapping A or B).
-  void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, bool accumulate) const {
+  // a: A [M, K] with row stride lda; c: C [M, N] with row stride ldc (not overlapping A or B); bias [N] for kBias.
+  void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, Init init, const scalar_t* bias = nullptr) const {
     if (m_ == 0 || n_ == 0) {
       return;
     }
     if (packed_) {
-      gemm_rows(pack_, 0, m_, a, lda, 1, c, ldc, accumulate ? Init::kAccumulate : Init::kZero);
+      gemm_rows(pack_, 0, m_, a, lda, 1, c, ldc, init, bias);
       return;
     }
     Tensor c_view = strided(c, m_, n_, ldc, 1);
     const Tensor a_view = strided(a, m_, k_, lda, 1), b_view = strided(b_, k_, n_, sk_, sn_);
-    if (accumulate) {
+    if (init == Init::kAccumulate) {
       c_view.addmm_(a_view, b_view);
+    } else if (init == Init::kBias) {
+      at::addmm_out(c_view, strided(bias, m_, n_, 0, 1), a_view, b_view);
     } else {
       at::mm_out(c_view, a_view, b_view);
     }
@@ -91,68 +226,83 @@ class FixedRhs {
   PackedB<scalar_t> pack_;
 };
 
-// c [M, N] (contiguous) = (bias [N]) + A B for the products over a whole sequence, A(m, k) = a[m sm + k sk],
-// B(k, n) = b[k bsk + n bsn]. Threads share the packing of B, then split the rows.
+// c [M, N] (contiguous) = A B for the products over a whole sequence, A(m, k) = a[m sm + k sk],
+// B(k, n) = b[k bsk + n bsn]. Threads share the packing of B (in the calling thread's workspace), then split the rows.
 template <typename scalar_t>
 void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int64_t sk, const scalar_t* b, int64_t bsk, int64_t bsn,
-            scalar_t* c, const scalar_t* bias) {
+            scalar_t* c) {
   if (M == 0 || N == 0) {
     return;
   }
   if (!vector_gemm()) {
     Tensor c_view = strided(c, M, N, N, 1);
-    const Tensor a_view = strided(a, M, K, sm, sk), b_view = strided(b, K, N, bsk, bsn);
-    if (bias) {
-      at::addmm_out(c_view, strided(bias, 1, N, 0, 1), a_view, b_view);
-    } else {
-      at::mm_out(c_view, a_view, b_view);
-    }
+    at::mm_out(c_view, strided(a, M, K, sm, sk), strided(b, K, N, bsk, bsn));
     return;
   }
   PackedB<scalar_t> packed;
-  packed.allocate(K, N);
-  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(b, bsk, bsn, p0, p1); });
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
-    gemm_rows(packed, m0, m1, a, sm, sk, c, N, bias ? Init::kBias : Init::kZero, bias);
+  packed.attach(K, N, Workspace::local().take<scalar_t>(PackedB<scalar_t>::size(K, N)));
+  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) {
+    packed.pack_panels([&](int64_t n) { return b + n * bsn; }, bsk, p0, p1);
   });
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { gemm_rows(packed, m0, m1, a, sm, sk, c, N, Init::kZero); });
 }
-
-// Scratch memory of one call, not zero-filled: every element is written before it is read.
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n = 0) : data_(n > 0 ? new T[n] : nullptr), size_(n) {}
-  T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
-  bool empty() const { return size_ == 0; }
-  T& operator[](int64_t i) { return data_[i]; }
-  const T& operator[](int64_t i) const { return data_[i]; }
-
- private:
-  std::unique_ptr<T[]> data_;
-  int64_t size_;
-};
 
 // ---- threads ----------------------------------------------------------------------------------------------------
 
-// body(thread, team_size) on every thread of one team; team_barrier() inside body waits for the whole team.
-// With OpenMP absent (or already inside a parallel region) the team is the calling thread alone.
+// Where a team of threads meets once per step. Spinning, because the wait is short (one step's pointwise pass):
+// OpenMP's barrier lets a waiting thread sleep, and waking it costs tens of microseconds per step. After a while
+// it yields, so that an oversubscribed machine still makes progress.
+class Sync {
+ public:
+  explicit Sync(int size) : size_(size) {}
+  void operator()() {
+    if (size_ == 1) {
+      return;
+    }
+    const unsigned generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < 20000) {
+        pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  alignas(64) std::atomic<int> arrived_{0};
+  alignas(64) std::atomic<unsigned> generation_{0};
+  int size_;
+};
+
+// body(thread, team_size, sync) on every thread of one team (OpenMP's, which keeps its threads between calls);
+// sync() waits for the whole team. With OpenMP absent, or inside a parallel region, the team is the caller alone.
 template <typename F>
 void run_team(int64_t wanted, const F& body) {
 #ifdef _OPENMP
   if (wanted > 1 && !omp_in_parallel()) {
+    std::unique_ptr<Sync> sync;
 #pragma omp parallel num_threads(static_cast<int>(wanted))
-    body(omp_get_thread_num(), omp_get_num_threads());
+    {
+#pragma omp single
+      sync = std::make_unique<Sync>(omp_get_num_threads());
+      body(omp_get_thread_num(), omp_get_num_threads(), *sync);
+    }
     return;
   }
 #endif
-  body(0, 1);
-}
-
-inline void team_barrier() {
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
+  Sync alone(1);
+  body(0, 1, alone);
 }
 
 // n units in `count` contiguous blocks, boundaries rounded down to multiples of 8 (whole vectors where possible).
@@ -168,6 +318,14 @@ struct Blocks {
 
 int64_t team_size() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
+}
+
+// Rows of a [4H, cols] matrix in perm layout for unit block [s, e): dst[4 s + g (e - s) + jj] = src[g H + s + jj].
+template <typename scalar_t>
+void permute_rows(const scalar_t* src, int64_t hidden, int64_t cols, int64_t s, int64_t e, scalar_t* dst) {
+  for (int64_t g = 0; g < 4; ++g) {
+    std::memcpy(dst + (4 * s + g * (e - s)) * cols, src + (g * hidden + s) * cols, sizeof(scalar_t) * cols * (e - s));
+  }
 }
 
 // ---- masks ------------------------------------------------------------------------------------------------------
@@ -195,15 +353,27 @@ void scale_row(const scalar_t* __restrict a, scalar_t b, int64_t n, scalar_t* __
   }
 }
 
-// Factors of row r of the weight-drop mask of W_hh: out[0, cols), cols = R (element mode) or 1 (row mode).
+template <typename scalar_t>
+void add_row(const scalar_t* __restrict a, int64_t n, scalar_t* __restrict acc) {
+  for (int64_t i = 0; i < n; ++i) {
+    acc[i] += a[i];
+  }
+}
+
+// Factors of row r of the weight-drop mask of W_hh, columns [c0, c0 + n) of cols (R in element mode, 1 in row mode).
+template <typename scalar_t>
+void weight_row_factors_at(PhiloxKey key, uint32_t k, double p, int64_t cols, int64_t r, int64_t c0, int64_t n, scalar_t* out) {
+  uint32_t draws[256];
+  for (int64_t i = 0; i < n; i += 256) {
+    const int64_t m = std::min<int64_t>(256, n - i);
+    packed_draws(key, kKindWeight, k, 0, r * cols + c0 + i, m, draws);
+    keep_factors(draws, m, p, out + i);
+  }
+}
+
 template <typename scalar_t>
 void weight_row_factors(PhiloxKey key, uint32_t k, double p, int64_t cols, int64_t r, scalar_t* out) {
-  uint32_t draws[256];
-  for (int64_t c0 = 0; c0 < cols; c0 += 256) {
-    const int64_t n = std::min<int64_t>(256, cols - c0);
-    packed_draws(key, kKindWeight, k, 0, r * cols + c0, n, draws);
-    keep_factors(draws, n, p, out + c0);
-  }
+  weight_row_factors_at(key, k, p, cols, r, 0, cols, out);
 }
 
 // Rows of W~ (perm layout) of unit block [s, e): w_perm[4 s + g (e - s) + jj] = W_hh[g H + s + jj] * mask.
@@ -213,7 +383,7 @@ void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hid
                         const scalar_t* w_hh, scalar_t* w_perm, scalar_t* factors) {
   const bool masked = regs.weight_mask(), rows = regs.weight_rows;
   const int64_t cols = rows ? 1 : real;
-  Scratch<scalar_t> row(masked ? cols : 0);
+  scalar_t row[256];
   for (int64_t g = 0; g < 4; ++g) {
     for (int64_t j = s; j < e; ++j) {
       const int64_t r = g * hidden + j;
@@ -221,16 +391,17 @@ void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hid
       scalar_t* dst = w_perm + (4 * s + g * (e - s) + (j - s)) * real;
       if (!masked) {
         std::memcpy(dst, src, sizeof(scalar_t) * real);
-        continue;
-      }
-      weight_row_factors(key, k, regs.weight, cols, r, row.data());
-      if (factors) {
-        std::memcpy(factors + r * cols, row.data(), sizeof(scalar_t) * cols);
-      }
-      if (rows) {
+      } else if (rows) {
+        weight_row_factors(key, k, regs.weight, 1, r, row);
         scale_row(src, row[0], real, dst);
+        if (factors) factors[r] = row[0];
       } else {
-        multiply_row(src, row.data(), real, dst);
+        for (int64_t c0 = 0; c0 < cols; c0 += 256) {
+          const int64_t n = std::min<int64_t>(256, cols - c0);
+          weight_row_factors_at(key, k, regs.weight, cols, r, c0, n, row);
+          multiply_row(src + c0, row, n, dst + c0);
+          if (factors) std::memcpy(factors + r * cols + c0, row, sizeof(scalar_t) * n);
+        }
       }
     }
   }
@@ -273,16 +444,19 @@ std::vector<int64_t> read_lengths(const std::optional<Tensor>& lengths, int64_t 
   return std::vector<int64_t>(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + batch);
 }
 
-// The per-sequence mask factors of one layer-direction: rec [B, H] (units < R used), cell [B, H], update [B, H].
-// Each vector is empty when its mask is off.
+// The per-sequence mask factors of one layer-direction: rec [B, H] (units < R used), cell [B, H], update [B, H],
+// in the calling thread's workspace; each null when its mask is off.
 template <typename scalar_t>
 struct SequenceFactors {
-  Scratch<scalar_t> rec, cell, update;
+  scalar_t* rec = nullptr;
+  scalar_t* cell = nullptr;
+  scalar_t* update = nullptr;
 
-  SequenceFactors(const Regs& regs, int64_t batch, int64_t hidden)
-      : rec(regs.rec_mask() ? batch * hidden : 0),
-        cell(regs.cell_mask() ? batch * hidden : 0),
-        update(regs.update_seq_mask() ? batch * hidden : 0) {}
+  SequenceFactors(const Regs& regs, int64_t batch, int64_t hidden, Workspace& ws) {
+    if (regs.rec_mask()) rec = ws.take<scalar_t>(batch * hidden);
+    if (regs.cell_mask()) cell = ws.take<scalar_t>(batch * hidden);
+    if (regs.update_seq_mask()) update = ws.take<scalar_t>(batch * hidden);
+  }
   // Units [s, e) of every row.
   void draw(const Regs& regs, const UnitStream& stream, int64_t batch, int64_t real, int64_t s, int64_t e) {
     if (!regs.sequence_draws()) {
@@ -292,21 +466,21 @@ struct SequenceFactors {
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t j0 = s; j0 < e; j0 += kChunk) {
         const int64_t n = std::min(kChunk, e - j0), at = b * hidden + j0;
-        sequence_factors<scalar_t>(regs, stream, b, j0, n, real, rec.empty() ? nullptr : rec.data() + at,
-                                   cell.empty() ? nullptr : cell.data() + at, update.empty() ? nullptr : update.data() + at);
+        sequence_factors<scalar_t>(regs, stream, b, j0, n, real, rec ? rec + at : nullptr, cell ? cell + at : nullptr,
+                                   update ? update + at : nullptr);
       }
     }
   }
-  const scalar_t* row(const Scratch<scalar_t>& v, int64_t b, int64_t hidden) const {
-    return v.empty() ? nullptr : v.data() + b * hidden;
-  }
+  static const scalar_t* row(const scalar_t* v, int64_t b, int64_t hidden) { return v ? v + b * hidden : nullptr; }
 };
 
 // Forward through time of one layer-direction. The state slots of hs / cs: the state before step t is slot t
 // (forward direction) or t + 1 (reverse), the state after it slot t + 1 or t.
 template <typename scalar_t>
 void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, bool reverse, const std::vector<int64_t>& lengths,
-                   const scalar_t* xp,     // [S, B, 4H] x W_ih^T + b_ih + b_hh
+                   const scalar_t* x,      // [S, B, I]
+                   const scalar_t* w_ih,   // [4H, I]
+                   const scalar_t* bias,   // [4H] b_ih + b_hh, or null
                    const scalar_t* w_hh,   // [4H, R]
                    const scalar_t* w_hr,   // [R, H] or null
                    scalar_t* out,          // [S, B, R] out
@@ -314,42 +488,64 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
                    scalar_t* tanh_c,       // [S, B, H] out: tanh(c~)
                    scalar_t* hs,           // [S + 1, B, R] in: the h0 slot; out: every other slot
                    scalar_t* cs) {         // [S + 1, B, H] in: the c0 slot; out: every other slot
-  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const int64_t S = d.steps, B = d.batch, I = d.input, H = d.hidden, R = d.real;
+  Workspace& ws = Workspace::local();
   const Blocks units = Blocks::split(H, team_size());
   // With proj_size, h's R units get blocks of their own (the projection GEMM is split over them).
   const Blocks h_units = d.proj ? Blocks::split(R, units.count) : units;
   const UnitStream stream{key, k, H};
-  SequenceFactors<scalar_t> seq(regs, B, H);
+  SequenceFactors<scalar_t> seq(regs, B, H, ws);
 
-  // W~ in perm layout [4H, R]; W_hh itself when that layout is the standard one and nothing is dropped.
-  const bool copy_w = regs.weight_mask() || units.count > 1;
-  Scratch<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
-  const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
-  Scratch<scalar_t> g_rec(B * 4 * H);                     // [B, 4H] perm: r W~^T of the current step
-  Scratch<scalar_t> r_buf(regs.rec_mask() ? 2 * B * R : 0);  // [2, B, R]: r = h * rec, double-buffered by step
-  Scratch<scalar_t> hh(d.proj ? B * H : 0);               // [B, H] o * tanh(c~) before the projection
-  Scratch<scalar_t> hp(d.proj ? B * R : 0);               // [B, R] its projection
+  // W_ih, the bias and W~ in perm layout; the originals when that layout is the standard one (one block) and
+  // nothing is dropped.
+  const bool permute = units.count > 1, copy_w = permute || regs.weight_mask();
+  scalar_t* w_perm = copy_w ? ws.take<scalar_t>(4 * H * R) : nullptr;             // [4H, R] W~
+  scalar_t* w_in_perm = permute ? ws.take<scalar_t>(4 * H * I) : nullptr;         // [4H, I]
+  scalar_t* bias_perm = permute && bias ? ws.take<scalar_t>(4 * H) : nullptr;     // [4H]
+  const scalar_t* w_rec = copy_w ? w_perm : w_hh;
+  const scalar_t* w_in = permute ? w_in_perm : w_ih;
+  const scalar_t* b_in = permute ? bias_perm : bias;
+  scalar_t* pre = ws.take<scalar_t>(B * 4 * H);                              // [B, 4H] perm: this step's pre-activations
+  scalar_t* r_buf = regs.rec_mask() ? ws.take<scalar_t>(2 * B * R) : nullptr;  // [2, B, R]: r = h * rec, by step parity
+  scalar_t* hh = d.proj ? ws.take<scalar_t>(B * H) : nullptr;                 // [B, H] o * tanh(c~) before the projection
+  scalar_t* hp = d.proj ? ws.take<scalar_t>(B * R) : nullptr;                 // [B, R] its projection
 
-  std::vector<FixedRhs<scalar_t>> gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
+  std::vector<FixedRhs<scalar_t>> in_gemm(units.count), gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
+  std::vector<scalar_t*> in_mem(units.count), gate_mem(units.count), proj_mem(proj_gemm.size());
+  for (int64_t q = 0; q < units.count; ++q) {
+    const int64_t width = 4 * (units.end(q) - units.begin(q));
+    in_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, width, I));
+    gate_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, width, R));
+  }
+  for (size_t q = 0; q < proj_gemm.size(); ++q) {
+    proj_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, h_units.end(q) - h_units.begin(q), H));
+  }
 
   auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
 
-  run_team(units.count, [&](int thread, int team) {
+  run_team(units.count, [&](int thread, int team, Sync& sync) {
     StepFactors<scalar_t> step_f;
     step_f.init(regs);
     for (int64_t q = thread; q < units.count; q += team) {
       const int64_t s = units.begin(q), e = units.end(q);
-      if (copy_w) {
-        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), static_cast<scalar_t*>(nullptr));
+      if (permute) {
+        permute_rows(w_ih, H, I, s, e, w_in_perm);
+        if (bias) {
+          permute_rows(bias, H, 1, s, e, bias_perm);
+        }
       }
-      gate_gemm[q].init(B, 4 * (e - s), R, w_perm + 4 * s * R, 1, R);  // B(k, n) = W~[4s + n, k]
+      if (copy_w) {
+        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm, static_cast<scalar_t*>(nullptr));
+      }
+      in_gemm[q].init(B, 4 * (e - s), I, w_in + 4 * s * I, 1, I, in_mem[q]);      // B(k, n) = W_ih[4s + n, k] (perm)
+      gate_gemm[q].init(B, 4 * (e - s), R, w_rec + 4 * s * R, 1, R, gate_mem[q]);  // B(k, n) = W~[4s + n, k] (perm)
       seq.draw(regs, stream, B, R, s, e);
     }
     for (int64_t q = thread; q < static_cast<int64_t>(proj_gemm.size()); q += team) {
       const int64_t s = h_units.begin(q), e = h_units.end(q);
-      proj_gemm[q].init(B, e - s, H, w_hr + s * H, 1, H);  // B(k, n) = W_hr[s + n, k]
+      proj_gemm[q].init(B, e - s, H, w_hr + s * H, 1, H, proj_mem[q]);  // B(k, n) = W_hr[s + n, k]
     }
-    team_barrier();
+    sync();
     const int64_t first_slot = reverse ? S : 0;
     if (regs.rec_mask()) {
       for (int64_t q = thread; q < h_units.count; q += team) {
@@ -359,19 +555,20 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
           }
         }
       }
-      team_barrier();
+      sync();
     }
 
     for (int64_t step = 0; step < S; ++step) {
       const int64_t t = reverse ? S - 1 - step : step;
       const int64_t prev = reverse ? t + 1 : t, next = reverse ? t : t + 1;
       // [B, R] this step's recurrent input, and where the next step's goes
-      const scalar_t* r_prev = regs.rec_mask() ? r_buf.data() + (step % 2) * B * R : hs + prev * B * R;
-      scalar_t* r_next = regs.rec_mask() ? r_buf.data() + ((step + 1) % 2) * B * R : nullptr;
+      const scalar_t* r_prev = regs.rec_mask() ? r_buf + (step % 2) * B * R : hs + prev * B * R;
+      scalar_t* r_next = regs.rec_mask() ? r_buf + ((step + 1) % 2) * B * R : nullptr;
 
       for (int64_t q = thread; q < units.count; q += team) {
         const int64_t s = units.begin(q), e = units.end(q), width = e - s;
-        gate_gemm[q](r_prev, R, g_rec.data() + 4 * s, 4 * H, false);
+        in_gemm[q](x + t * B * I, I, pre + 4 * s, 4 * H, b_in ? Init::kBias : Init::kZero, b_in ? b_in + 4 * s : nullptr);
+        gate_gemm[q](r_prev, R, pre + 4 * s, 4 * H, Init::kAccumulate);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = t * B + b;
           for (int64_t j0 = s; j0 < e; j0 += kChunk) {
@@ -380,8 +577,7 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
             CellForward<scalar_t> cell;
             cell.n = n;
             for (int g = 0; g < 4; ++g) {
-              cell.x[g] = xp + row * 4 * H + g * H + j0;
-              cell.r[g] = g_rec.data() + b * 4 * H + 4 * s + g * width + (j0 - s);
+              cell.pre[g] = pre + b * 4 * H + 4 * s + g * width + (j0 - s);
               cell.act[g] = gates + row * 4 * H + g * H + j0;
             }
             cell.c_prev = cs + (prev * B + b) * H + j0;
@@ -398,7 +594,7 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
             cell.rec = rec ? rec + j0 : nullptr;
             cell.tc = tanh_c + row * H + j0;
             cell.c = cs + (next * B + b) * H + j0;
-            cell.hh = d.proj ? hh.data() + b * H + j0 : nullptr;
+            cell.hh = d.proj ? hh + b * H + j0 : nullptr;
             cell.h = d.proj ? nullptr : hs + (next * B + b) * R + j0;
             cell.out = d.proj ? nullptr : out + row * R + j0;
             cell.r_next = (d.proj || !r_next) ? nullptr : r_next + b * R + j0;
@@ -418,10 +614,10 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
         }
       }
       if (d.proj) {
-        team_barrier();
+        sync();
         for (int64_t q = thread; q < h_units.count; q += team) {
           const int64_t s = h_units.begin(q), e = h_units.end(q);
-          proj_gemm[q](hh.data(), H, hp.data() + s, R, false);
+          proj_gemm[q](hh, H, hp + s, R, Init::kZero);
           for (int64_t b = 0; b < B; ++b) {
             const int64_t row = t * B + b;
             for (int64_t j0 = s; j0 < e; j0 += kChunk) {
@@ -440,13 +636,13 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
               }
               step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, true, false);
               const scalar_t* rec = seq.row(seq.rec, b, H);
-              zoneout_h_forward<scalar_t>(n, h_prev, hp.data() + b * R + j0, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take,
+              zoneout_h_forward<scalar_t>(n, h_prev, hp + b * R + j0, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take,
                                           rec ? rec + j0 : nullptr, h, o, rn);
             }
           }
         }
       }
-      team_barrier();
+      sync();
     }
   });
 }
@@ -473,33 +669,42 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
   const Blocks units = Blocks::split(H, team_size());
   const Blocks h_units = d.proj ? Blocks::split(R, units.count) : units;
   const UnitStream stream{key, k, H};
-  SequenceFactors<scalar_t> seq(regs, B, H);
+  Workspace& ws = Workspace::local();
+  SequenceFactors<scalar_t> seq(regs, B, H, ws);
 
   const bool copy_w = regs.weight_mask() || units.count > 1;
-  Scratch<scalar_t> w_perm_store(copy_w ? 4 * H * R : 0);
-  const scalar_t* w_perm = copy_w ? w_perm_store.data() : w_hh;
-  Scratch<scalar_t> dg_perm(B * 4 * H);                 // [B, 4H] perm: this step's dgates for the dh GEMM
-  Scratch<scalar_t> partial(2 * units.count * B * R);   // [2, blocks, B, R]: dgates W~ per unit block, by step parity
-  Scratch<scalar_t> dh_keep(B * R);                     // [B, R] gradient of h_{t-1} outside the GEMM (zoneout, finished rows)
-  Scratch<scalar_t> dc(B * H);                          // [B, H] gradient of c_t, then c_{t-1}
-  Scratch<scalar_t> dhh(d.proj ? B * H : 0);            // [B, H] gradient of o * tanh(c~)
+  scalar_t* w_perm_store = copy_w ? ws.take<scalar_t>(4 * H * R) : nullptr;  // [4H, R] W~ in perm layout
+  const scalar_t* w_perm = copy_w ? w_perm_store : w_hh;
+  scalar_t* dg_perm = ws.take<scalar_t>(B * 4 * H);                 // [B, 4H] perm: this step's dgates for the dh GEMM
+  scalar_t* partial = ws.take<scalar_t>(2 * units.count * B * R);   // [2, blocks, B, R]: dgates W~ per unit block, by step parity
+  scalar_t* dh_keep = ws.take<scalar_t>(B * R);  // [B, R] gradient of h_{t-1} outside the GEMM (zoneout, finished rows)
+  scalar_t* dc = ws.take<scalar_t>(B * H);       // [B, H] gradient of c_t, then c_{t-1}
+  scalar_t* dhh = d.proj ? ws.take<scalar_t>(B * H) : nullptr;  // [B, H] gradient of o * tanh(c~)
 
   std::vector<FixedRhs<scalar_t>> dh_gemm(units.count), proj_gemm(d.proj ? units.count : 0);
+  std::vector<scalar_t*> dh_mem(units.count), proj_mem(proj_gemm.size());
+  for (int64_t q = 0; q < units.count; ++q) {
+    const int64_t width = units.end(q) - units.begin(q);
+    dh_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, R, 4 * width));
+    if (d.proj) {
+      proj_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, width, R));
+    }
+  }
 
   auto active = [&](int64_t b, int64_t t) { return lengths.empty() || t < lengths[b]; };
 
-  run_team(units.count, [&](int thread, int team) {
+  run_team(units.count, [&](int thread, int team, Sync& sync) {
     StepFactors<scalar_t> step_f;
     step_f.init(regs);
     scalar_t dh_new[kChunk], dh_cand[kChunk];
     for (int64_t q = thread; q < units.count; q += team) {
       const int64_t s = units.begin(q), e = units.end(q);
       if (copy_w) {
-        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store.data(), weight_factors);
+        build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm_store, weight_factors);
       }
-      dh_gemm[q].init(B, R, 4 * (e - s), w_perm + 4 * s * R, R, 1);  // B(k, n) = W~[4s + k, n]
+      dh_gemm[q].init(B, R, 4 * (e - s), w_perm + 4 * s * R, R, 1, dh_mem[q]);  // B(k, n) = W~[4s + k, n]
       if (d.proj) {
-        proj_gemm[q].init(B, e - s, R, w_hr + s, H, 1);  // B(k, n) = W_hr[k, s + n]
+        proj_gemm[q].init(B, e - s, R, w_hr + s, H, 1, proj_mem[q]);  // B(k, n) = W_hr[k, s + n]
       }
       seq.draw(regs, stream, B, R, s, e);
       for (int64_t b = 0; b < B; ++b) {
@@ -515,7 +720,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
         }
       }
     }
-    team_barrier();
+    sync();
 
     // The gradient of h_t for units [j0, j0 + n) of row b: what reached it outside the GEMM, plus the GEMM's
     // partial products of every unit block (through the recurrent dropout factor).
@@ -527,7 +732,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       if (step == 0) {
         return;
       }
-      const scalar_t* p = partial.data() + (step % 2) * units.count * B * R + b * R + j0;
+      const scalar_t* p = partial + (step % 2) * units.count * B * R + b * R + j0;
       for (int64_t q = 0; q < units.count; ++q, p += B * R) {
         for (int64_t i = 0; i < n; ++i) {
           dh[i] += rec ? p[i] * rec[j0 + i] : p[i];
@@ -549,7 +754,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             gather_dh(step, b, j0, n, dh_new);
             if (!active(b, t)) {
               // h_t = h_{t-1}: the gradient passes through; the cell saw none
-              std::memcpy(dh_keep.data() + b * R + j0, dh_new, sizeof(scalar_t) * n);
+              std::memcpy(dh_keep + b * R + j0, dh_new, sizeof(scalar_t) * n);
               if (d.proj) {
                 std::fill_n(d_hp + row * R + j0, n, scalar_t(0));
               }
@@ -562,7 +767,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             }
             step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, true, !d.proj);
             scalar_t* cand = d.proj ? d_hp + row * R + j0 : dh_cand;
-            zoneout_backward<scalar_t>(n, dh_new, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take, dh_keep.data() + b * R + j0, cand);
+            zoneout_backward<scalar_t>(n, dh_new, step_f.has_zh ? step_f.zh : nullptr, step_f.zh_take, dh_keep + b * R + j0, cand);
             if (d.proj) {
               continue;
             }
@@ -572,7 +777,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             for (int g = 0; g < 4; ++g) {
               cell.act[g] = gates + row * 4 * H + g * H + j0;
               cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
-              cell.dgate_copy[g] = dg_perm.data() + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
+              cell.dgate_copy[g] = dg_perm + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
             }
             cell.tc = tanh_c + row * H + j0;
             cell.c_prev = cs + (prev * B + b) * H + j0;
@@ -583,7 +788,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             cell.cell = cell_seq ? cell_seq + j0 : nullptr;
             cell.zc = step_f.has_zc ? step_f.zc : nullptr;
             cell.zc_take = step_f.zc_take;
-            cell.dc = dc.data() + b * H + j0;
+            cell.dc = dc + b * H + j0;
             cell.hh = nullptr;
             cell.run();
           }
@@ -594,22 +799,22 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             if (active(b, t)) continue;
             for (int g = 0; g < 4; ++g) {
               std::fill_n(dgates + (t * B + b) * 4 * H + g * H + s, e - s, scalar_t(0));
-              std::fill_n(dg_perm.data() + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
+              std::fill_n(dg_perm + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
             }
           }
         }
       }
       if (d.proj) {
-        team_barrier();
+        sync();
         for (int64_t q = thread; q < units.count; q += team) {
           const int64_t s = units.begin(q), e = units.end(q);
-          proj_gemm[q](d_hp + t * B * R, R, dhh.data() + s, H, false);
+          proj_gemm[q](d_hp + t * B * R, R, dhh + s, H, Init::kZero);
           for (int64_t b = 0; b < B; ++b) {
             const int64_t row = t * B + b;
             if (!active(b, t)) {
               for (int g = 0; g < 4; ++g) {
                 std::fill_n(dgates + row * 4 * H + g * H + s, e - s, scalar_t(0));
-                std::fill_n(dg_perm.data() + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
+                std::fill_n(dg_perm + b * 4 * H + 4 * s + g * (e - s), e - s, scalar_t(0));
               }
               std::fill_n(hh_all + row * H + s, e - s, scalar_t(0));
               continue;
@@ -622,18 +827,18 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
               for (int g = 0; g < 4; ++g) {
                 cell.act[g] = gates + row * 4 * H + g * H + j0;
                 cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
-                cell.dgate_copy[g] = dg_perm.data() + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
+                cell.dgate_copy[g] = dg_perm + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
               }
               cell.tc = tanh_c + row * H + j0;
               cell.c_prev = cs + (prev * B + b) * H + j0;
-              cell.dhh = dhh.data() + b * H + j0;
+              cell.dhh = dhh + b * H + j0;
               const scalar_t* upd_seq = seq.row(seq.update, b, H);
               cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
               const scalar_t* cell_seq = seq.row(seq.cell, b, H);
               cell.cell = cell_seq ? cell_seq + j0 : nullptr;
               cell.zc = step_f.has_zc ? step_f.zc : nullptr;
               cell.zc_take = step_f.zc_take;
-              cell.dc = dc.data() + b * H + j0;
+              cell.dc = dc + b * H + j0;
               cell.hh = hh_all + row * H + j0;
               cell.run();
             }
@@ -643,10 +848,10 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       // dh_{t-1} partial products of this thread's unit blocks
       for (int64_t q = thread; q < units.count; q += team) {
         const int64_t s = units.begin(q);
-        scalar_t* p = partial.data() + (((step + 1) % 2) * units.count + q) * B * R;
-        dh_gemm[q](dg_perm.data() + 4 * s, 4 * H, p, R, false);
+        scalar_t* p = partial + (((step + 1) % 2) * units.count + q) * B * R;
+        dh_gemm[q](dg_perm + 4 * s, 4 * H, p, R, Init::kZero);
       }
-      team_barrier();
+      sync();
     }
 
     for (int64_t q = thread; q < h_units.count; q += team) {
@@ -658,10 +863,10 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       }
     }
   });
-  std::memcpy(dc0, dc.data(), sizeof(scalar_t) * B * H);
+  std::memcpy(dc0, dc, sizeof(scalar_t) * B * H);
   if (rec_factors) {
     for (int64_t b = 0; b < B; ++b) {
-      std::memcpy(rec_factors + b * R, seq.rec.data() + b * H, sizeof(scalar_t) * R);
+      std::memcpy(rec_factors + b * R, seq.rec + b * H, sizeof(scalar_t) * R);
     }
   }
 }
@@ -688,27 +893,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
   const std::vector<int64_t> lengths = read_lengths(lengths_, d.batch);
   const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
   const auto options = x_.options();
+  Workspace::Frame frame(Workspace::local());
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = d.proj ? w_hr_->contiguous() : Tensor();
-  // [S * B, 4H] the input projection of every step at once, both biases folded in
-  Tensor xp = at::empty({S * B, 4 * H}, options);
-  const Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous() : Tensor();
+  const Tensor bias = b_ih.has_value() ? (*b_ih + *b_hh).contiguous() : Tensor();  // [4H] both biases folded
 
   Tensor out = at::empty({S, B, R}, options);
-  Tensor gates = at::empty({S, B, 4 * H}, options);
-  Tensor tanh_c = at::empty({S, B, H}, options);
-  Tensor hs = at::empty({S + 1, B, R}, options);
-  Tensor cs = at::empty({S + 1, B, H}, options);
+  ReservePool& pool = ReservePool::get();
+  Tensor gates = pool.empty({S, B, 4 * H}, options);
+  Tensor tanh_c = pool.empty({S, B, H}, options);
+  Tensor hs = pool.empty({S + 1, B, R}, options);
+  Tensor cs = pool.empty({S + 1, B, H}, options);
   const int64_t first = reverse ? S : 0, last = reverse ? 0 : S;
   hs[first].copy_(h0);
   cs[first].copy_(c0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer", [&] {
-    matmul<scalar_t>(S * B, 4 * H, d.input, x.data_ptr<scalar_t>(), d.input, 1, w_ih.data_ptr<scalar_t>(), 1, d.input,
-                     xp.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
-    layer_forward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, xp.data_ptr<scalar_t>(),
-                            w_hh.data_ptr<scalar_t>(), d.proj ? w_hr.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                            gates.data_ptr<scalar_t>(), tanh_c.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>());
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    layer_forward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, ptr(x), ptr(w_ih), ptr(bias), ptr(w_hh),
+                            ptr(w_hr), ptr(out), ptr(gates), ptr(tanh_c), ptr(hs), ptr(cs));
   });
   return {out, hs[last].clone(), cs[last].clone(), gates, tanh_c, hs, cs};
 }
@@ -724,8 +927,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
                               zoneout_h, zoneout_c);
   const PhiloxKey key = seed_key(read_seed(seed));
   const std::vector<int64_t> lengths = read_lengths(lengths_, d.batch);
-  const int64_t S = d.steps, B = d.batch, H = d.hidden, R = d.real;
+  const int64_t S = d.steps, B = d.batch, I = d.input, H = d.hidden, R = d.real;
   const auto options = x_.options();
+  Workspace& ws = Workspace::local();
+  Workspace::Frame frame(ws);
 
   const Tensor x = x_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_hr = d.proj ? w_hr_->contiguous() : Tensor();
@@ -734,48 +939,68 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
   const Tensor grad_hn = grad_hn_.has_value() ? grad_hn_->contiguous() : Tensor();
   const Tensor grad_cn = grad_cn_.has_value() ? grad_cn_->contiguous() : Tensor();
 
-  Tensor dgates = at::empty({S, B, 4 * H}, options);
-  Tensor weight_factors = regs.weight_mask() ? at::empty({4 * H, regs.weight_rows ? 1 : R}, options) : Tensor();
-  Tensor rec_factors = regs.rec_mask() ? at::empty({B, R}, options) : Tensor();
-  Tensor d_hp = d.proj ? at::empty({S, B, R}, options) : Tensor();
-  Tensor hh_all = d.proj ? at::empty({S, B, H}, options) : Tensor();
+  Tensor dx = at::empty(input_grad ? at::IntArrayRef({S, B, I}) : at::IntArrayRef({0}), options);
   Tensor dh0 = at::empty({B, R}, options);
   Tensor dc0 = at::empty({B, H}, options);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer_backward", [&] {
-    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    layer_backward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, ptr(w_hh), ptr(w_hr), ptr(gates), ptr(tanh_c),
-                             ptr(cs), ptr(grad_out), ptr(grad_hn), ptr(grad_cn), ptr(dgates), ptr(weight_factors), ptr(rec_factors),
-                             ptr(d_hp), ptr(hh_all), ptr(dh0), ptr(dc0));
-  });
-
-  // The weight gradients and dx: one product each over all steps. dgates^T is read in place (row stride 1).
-  const Tensor dg = dgates.view({S * B, 4 * H});
-  // [S * B, R] the recurrent input r of every step: h_{t-1} (slots 0..S-1 forward, 1..S reverse) times rec
-  Tensor r_all = hs.narrow(0, reverse ? 1 : 0, S).reshape({S * B, R});
-  if (regs.rec_mask()) {
-    r_all = (r_all.view({S, B, R}) * rec_factors).view({S * B, R});
-  }
+  Tensor dw_ih = at::empty({4 * H, I}, options);
   Tensor dw_hh = at::empty({4 * H, R}, options);
-  Tensor dw_ih = at::empty({4 * H, d.input}, options);
-  Tensor dx = at::empty(input_grad ? at::IntArrayRef({S, B, d.input}) : at::IntArrayRef({0}), options);
+  Tensor db = at::empty({4 * H}, options);
   Tensor dw_hr = at::empty(d.proj ? at::IntArrayRef({R, H}) : at::IntArrayRef({0}), options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fused_rnn_cpp::lstm_layer_backward", [&] {
-    const scalar_t* g = dg.data_ptr<scalar_t>();
-    const int64_t rows = S * B;
-    matmul<scalar_t>(4 * H, R, rows, g, 1, 4 * H, r_all.data_ptr<scalar_t>(), R, 1, dw_hh.data_ptr<scalar_t>(), nullptr);
-    matmul<scalar_t>(4 * H, d.input, rows, g, 1, 4 * H, x.data_ptr<scalar_t>(), d.input, 1, dw_ih.data_ptr<scalar_t>(), nullptr);
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    const int64_t rows = S * B, cols = regs.weight_rows ? 1 : R;
+    scalar_t* dgates = ws.take<scalar_t>(rows * 4 * H);                                      // [S, B, 4H]
+    scalar_t* weight_factors = regs.weight_mask() ? ws.take<scalar_t>(4 * H * cols) : nullptr;  // [4H, 1 or R]
+    scalar_t* rec_factors = regs.rec_mask() ? ws.take<scalar_t>(B * R) : nullptr;              // [B, R]
+    scalar_t* d_hp = d.proj ? ws.take<scalar_t>(rows * R) : nullptr;                          // [S, B, R]
+    scalar_t* hh_all = d.proj ? ws.take<scalar_t>(rows * H) : nullptr;                        // [S, B, H]
+    layer_backward<scalar_t>(d, regs, key, static_cast<uint32_t>(index), reverse, lengths, ptr(w_hh), ptr(w_hr), ptr(gates), ptr(tanh_c),
+                             ptr(cs), ptr(grad_out), ptr(grad_hn), ptr(grad_cn), dgates, weight_factors, rec_factors, d_hp, hh_all,
+                             ptr(dh0), ptr(dc0));
+
+    // The weight gradients and dx: one product each over all steps. dgates^T is read in place (row stride 1).
+    // [S * B, R] the recurrent input of every step: h_{t-1} (slots 0..S-1 forward, 1..S reverse), times rec
+    const scalar_t* r_all = ptr(hs) + (reverse ? B * R : 0);
+    if (rec_factors) {
+      scalar_t* scaled = ws.take<scalar_t>(rows * R);
+      at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) multiply_row(r_all + r * R, rec_factors + (r % B) * R, R, scaled + r * R);
+      });
+      r_all = scaled;
+    }
+    matmul<scalar_t>(4 * H, R, rows, dgates, 1, 4 * H, r_all, R, 1, ptr(dw_hh));
+    if (weight_factors) {
+      scalar_t* w = ptr(dw_hh);
+      at::parallel_for(0, 4 * H, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          if (cols == 1) {
+            scale_row(w + r * R, weight_factors[r], R, w + r * R);
+          } else {
+            multiply_row(w + r * R, weight_factors + r * R, R, w + r * R);
+          }
+        }
+      });
+    }
+    matmul<scalar_t>(4 * H, I, rows, dgates, 1, 4 * H, ptr(x), I, 1, ptr(dw_ih));
     if (input_grad) {
-      matmul<scalar_t>(rows, d.input, 4 * H, g, 4 * H, 1, w_ih.data_ptr<scalar_t>(), d.input, 1, dx.data_ptr<scalar_t>(), nullptr);
+      matmul<scalar_t>(rows, I, 4 * H, dgates, 4 * H, 1, ptr(w_ih), I, 1, ptr(dx));
     }
     if (d.proj) {
-      matmul<scalar_t>(R, H, rows, d_hp.data_ptr<scalar_t>(), 1, R, hh_all.data_ptr<scalar_t>(), H, 1, dw_hr.data_ptr<scalar_t>(),
-                       nullptr);
+      matmul<scalar_t>(R, H, rows, d_hp, 1, R, hh_all, H, 1, ptr(dw_hr));
     }
+    // db: column sums of dgates, in blocks of columns
+    scalar_t* bias_grad = ptr(db);
+    at::parallel_for(0, (4 * H + 255) / 256, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * 256, n = std::min<int64_t>(256, 4 * H - c0);
+        scalar_t acc[256] = {};
+        for (int64_t r = 0; r < rows; ++r) {
+          add_row(dgates + r * 4 * H + c0, n, acc);
+        }
+        std::memcpy(bias_grad + c0, acc, sizeof(scalar_t) * n);
+      }
+    });
   });
-  if (regs.weight_mask()) {
-    dw_hh.mul_(weight_factors);
-  }
-  Tensor db = dg.sum(0);
   return {dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr};
 }
 
