@@ -126,6 +126,15 @@ inline void sequence_factors(
   }
 }
 
+// tanh(x) = 1 - 2 / (exp(2x) + 1): one exp and one division, several times cheaper than SLEEF's tanh; the error is
+// absolute (about 1e-7 in float32, 1e-16 in float64), which the cell's sums do not amplify.
+template <typename T>
+inline at::vec::Vectorized<T> fast_tanh(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec one(T(1)), two(T(2));
+  return one - two / ((x + x).exp() + one);
+}
+
 // Forward of one chunk. Gate order i, f, g, o.
 template <typename T>
 struct CellForward {
@@ -156,7 +165,7 @@ struct CellForward {
       auto load = [&](const T* p) { return Vec::loadu(p + j, m); };
       const Vec i = (one + load(pre[0]).neg().exp()).reciprocal();
       const Vec f = (one + load(pre[1]).neg().exp()).reciprocal();
-      const Vec g = load(pre[2]).tanh();
+      const Vec g = fast_tanh(load(pre[2]));
       const Vec o = (one + load(pre[3]).neg().exp()).reciprocal();
       i.store(act[0] + j, m);
       f.store(act[1] + j, m);
@@ -168,7 +177,7 @@ struct CellForward {
       if (cell) {
         cd = cd * load(cell);
       }
-      const Vec t = cd.tanh();
+      const Vec t = fast_tanh(cd);
       t.store(tc + j, m);
       const Vec cn = zc ? load(zc) * cp + load(zc_take) * cd : cd;
       cn.store(c + j, m);

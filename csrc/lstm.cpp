@@ -199,6 +199,19 @@ class FixedRhs {
     }
   }
 
+  // B(k, n) = column(n)[k] (packed path only: vector_gemm()).
+  template <typename Column>
+  void init_columns(int64_t m, int64_t n, int64_t k, const Column& column, scalar_t* memory) {
+    m_ = m;
+    n_ = n;
+    k_ = k;
+    packed_ = m > 0 && n > 0;
+    if (packed_) {
+      pack_.attach(k, n, memory);
+      pack_.pack_panels(column, 1, 0, pack_.panels());
+    }
+  }
+
   // a: A [M, K] with row stride lda; c: C [M, N] with row stride ldc (not overlapping A or B); bias [N] for kBias.
   void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, Init init, const scalar_t* bias = nullptr) const {
     if (m_ == 0 || n_ == 0) {
@@ -414,9 +427,11 @@ struct Dims {
   bool proj;
 };
 
-Regs make_regs(bool training, double recurrent, double weight, bool weight_rows, double update, bool update_per_step, double cell,
-               double zoneout_h, double zoneout_c) {
-  return Regs{training, recurrent, weight, update, cell, zoneout_h, zoneout_c, weight_rows, update_per_step};
+// layer = [index, reverse, training, weight_rows, update_per_step];
+// p = [recurrent_dropout, weight_dropout, update_dropout, cell_dropout, zoneout_h, zoneout_c].
+Regs make_regs(at::IntArrayRef layer, c10::ArrayRef<double> p) {
+  TORCH_CHECK(layer.size() == 5 && p.size() == 6, "fused_rnn_cpp: layer must be int[5] and regularizers float[6]");
+  return Regs{layer[2] != 0, p[0], p[1], p[2], p[3], p[4], p[5], layer[3] != 0, layer[4] != 0};
 }
 
 Dims check_layer(const Tensor& x, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr) {
@@ -500,7 +515,8 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
   // nothing is dropped.
   const bool permute = units.count > 1, copy_w = permute || regs.weight_mask();
   scalar_t* w_perm = copy_w ? ws.take<scalar_t>(4 * H * R) : nullptr;             // [4H, R] W~
-  scalar_t* w_in_perm = permute ? ws.take<scalar_t>(4 * H * I) : nullptr;         // [4H, I]
+  // [4H, I] W_ih in perm layout, for ATen's mm only (gemm.h packs straight from W_ih's rows)
+  scalar_t* w_in_perm = permute && !vector_gemm() ? ws.take<scalar_t>(4 * H * I) : nullptr;
   scalar_t* bias_perm = permute && bias ? ws.take<scalar_t>(4 * H) : nullptr;     // [4H]
   const scalar_t* w_rec = copy_w ? w_perm : w_hh;
   const scalar_t* w_in = permute ? w_in_perm : w_ih;
@@ -528,16 +544,22 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
     step_f.init(regs);
     for (int64_t q = thread; q < units.count; q += team) {
       const int64_t s = units.begin(q), e = units.end(q);
-      if (permute) {
-        permute_rows(w_ih, H, I, s, e, w_in_perm);
-        if (bias) {
-          permute_rows(bias, H, 1, s, e, bias_perm);
-        }
+      if (permute && bias) {
+        permute_rows(bias, H, 1, s, e, bias_perm);
       }
       if (copy_w) {
         build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm, static_cast<scalar_t*>(nullptr));
       }
-      in_gemm[q].init(B, 4 * (e - s), I, w_in + 4 * s * I, 1, I, in_mem[q]);      // B(k, n) = W_ih[4s + n, k] (perm)
+      if (!vector_gemm()) {
+        if (w_in_perm) {
+          permute_rows(w_ih, H, I, s, e, w_in_perm);
+        }
+        in_gemm[q].init(B, 4 * (e - s), I, w_in + 4 * s * I, 1, I, in_mem[q]);  // B(k, n) = W_ih[4s + n, k] (perm)
+      } else {
+        // B(k, n) = W_ih[g H + s + jj, k] for n = g (e - s) + jj
+        in_gemm[q].init_columns(B, 4 * (e - s), I, [&](int64_t n) { return w_ih + ((n / (e - s)) * H + s + n % (e - s)) * I; },
+                                in_mem[q]);
+      }
       gate_gemm[q].init(B, 4 * (e - s), R, w_rec + 4 * s * R, 1, R, gate_mem[q]);  // B(k, n) = W~[4s + n, k] (perm)
       seq.draw(regs, stream, B, R, s, e);
     }
@@ -881,12 +903,11 @@ int64_t read_seed(const Tensor& seed) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer(
     const Tensor& x_, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_, const Tensor& w_hh_,
     const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const std::optional<Tensor>& w_hr_,
-    const Tensor& seed, const std::optional<Tensor>& lengths_, int64_t index, bool reverse, bool training,
-    double recurrent_dropout, double weight_dropout, bool weight_rows, double update_dropout, bool update_per_step,
-    double cell_dropout, double zoneout_h, double zoneout_c) {
+    const Tensor& seed, const std::optional<Tensor>& lengths_, at::IntArrayRef layer, c10::ArrayRef<double> regularizers) {
   const Dims d = check_layer(x_, w_ih_, w_hh_, w_hr_);
-  const Regs regs = make_regs(training, recurrent_dropout, weight_dropout, weight_rows, update_dropout, update_per_step, cell_dropout,
-                              zoneout_h, zoneout_c);
+  const Regs regs = make_regs(layer, regularizers);
+  const int64_t index = layer[0];
+  const bool reverse = layer[1] != 0;
   TORCH_CHECK(h0.sizes() == at::IntArrayRef({d.batch, d.real}) && c0.sizes() == at::IntArrayRef({d.batch, d.hidden}),
               "fused_rnn_cpp: h0 must be [B, R] and c0 [B, H]");
   const PhiloxKey key = seed_key(read_seed(seed));
@@ -920,11 +941,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     const std::optional<Tensor>& grad_out_, const std::optional<Tensor>& grad_hn_, const std::optional<Tensor>& grad_cn_,
     const Tensor& x_, const Tensor& w_ih_, const Tensor& w_hh_, const std::optional<Tensor>& w_hr_, const Tensor& seed,
     const std::optional<Tensor>& lengths_, const Tensor& gates_, const Tensor& tanh_c_, const Tensor& hs_, const Tensor& cs_,
-    int64_t index, bool reverse, bool training, double recurrent_dropout, double weight_dropout, bool weight_rows,
-    double update_dropout, bool update_per_step, double cell_dropout, double zoneout_h, double zoneout_c, bool input_grad) {
+    at::IntArrayRef layer, c10::ArrayRef<double> regularizers, bool input_grad) {
   const Dims d = check_layer(x_, w_ih_, w_hh_, w_hr_);
-  const Regs regs = make_regs(training, recurrent_dropout, weight_dropout, weight_rows, update_dropout, update_per_step, cell_dropout,
-                              zoneout_h, zoneout_c);
+  const Regs regs = make_regs(layer, regularizers);
+  const int64_t index = layer[0];
+  const bool reverse = layer[1] != 0;
   const PhiloxKey key = seed_key(read_seed(seed));
   const std::vector<int64_t> lengths = read_lengths(lengths_, d.batch);
   const int64_t S = d.steps, B = d.batch, I = d.input, H = d.hidden, R = d.real;
@@ -1123,16 +1144,17 @@ bool uses_vector_gemm() {
 TORCH_LIBRARY(fused_rnn_cpp, m) {
   m.set_python_module("fused_rnn.cpp.ops");
   m.def("feature_dropout(Tensor x, Tensor seed, int kind, int index, float p, bool locked) -> Tensor");
+  // layer: [index k = l * D + d, reverse, training, weight_dropout_mode == "row", update_dropout_mode == "step"];
+  // regularizers: [recurrent_dropout, weight_dropout, update_dropout, cell_dropout, zoneout_h, zoneout_c].
+  // (Few arguments: torch's autograd wrapper walks the schema on every call.)
   m.def(
       "lstm_layer(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, "
-      "Tensor seed, Tensor? lengths, int index, bool reverse, bool training, float recurrent_dropout, float weight_dropout, "
-      "bool weight_rows, float update_dropout, bool update_per_step, float cell_dropout, float zoneout_h, float zoneout_c) "
+      "Tensor seed, Tensor? lengths, int[5] layer, float[6] regularizers) "
       "-> (Tensor out, Tensor h_n, Tensor c_n, Tensor gates, Tensor tanh_c, Tensor hs, Tensor cs)");
   m.def(
       "lstm_layer_backward(Tensor? grad_out, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor w_ih, Tensor w_hh, "
-      "Tensor? w_hr, Tensor seed, Tensor? lengths, Tensor gates, Tensor tanh_c, Tensor hs, Tensor cs, int index, bool reverse, "
-      "bool training, float recurrent_dropout, float weight_dropout, bool weight_rows, float update_dropout, "
-      "bool update_per_step, float cell_dropout, float zoneout_h, float zoneout_c, bool input_grad) "
+      "Tensor? w_hr, Tensor seed, Tensor? lengths, Tensor gates, Tensor tanh_c, Tensor hs, Tensor cs, int[5] layer, "
+      "float[6] regularizers, bool input_grad) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_b, Tensor grad_w_hr)");
   m.def("philox(Tensor seed, Tensor counters) -> Tensor");
   m.def("bulk_draws(Tensor seed, int kind, int index, int step, int numel) -> Tensor");

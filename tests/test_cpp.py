@@ -121,8 +121,10 @@ def test_sequence_and_step_masks_through_the_layer(ops):
         args = dict(recurrent_dropout=0.0, weight_dropout=0.0, weight_rows=False, update_dropout=0.0, update_per_step=True,
                     cell_dropout=0.0, zoneout_h=0.0, zoneout_c=0.0)
         args.update(p)
-        return ops.lstm_layer(x, h0, c0, w_ih, w_hh, b, torch.zeros_like(b), None, seed_tensor(seed), None, 1, False, True,
-                              *args.values())
+        layer = [1, 0, 1, int(args["weight_rows"]), int(args["update_per_step"])]  # k = 1, forward, training
+        probabilities = [args[name] for name in
+                         ("recurrent_dropout", "weight_dropout", "update_dropout", "cell_dropout", "zoneout_h", "zoneout_c")]
+        return ops.lstm_layer(x, h0, c0, w_ih, w_hh, b, torch.zeros_like(b), None, seed_tensor(seed), None, layer, probabilities)
 
     assert torch.equal(step(zoneout_c=0.5)[2] == 2.0, expected["zoneout_c"][0])
     assert torch.equal(step(zoneout_h=0.5)[1] == 0.5, expected["zoneout_h"][0])
@@ -279,7 +281,7 @@ def layer_args(dtype=torch.float64, requires_grad=True, proj=0, lengths=None):
     return (
         t(steps, batch, inputs), t(batch, real), t(batch, hidden), t(4 * hidden, inputs), t(4 * hidden, real), t(4 * hidden),
         t(4 * hidden), t(real, hidden) if proj else None, seed_tensor(2**40 + 9),
-        None if lengths is None else torch.tensor(lengths), 3, True, True, 0.3, 0.4, False, 0.3, True, 0.2, 0.3, 0.4,
+        None if lengths is None else torch.tensor(lengths), [3, 1, 1, 0, 1], [0.3, 0.4, 0.3, 0.2, 0.3, 0.4],
     )
 
 

@@ -29,17 +29,11 @@ def run(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """As fused_rnn.reference.run: x [T, B, I] time-major, rows in the caller's order; lengths [B] or None."""
     ops = torch.ops.fused_rnn_cpp
-    layer_args = (
-        training,
-        reg.recurrent_dropout,
-        reg.weight_dropout,
-        reg.weight_rows,
-        reg.update_dropout,
-        reg.update_per_step,
-        reg.cell_dropout,
-        reg.zoneout_h,
-        reg.zoneout_c,
-    )
+    # the op's int[5] layer (after its index k) and float[6] regularizers
+    flags = (training, reg.weight_rows, reg.update_per_step)
+    probabilities = [
+        reg.recurrent_dropout, reg.weight_dropout, reg.update_dropout, reg.cell_dropout, reg.zoneout_h, reg.zoneout_c,
+    ]
 
     def input_dropout(layer: int, x: Tensor) -> Tensor:
         p = reg.layer_input_dropout(layer)
@@ -48,7 +42,8 @@ def run(
         return ops.feature_dropout(x, seed, KIND_INPUT, layer, p, reg.locked)
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
-        out, h_n, c_n, *_ = ops.lstm_layer(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, seed, lengths, k, reverse, *layer_args)
+        config = [k, int(reverse), *(int(f) for f in flags)]
+        out, h_n, c_n, *_ = ops.lstm_layer(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, seed, lengths, config, probabilities)
         return out, h_n, c_n
 
     def output_dropout(x: Tensor) -> Tensor:

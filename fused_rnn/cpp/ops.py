@@ -35,7 +35,7 @@ register_autograd("fused_rnn_cpp::feature_dropout", _feature_dropout_backward, s
 # ---- one layer-direction: forward and backward through time -------------------------------------------------------
 
 @register_fake("fused_rnn_cpp::lstm_layer")
-def _lstm_layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, index, reverse, training, *regularizers):
+def _lstm_layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, layer, regularizers):
     steps, batch = x.shape[0], x.shape[1]
     hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]
     return (
@@ -50,8 +50,8 @@ def _lstm_layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, ind
 
 
 @register_fake("fused_rnn_cpp::lstm_layer_backward")
-def _lstm_layer_backward_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs, *args):
-    input_grad = args[-1]
+def _lstm_layer_backward_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs, layer,
+                              regularizers, input_grad):
     steps, batch, inputs = x.shape
     hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]
     return (
@@ -66,9 +66,9 @@ def _lstm_layer_backward_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr,
 
 
 def _lstm_layer_setup(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, *layer_args = inputs
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, layer, regularizers = inputs
     ctx.save_for_backward(x, w_ih, w_hh, w_hr, seed, lengths, *output[3:])
-    ctx.layer_args = tuple(layer_args)  # index, reverse, training, the regularizers
+    ctx.layer_args = (layer, regularizers)
     ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(*output[3:])
 
@@ -82,7 +82,7 @@ def _lstm_layer_backward(ctx, grad_out, grad_h_n, grad_c_n, *reserve_grads):
     biases = (db, db.clone()) if ctx.has_bias else (None, None)
     return (
         dx if input_grad else None, dh0, dc0, dw_ih, dw_hh, *biases, dw_hr if w_hr is not None else None,
-        *([None] * (2 + len(ctx.layer_args))),
+        None, None, None, None,
     )
 
 
