@@ -107,7 +107,7 @@ inline void store(typename Lanes<T>::type v, T* p, int64_t n) {
   std::memcpy(p, &v, sizeof(T) * n);
 }
 
-// C rows [0, MR) x columns of panels p, p + 1, over k in [k0, k1).
+// C rows [0, MR) x columns of panels p, p + 1, over k in [k0, k1); a points at A(0, k0).
 template <typename T, int MR>
 inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T* a, int64_t sm, int64_t sk, T* c, int64_t ldc,
                  Init init, const T* bias) {
@@ -131,7 +131,7 @@ inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T
   }
   const T* b0 = b.panel(p) + k0 * V;
   const T* b1 = b.panel(p + 1) + k0 * V;
-  const T* ak = a + k0 * sk;
+  const T* ak = a;
   for (int64_t k = k0; k < k1; ++k, b0 += V, b1 += V, ak += sk) {
     const vec x0 = load(b0, V), x1 = load(b1, V);
 #pragma GCC unroll 16
@@ -167,8 +167,9 @@ template <typename T>
 void gemm_rows(const PackedB<T>& b, int64_t m0, int64_t m1, const T* a, int64_t sm, int64_t sk, T* c, int64_t ldc, Init init,
                const T* bias = nullptr) {
   constexpr int MR = gemm_detail::rows<T>();
-  constexpr int64_t kBlockK = 512;
   const int64_t K = b.K();
+  // equal blocks of at most 768 (a 48-long tail block would reload and store C for little work)
+  const int64_t kBlockK = (K + (K + 767) / 768 - 1) / std::max<int64_t>(1, (K + 767) / 768);
   if (K == 0) {
     // nothing to multiply: C is its initial value
     for (int64_t m = m0; m < m1 && init != Init::kAccumulate; ++m) {
@@ -182,7 +183,7 @@ void gemm_rows(const PackedB<T>& b, int64_t m0, int64_t m1, const T* a, int64_t 
     for (int64_t m = m0; m < m1; m += MR) {
       const int64_t mr = std::min<int64_t>(MR, m1 - m);
       for (int64_t p = 0; p < b.panels(); p += 2) {
-        gemm_detail::rows_tail<T, MR>(mr, b, p, k0, k1, a + m * sm, sm, sk, c + m * ldc, ldc, block_init, bias);
+        gemm_detail::rows_tail<T, MR>(mr, b, p, k0, k1, a + m * sm + k0 * sk, sm, sk, c + m * ldc, ldc, block_init, bias);
       }
     }
   }

@@ -71,6 +71,8 @@ def _lstm_layer_setup(ctx, inputs, output):
     ctx.layer_args = (layer, regularizers)
     ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(*output[3:])
+    # unused outputs (the reserve, often h_n / c_n) reach the backward as None, not as zero tensors to fill
+    ctx.set_materialize_grads(False)
 
 
 def _lstm_layer_backward(ctx, grad_out, grad_h_n, grad_c_n, *reserve_grads):
