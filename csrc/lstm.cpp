@@ -199,19 +199,6 @@ class FixedRhs {
     }
   }
 
-  // B(k, n) = column(n)[k] (packed path only: vector_gemm()).
-  template <typename Column>
-  void init_columns(int64_t m, int64_t n, int64_t k, const Column& column, scalar_t* memory) {
-    m_ = m;
-    n_ = n;
-    k_ = k;
-    packed_ = m > 0 && n > 0;
-    if (packed_) {
-      pack_.attach(k, n, memory);
-      pack_.pack_panels(column, 1, 0, pack_.panels());
-    }
-  }
-
   // a: A [M, K] with row stride lda; c: C [M, N] with row stride ldc (not overlapping A or B); bias [N] for kBias.
   void operator()(const scalar_t* a, int64_t lda, scalar_t* c, int64_t ldc, Init init, const scalar_t* bias = nullptr) const {
     if (m_ == 0 || n_ == 0) {
@@ -333,12 +320,43 @@ int64_t team_size() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
-// Rows of a [4H, cols] matrix in perm layout for unit block [s, e): dst[4 s + g (e - s) + jj] = src[g H + s + jj].
+// pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once; W_ih's rows are
+// packed in perm order straight away.
 template <typename scalar_t>
-void permute_rows(const scalar_t* src, int64_t hidden, int64_t cols, int64_t s, int64_t e, scalar_t* dst) {
-  for (int64_t g = 0; g < 4; ++g) {
-    std::memcpy(dst + (4 * s + g * (e - s)) * cols, src + (g * hidden + s) * cols, sizeof(scalar_t) * cols * (e - s));
+void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, const scalar_t* x, const scalar_t* w_ih,
+                      const scalar_t* bias, scalar_t* pre, Workspace& ws) {
+  const int64_t N = 4 * H;
+  int64_t* row_of = ws.take<int64_t>(N);  // perm column -> row of W_ih
+  for (int64_t q = 0; q < units.count; ++q) {
+    const int64_t s = units.begin(q), e = units.end(q);
+    for (int64_t g = 0; g < 4; ++g) {
+      for (int64_t j = s; j < e; ++j) row_of[4 * s + g * (e - s) + (j - s)] = g * H + j;
+    }
   }
+  scalar_t* bias_perm = bias ? ws.take<scalar_t>(N) : nullptr;
+  for (int64_t n = 0; n < N && bias; ++n) bias_perm[n] = bias[row_of[n]];
+  if (rows == 0) {
+    return;
+  }
+  auto column = [&](int64_t n) { return w_ih + row_of[n] * I; };
+  if (!vector_gemm()) {
+    scalar_t* w_perm = ws.take<scalar_t>(N * I);
+    for (int64_t n = 0; n < N; ++n) std::memcpy(w_perm + n * I, column(n), sizeof(scalar_t) * I);
+    Tensor c_view = strided(pre, rows, N, N, 1);
+    const Tensor a_view = strided(x, rows, I, I, 1), b_view = strided(w_perm, I, N, 1, I);
+    if (bias_perm) {
+      at::addmm_out(c_view, strided(bias_perm, rows, N, 0, 1), a_view, b_view);
+    } else {
+      at::mm_out(c_view, a_view, b_view);
+    }
+    return;
+  }
+  PackedB<scalar_t> packed;
+  packed.attach(I, N, ws.take<scalar_t>(PackedB<scalar_t>::size(I, N)));
+  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(column, 1, p0, p1); });
+  at::parallel_for(0, rows, 64, [&](int64_t m0, int64_t m1) {
+    gemm_rows(packed, m0, m1, x, I, 1, pre, N, bias_perm ? Init::kBias : Init::kZero, bias_perm);
+  });
 }
 
 // ---- masks ------------------------------------------------------------------------------------------------------
@@ -511,27 +529,22 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
   const UnitStream stream{key, k, H};
   SequenceFactors<scalar_t> seq(regs, B, H, ws);
 
-  // W_ih, the bias and W~ in perm layout; the originals when that layout is the standard one (one block) and
-  // nothing is dropped.
-  const bool permute = units.count > 1, copy_w = permute || regs.weight_mask();
-  scalar_t* w_perm = copy_w ? ws.take<scalar_t>(4 * H * R) : nullptr;             // [4H, R] W~
-  // [4H, I] W_ih in perm layout, for ATen's mm only (gemm.h packs straight from W_ih's rows)
-  scalar_t* w_in_perm = permute && !vector_gemm() ? ws.take<scalar_t>(4 * H * I) : nullptr;
-  scalar_t* bias_perm = permute && bias ? ws.take<scalar_t>(4 * H) : nullptr;     // [4H]
+  // W~ in perm layout; W_hh itself when that layout is the standard one (one block) and nothing is dropped.
+  const bool copy_w = units.count > 1 || regs.weight_mask();
+  scalar_t* w_perm = copy_w ? ws.take<scalar_t>(4 * H * R) : nullptr;  // [4H, R] W~
   const scalar_t* w_rec = copy_w ? w_perm : w_hh;
-  const scalar_t* w_in = permute ? w_in_perm : w_ih;
-  const scalar_t* b_in = permute ? bias_perm : bias;
-  scalar_t* pre = ws.take<scalar_t>(B * 4 * H);                              // [B, 4H] perm: this step's pre-activations
+  // [S, B, 4H] perm: x_t W_ih^T + b_ih + b_hh of every step, one product for the whole sequence (so that the step
+  // loop keeps only W~ in cache); each step then adds r W~^T in place.
+  scalar_t* pre = ws.take<scalar_t>(S * B * 4 * H);
+  input_projection(S * B, I, H, units, x, w_ih, bias, pre, ws);
   scalar_t* r_buf = regs.rec_mask() ? ws.take<scalar_t>(2 * B * R) : nullptr;  // [2, B, R]: r = h * rec, by step parity
   scalar_t* hh = d.proj ? ws.take<scalar_t>(B * H) : nullptr;                 // [B, H] o * tanh(c~) before the projection
   scalar_t* hp = d.proj ? ws.take<scalar_t>(B * R) : nullptr;                 // [B, R] its projection
 
-  std::vector<FixedRhs<scalar_t>> in_gemm(units.count), gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
-  std::vector<scalar_t*> in_mem(units.count), gate_mem(units.count), proj_mem(proj_gemm.size());
+  std::vector<FixedRhs<scalar_t>> gate_gemm(units.count), proj_gemm(d.proj ? h_units.count : 0);
+  std::vector<scalar_t*> gate_mem(units.count), proj_mem(proj_gemm.size());
   for (int64_t q = 0; q < units.count; ++q) {
-    const int64_t width = 4 * (units.end(q) - units.begin(q));
-    in_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, width, I));
-    gate_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, width, R));
+    gate_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, 4 * (units.end(q) - units.begin(q)), R));
   }
   for (size_t q = 0; q < proj_gemm.size(); ++q) {
     proj_mem[q] = ws.take<scalar_t>(FixedRhs<scalar_t>::workspace(B, h_units.end(q) - h_units.begin(q), H));
@@ -544,21 +557,8 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
     step_f.init(regs);
     for (int64_t q = thread; q < units.count; q += team) {
       const int64_t s = units.begin(q), e = units.end(q);
-      if (permute && bias) {
-        permute_rows(bias, H, 1, s, e, bias_perm);
-      }
       if (copy_w) {
         build_weight_block(regs, key, k, H, R, s, e, w_hh, w_perm, static_cast<scalar_t*>(nullptr));
-      }
-      if (!vector_gemm()) {
-        if (w_in_perm) {
-          permute_rows(w_ih, H, I, s, e, w_in_perm);
-        }
-        in_gemm[q].init(B, 4 * (e - s), I, w_in + 4 * s * I, 1, I, in_mem[q]);  // B(k, n) = W_ih[4s + n, k] (perm)
-      } else {
-        // B(k, n) = W_ih[g H + s + jj, k] for n = g (e - s) + jj
-        in_gemm[q].init_columns(B, 4 * (e - s), I, [&](int64_t n) { return w_ih + ((n / (e - s)) * H + s + n % (e - s)) * I; },
-                                in_mem[q]);
       }
       gate_gemm[q].init(B, 4 * (e - s), R, w_rec + 4 * s * R, 1, R, gate_mem[q]);  // B(k, n) = W~[4s + n, k] (perm)
       seq.draw(regs, stream, B, R, s, e);
@@ -589,8 +589,8 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
 
       for (int64_t q = thread; q < units.count; q += team) {
         const int64_t s = units.begin(q), e = units.end(q), width = e - s;
-        in_gemm[q](x + t * B * I, I, pre + 4 * s, 4 * H, b_in ? Init::kBias : Init::kZero, b_in ? b_in + 4 * s : nullptr);
-        gate_gemm[q](r_prev, R, pre + 4 * s, 4 * H, Init::kAccumulate);
+        scalar_t* pre_t = pre + t * B * 4 * H;  // [B, 4H] perm
+        gate_gemm[q](r_prev, R, pre_t + 4 * s, 4 * H, Init::kAccumulate);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t row = t * B + b;
           for (int64_t j0 = s; j0 < e; j0 += kChunk) {
@@ -599,7 +599,7 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
             CellForward<scalar_t> cell;
             cell.n = n;
             for (int g = 0; g < 4; ++g) {
-              cell.pre[g] = pre + b * 4 * H + 4 * s + g * width + (j0 - s);
+              cell.pre[g] = pre_t + b * 4 * H + 4 * s + g * width + (j0 - s);
               cell.act[g] = gates + row * 4 * H + g * H + j0;
             }
             cell.c_prev = cs + (prev * B + b) * H + j0;
