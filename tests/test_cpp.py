@@ -331,6 +331,35 @@ def test_torch_compile_fullgraph(ops):
     torch.testing.assert_close(result_grad, eager_grad, rtol=1e-12, atol=1e-12)
 
 
+COMPILE_FIRST_SCRIPT = textwrap.dedent(
+    """
+    import torch, fused_rnn
+    lstm = fused_rnn.LSTM(5, 6, 2, bidirectional=True, backend="cpp", dtype=torch.float64, zoneout_h=0.2, weight_dropout=0.3)
+    weights, reg = list(lstm._flat_weights), lstm.regularizers
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *w):
+        out, (h, c) = fused_rnn.lstm(x, None, w, num_layers=2, bidirectional=True, training=True, regularizers=reg,
+                                     seed=5, backend="cpp")
+        return out.sum() + h.sum() + c.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, *weights)  # the backend's first use
+    eager = f(x, *weights)
+    assert torch.equal(compiled, eager), (compiled, eager)
+    assert torch.equal(torch.autograd.grad(compiled, x)[0], torch.autograd.grad(eager, x)[0])
+    print("ok")
+    """
+)
+
+
+def test_torch_compile_as_the_first_use(ops, tmp_path):
+    """Loading the extension inside a compiled region (fresh process, the build already cached)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", COMPILE_FIRST_SCRIPT], env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
 # ---- building and falling back -------------------------------------------------------------------------------------
 
 def test_sources_are_found():

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from . import flags
 
 _NAME = "fused_rnn_cpp"
@@ -26,6 +28,7 @@ _lock = threading.Lock()
 _result: list = []  # [reason or None] once tried
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it (building if need be) and keeps the answer
 def load_error() -> str | None:
     """None when the extension is loaded and its operators registered, else a one-line reason."""
     with _lock:
@@ -44,8 +47,6 @@ def source_dir() -> Path | None:
 
 
 def cache_dir() -> Path:
-    import torch
-
     root = os.environ.get("FUSED_RNN_CACHE")
     if root:
         base = Path(root)
@@ -56,8 +57,6 @@ def cache_dir() -> Path:
 
 
 def _load() -> str | None:
-    import torch
-
     aot_error = None
     spec = importlib.util.find_spec("fused_rnn._C")
     if spec is not None and spec.origin:
