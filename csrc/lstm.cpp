@@ -5,10 +5,11 @@
 // Gate order i, f, g, o. Masks follow docs/randomness.md and are regenerated wherever they are used.
 //
 // Threads: the time loop runs inside one OpenMP team. The hidden units are split into contiguous blocks, one per
-// thread; a thread owns units j of its block for all four gates (rows j, H + j, 2H + j, 3H + j of W_ih and W_hh),
-// so its step GEMMs produce exactly the gates its pointwise pass needs, and threads meet once per step.
-// Weights are stored block-major for this ("perm" layout): the rows of block [s, e) are the 4 (e - s) rows
-// 4 s + g (e - s) + (j - s), one contiguous GEMM operand per thread.
+// thread; a thread owns units j of its block for all four gates (rows j, H + j, 2H + j, 3H + j of W_hh), so its
+// step GEMM produces exactly the gates its pointwise pass needs, and threads meet once per step (twice with
+// proj_size). Gate rows are stored block-major for this ("perm" layout): the rows of block [s, e) are the
+// 4 (e - s) rows 4 s + g (e - s) + (j - s), one contiguous GEMM operand per thread; the input projection of every
+// step is computed up front in the same layout, and each step adds r W~^T to its slice.
 //
 // Memory: temporaries come from a per-thread workspace and the backward reserve from a recycling pool, both kept
 // between calls; a training loop asks for the same sizes every step, and fresh pages cost a page fault each.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -207,6 +208,33 @@ def test_each_regularizer_alone(ops, name, p):
     reg = {name: p}
     ref = run_lstm("reference", (2, True, 0), reg, True, None)
     out = run_lstm("cpp", (2, True, 0), reg, True, None)
+    assert_equal64(ref, out)
+    assert all(not t.isnan().any() for t in out.values())
+
+
+def fuzz_cases(count: int, seed: int = 0):
+    rng = random.Random(seed)
+    names = sorted(ALL_ON)
+    for _ in range(count):
+        hidden = rng.choice([1, 2, 7, 33, 37, 70, 129])  # one or two unit blocks, ragged 64-unit chunks
+        proj = rng.choice([0, max(1, hidden // 3)]) if hidden > 1 else 0
+        layers = rng.choice([1, 2])
+        reg = {name: rng.choice([0.0, 0.3, 0.7, 1.0]) for name in names}
+        if layers == 1:
+            reg["dropout"] = 0.0
+        reg.update(weight_dropout_mode=rng.choice(["element", "row"]), update_dropout_mode=rng.choice(["step", "sequence"]),
+                   dropout_mode=rng.choice(["step", "locked"]))
+        steps, batch = rng.choice([1, 2, 5]), rng.choice([1, 3, 17])
+        lengths = None
+        if rng.random() < 0.4:
+            lengths = tuple([steps] + [rng.randint(1, steps) for _ in range(batch - 1)])
+        yield (layers, rng.random() < 0.5, proj), reg, rng.random() < 0.8, lengths, (steps, batch, rng.choice([1, 3, 20]), hidden)
+
+
+@pytest.mark.parametrize("cfg, reg, training, lengths, sizes", list(fuzz_cases(24)))
+def test_float64_equals_reference_fuzzed(ops, two_threads, cfg, reg, training, lengths, sizes):
+    ref = run_lstm("reference", cfg, reg, training, lengths, sizes=sizes)
+    out = run_lstm("cpp", cfg, reg, training, lengths, sizes=sizes)
     assert_equal64(ref, out)
     assert all(not t.isnan().any() for t in out.values())
 

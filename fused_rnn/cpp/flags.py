@@ -1,7 +1,7 @@
 """Compiler flags of the C++ extension, shared by the just-in-time build (loader.py) and setup.py.
 
-The cell kernels use ATen's Vectorized (SLEEF exp and tanh), which picks its instruction set from the
-CPU_CAPABILITY macros at compile time: we build for the capability torch itself dispatches to on this machine.
+The kernels use ATen's Vectorized (and SLEEF's exp), which picks its instruction set from the CPU_CAPABILITY
+macros at compile time: we build for the capability torch itself dispatches to on this machine.
 """
 
 from __future__ import annotations
