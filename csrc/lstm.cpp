@@ -250,9 +250,9 @@ void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int6
 
 // ---- threads ----------------------------------------------------------------------------------------------------
 
-// Where a team of threads meets once per step. Spinning, because the wait is short (one step's pointwise pass):
-// OpenMP's barrier lets a waiting thread sleep, and waking it costs tens of microseconds per step. After a while
-// it yields, so that an oversubscribed machine still makes progress.
+// Where a team of threads meets once per step. It spins first, because the wait is usually short (one step's
+// imbalance) and waking a sleeping thread costs tens of microseconds; then it blocks (a futex, with C++20), so that
+// on a busy machine a waiting thread gives its core to the teammate it waits for.
 class Sync {
  public:
   explicit Sync(int size) : size_(size) {}
@@ -264,14 +264,23 @@ class Sync {
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == size_ - 1) {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
+#if defined(__cpp_lib_atomic_wait)
+      generation_.notify_all();
+#endif
       return;
     }
-    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < 20000) {
-        pause();
-      } else {
-        std::this_thread::yield();
+    for (int spins = 0; spins < 4000; ++spins) {
+      if (generation_.load(std::memory_order_acquire) != generation) {
+        return;
       }
+      pause();
+    }
+    while (generation_.load(std::memory_order_acquire) == generation) {
+#if defined(__cpp_lib_atomic_wait)
+      generation_.wait(generation, std::memory_order_acquire);
+#else
+      std::this_thread::yield();
+#endif
     }
   }
 
