@@ -7,6 +7,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .philox import KIND_INPUT, KIND_OUTPUT
+from .regularizers import Regularizers
+
 
 class LayerWeights(NamedTuple):
     """The parameters of one layer-direction, named as in nn.LSTM (b_* and w_hr may be None)."""
@@ -61,3 +64,33 @@ def run_stack(
             c_n.append(c)
         x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
     return output_dropout(x), torch.stack(h_n), torch.stack(c_n)
+
+
+def run_fused_stack(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: list[LayerWeights],
+    *,
+    num_directions: int,
+    reg: Regularizers,
+    training: bool,
+    seed: Tensor,
+    feature_dropout: Callable[..., Tensor],
+    layer: LayerFn,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """run_stack for a backend whose ops draw their own masks: feature_dropout(x, seed, kind, index, p,
+    locked) applies the input, between-layer and output masks (kinds 1 and 2 of docs/randomness.md)."""
+
+    def input_dropout(layer_index: int, x: Tensor) -> Tensor:
+        p = reg.layer_input_dropout(layer_index)
+        if not training or p == 0:
+            return x
+        return feature_dropout(x, seed, KIND_INPUT, layer_index, p, reg.locked)
+
+    def output_dropout(x: Tensor) -> Tensor:
+        if not training or reg.output_dropout == 0:
+            return x
+        return feature_dropout(x, seed, KIND_OUTPUT, 0, reg.output_dropout, reg.locked)
+
+    return run_stack(x, h0, c0, weights, num_directions, input_dropout, layer, output_dropout)

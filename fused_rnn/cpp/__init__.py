@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..philox import KIND_INPUT, KIND_OUTPUT
 from ..regularizers import Regularizers
-from ..stack import LayerWeights, run_stack
+from ..stack import LayerWeights, run_fused_stack
 
 
 def run(
@@ -35,20 +34,12 @@ def run(
         reg.recurrent_dropout, reg.weight_dropout, reg.update_dropout, reg.cell_dropout, reg.zoneout_h, reg.zoneout_c,
     ]
 
-    def input_dropout(layer: int, x: Tensor) -> Tensor:
-        p = reg.layer_input_dropout(layer)
-        if not training or p == 0:
-            return x
-        return ops.feature_dropout(x, seed, KIND_INPUT, layer, p, reg.locked)
-
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         config = [k, int(reverse), *(int(f) for f in flags)]
         out, h_n, c_n, *_ = ops.lstm_layer(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, seed, lengths, config, probabilities)
         return out, h_n, c_n
 
-    def output_dropout(x: Tensor) -> Tensor:
-        if not training or reg.output_dropout == 0:
-            return x
-        return ops.feature_dropout(x, seed, KIND_OUTPUT, 0, reg.output_dropout, reg.locked)
-
-    return run_stack(x, h0, c0, weights, num_directions, input_dropout, layer, output_dropout)
+    return run_fused_stack(
+        x, h0, c0, weights, num_directions=num_directions, reg=reg, training=training, seed=seed,
+        feature_dropout=ops.feature_dropout, layer=layer,
+    )
