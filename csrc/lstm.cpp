@@ -772,6 +772,32 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       }
     };
 
+    // The cell backward of units [j0, j0 + n) of row b at step t, in the unit block [s, e), from d_hh, the
+    // gradient of o * tanh(c~); this step's masks are already drawn in step_f. hh: o * tanh(c~) out (nullable).
+    auto cell_backward = [&](int64_t t, int64_t prev, int64_t b, int64_t s, int64_t e, int64_t j0, int64_t n,
+                             const scalar_t* d_hh, scalar_t* hh) {
+      const int64_t row = t * B + b;
+      CellBackward<scalar_t> cell;
+      cell.n = n;
+      for (int g = 0; g < 4; ++g) {
+        cell.act[g] = gates + row * 4 * H + g * H + j0;
+        cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
+        cell.dgate_copy[g] = dg_perm + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
+      }
+      cell.tc = tanh_c + row * H + j0;
+      cell.c_prev = cs + (prev * B + b) * H + j0;
+      cell.dhh = d_hh;
+      const scalar_t* upd_seq = seq.row(seq.update, b, H);
+      cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
+      const scalar_t* cell_seq = seq.row(seq.cell, b, H);
+      cell.cell = cell_seq ? cell_seq + j0 : nullptr;
+      cell.zc = step_f.has_zc ? step_f.zc : nullptr;
+      cell.zc_take = step_f.zc_take;
+      cell.dc = dc + b * H + j0;
+      cell.hh = hh;
+      cell.run();
+    };
+
     for (int64_t step = 0; step < S; ++step) {
       const int64_t t = reverse ? step : S - 1 - step;
       const int64_t prev = reverse ? t + 1 : t;
@@ -804,25 +830,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
               continue;
             }
             // no projection: h's units are the cell's units, finish the cell here
-            CellBackward<scalar_t> cell;
-            cell.n = n;
-            for (int g = 0; g < 4; ++g) {
-              cell.act[g] = gates + row * 4 * H + g * H + j0;
-              cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
-              cell.dgate_copy[g] = dg_perm + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
-            }
-            cell.tc = tanh_c + row * H + j0;
-            cell.c_prev = cs + (prev * B + b) * H + j0;
-            cell.dhh = dh_cand;
-            const scalar_t* upd_seq = seq.row(seq.update, b, H);
-            cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
-            const scalar_t* cell_seq = seq.row(seq.cell, b, H);
-            cell.cell = cell_seq ? cell_seq + j0 : nullptr;
-            cell.zc = step_f.has_zc ? step_f.zc : nullptr;
-            cell.zc_take = step_f.zc_take;
-            cell.dc = dc + b * H + j0;
-            cell.hh = nullptr;
-            cell.run();
+            cell_backward(t, prev, b, s, e, j0, n, dh_cand, nullptr);
           }
         }
         if (!d.proj) {
@@ -854,25 +862,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
             for (int64_t j0 = s; j0 < e; j0 += kChunk) {
               const int64_t n = std::min(kChunk, e - j0);
               step_f.draw(regs, stream, static_cast<uint32_t>(t), b, j0, n, false, true);
-              CellBackward<scalar_t> cell;
-              cell.n = n;
-              for (int g = 0; g < 4; ++g) {
-                cell.act[g] = gates + row * 4 * H + g * H + j0;
-                cell.dgate[g] = dgates + row * 4 * H + g * H + j0;
-                cell.dgate_copy[g] = dg_perm + b * 4 * H + 4 * s + g * (e - s) + (j0 - s);
-              }
-              cell.tc = tanh_c + row * H + j0;
-              cell.c_prev = cs + (prev * B + b) * H + j0;
-              cell.dhh = dhh + b * H + j0;
-              const scalar_t* upd_seq = seq.row(seq.update, b, H);
-              cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
-              const scalar_t* cell_seq = seq.row(seq.cell, b, H);
-              cell.cell = cell_seq ? cell_seq + j0 : nullptr;
-              cell.zc = step_f.has_zc ? step_f.zc : nullptr;
-              cell.zc_take = step_f.zc_take;
-              cell.dc = dc + b * H + j0;
-              cell.hh = hh_all + row * H + j0;
-              cell.run();
+              cell_backward(t, prev, b, s, e, j0, n, dhh + b * H + j0, hh_all + row * H + j0);
             }
           }
         }
