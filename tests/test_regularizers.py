@@ -24,6 +24,7 @@ from _cases import (
     ALL_DROPOUTS,
     ALL_ON,
     ALL_ON_OTHER_MODES,
+    PROBABILITY_NAMES,
     BIG_CFG,
     TIGHT,
     Cfg,
@@ -230,19 +231,9 @@ RATE_T, RATE_B, RATE_H = 16, 24, 32
 
 
 def rate_lstm(p: float, **modes) -> fused_rnn.LSTM:
-    names = (
-        "dropout",
-        "input_dropout",
-        "output_dropout",
-        "recurrent_dropout",
-        "weight_dropout",
-        "update_dropout",
-        "cell_dropout",
-        "zoneout_h",
-        "zoneout_c",
-    )
     return fused_rnn.LSTM(
-        2 * RATE_H, RATE_H, num_layers=2, bidirectional=True, backend="reference", **{n: p for n in names}, **modes
+        2 * RATE_H, RATE_H, num_layers=2, bidirectional=True, backend="reference",
+        **{name: p for name in PROBABILITY_NAMES}, **modes,
     )
 
 
