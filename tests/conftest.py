@@ -50,3 +50,12 @@ def nan_filled_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: fill(new_empty(self, *a, **k)))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cases of the Triton backend run on the GPU where there is one: mark them `cuda`, so that the GPU
+    check (`pytest -m cuda`) runs the shared parity, mask and bad-input tests there too."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "triton":
+            item.add_marker(pytest.mark.cuda)
