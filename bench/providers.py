@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 import fused_rnn
 from fused_rnn import backends
+from fused_rnn.regularizers import PROBABILITIES
 
 MODES = ("fwdbwd", "fwd")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,17 +65,7 @@ EVERY_REGULARIZER = dict(
     zoneout_h=0.1,
     zoneout_c=0.1,
 )
-ALL_APPLIED = (
-    "input_dropout",
-    "dropout",
-    "output_dropout",
-    "recurrent_dropout",
-    "weight_dropout",
-    "update_dropout",
-    "cell_dropout",
-    "zoneout_h",
-    "zoneout_c",
-)
+ALL_APPLIED = PROBABILITIES
 AWD_APPLIED = ("input_dropout", "dropout", "output_dropout", "weight_dropout")
 
 

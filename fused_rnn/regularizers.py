@@ -22,6 +22,10 @@ _PROBABILITY_MEANING = {
 }
 
 
+# Every probability argument of fused_rnn.LSTM, nn.LSTM's `dropout` first.
+PROBABILITIES = tuple(_PROBABILITY_MEANING)
+
+
 def check_probability(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise ValueError(
@@ -54,7 +58,7 @@ class Regularizers:
     zoneout_c: float = 0.0
 
     def __post_init__(self):
-        for name in _PROBABILITY_MEANING:
+        for name in PROBABILITIES:
             object.__setattr__(self, name, check_probability(name, getattr(self, name)))
         check_mode("dropout_mode", self.dropout_mode, DROPOUT_MODES)
         check_mode("weight_dropout_mode", self.weight_dropout_mode, WEIGHT_DROPOUT_MODES)
@@ -63,7 +67,7 @@ class Regularizers:
     @property
     def is_random(self) -> bool:
         """Whether a training forward draws any mask (and so needs a seed)."""
-        return any(getattr(self, name) > 0 for name in _PROBABILITY_MEANING)
+        return any(getattr(self, name) > 0 for name in PROBABILITIES)
 
     @property
     def locked(self) -> bool:

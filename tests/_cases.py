@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import backends
-from fused_rnn.regularizers import Regularizers
+from fused_rnn.regularizers import PROBABILITIES, Regularizers
 
 from conftest import backend_device
 
@@ -41,17 +41,7 @@ ALL_DROPOUTS = dict(
 )
 ALL_ON = dict(ALL_DROPOUTS, zoneout_h=0.3, zoneout_c=0.4)
 ALL_ON_OTHER_MODES = dict(ALL_ON, dropout_mode="locked", weight_dropout_mode="row", update_dropout_mode="sequence")
-PROBABILITY_NAMES = (
-    "dropout",
-    "input_dropout",
-    "output_dropout",
-    "recurrent_dropout",
-    "weight_dropout",
-    "update_dropout",
-    "cell_dropout",
-    "zoneout_h",
-    "zoneout_c",
-)
+PROBABILITY_NAMES = PROBABILITIES
 
 
 @dataclasses.dataclass(frozen=True)
