@@ -7,6 +7,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 
@@ -243,10 +244,7 @@ def layer_forward(
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
     # [T, B, 4H]: every step's input projection in one GEMM
-    xg = torch.matmul(x, w_ih.t())
-    if bias is not None:
-        xg = xg + bias
-    xg = xg.to(dtype).contiguous()
+    xg = F.linear(x, w_ih, bias).to(dtype).contiguous()
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     hs = torch.empty(seq_len + 1, batch, real_hidden, dtype=dtype, device=x.device)
     cs = torch.empty(seq_len + 1, batch, hidden, dtype=dtype, device=x.device)
@@ -300,8 +298,9 @@ def layer_backward(
     has_proj = w_hr is not None
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     dgates = torch.empty(seq_len, batch, 4 * hidden, dtype=dtype, device=x.device)
-    gh = d_h_n.to(dtype).contiguous().clone()
-    gc = d_c_n.to(dtype).contiguous().clone()
+    # the carries are written in place: copies of their own
+    gh = d_h_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    gc = d_c_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     d_out = d_out.to(dtype).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
