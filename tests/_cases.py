@@ -77,23 +77,6 @@ ALL_CFGS = [
 BIG_CFG = Cfg(num_layers=2, bidirectional=True, proj_size=P)
 
 
-def covering_subset(cases, factors):
-    """A deterministic greedy pairwise covering subset: every pair of values of two factors that occurs in
-    `cases` occurs in at least one chosen case. factors(case) -> tuple of factor values."""
-
-    def pairs(case):
-        values = factors(case)
-        return {(i, values[i], j, values[j]) for i, j in itertools.combinations(range(len(values)), 2)}
-
-    uncovered = set().union(*(pairs(c) for c in cases))
-    chosen = []
-    while uncovered:
-        best = max(cases, key=lambda c: len(pairs(c) & uncovered))  # first of the best: deterministic
-        chosen.append(best)
-        uncovered -= pairs(best)
-    return chosen
-
-
 def setup_backend(backend: str) -> torch.device:
     """The device a backend's tests run on; skips a backend whose module is not written yet."""
     if not hasattr(backends.module(backend), "run"):

@@ -66,17 +66,15 @@ CASES = [
     ("L2-eval-zoneout", dict(num_layers=2, proj_size=1), ALL_ON, False, None),
 ]
 # The larger cases use gradcheck's fast mode (a random projection of the Jacobian): a full Jacobian costs two
-# forwards per input element, and the reference regenerates every mask per forward. Triton's interpreter runs
-# the first (small) case only, in fast mode. Every backend's gradients are also compared with the reference's
-# (test_parity, test_regularizers).
+# forwards per input element, and the reference regenerates every mask per forward. Triton, whose interpreter
+# pays per program and step, runs every case in fast mode. Every backend's gradients are also compared with the
+# reference's (test_parity, test_regularizers).
 FAST_CASES = {"L2-bi-proj-all_on", "L2-bi-proj-locked_row_sequence", "L1-bi-packed-all_on"}
 
 
 @pytest.mark.parametrize("name,cfg,reg,training,lengths", CASES, ids=[c[0] for c in CASES])
 def test_gradcheck(backend, name, cfg, reg, training, lengths):
     """gradcheck in float64 of fused_rnn.lstm w.r.t. input, h0, c0 and every weight, with a fixed seed."""
-    if backend == "triton" and name != CASES[0][0]:
-        pytest.skip("triton runs the first gradcheck case only (interpreter cost)")
     device = setup_backend(backend)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "dropout option adds dropout")

@@ -1,8 +1,7 @@
 """Parity with torch.nn.LSTM in float64 (SPEC.md sections 1 and 3), on every backend.
 
 The full cross product num_layers x bidirectional x proj_size x batch_first x bias x input form x hx x
-mode runs on the reference (and C++) backends; the Triton backend, whose interpreter pays per program
-and step, runs a pairwise covering subset of it (every pair of factor values appears at least once).
+mode runs on every backend, the Triton one included (under the interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from _cases import (
     Cfg,
     Inputs,
     compare_results,
-    covering_subset,
     make_inputs,
     make_pair,
     drop_packed_indices,
@@ -57,34 +55,10 @@ class Case:
 
 
 PARITY_CASES = [Case(*c) for c in itertools.product(ALL_CFGS, FORMS, (False, True), MODES)]
-TRITON_CASES = frozenset(covering_subset(PARITY_CASES, Case.factors))
-
-
-def skip_outside_triton_subset(backend, case):
-    if backend == "triton" and case not in TRITON_CASES:
-        pytest.skip(
-            f"triton runs a pairwise covering subset of the parity cases ({len(TRITON_CASES)} of {len(PARITY_CASES)})"
-        )
-
-
-def test_triton_subset_covers_every_pair():
-    """The subset is pairwise covering and small: the Triton share of the parity tests stays affordable."""
-    everything = {
-        (i, a[i], j, a[j]) for a in map(Case.factors, PARITY_CASES) for i, j in itertools.combinations(range(8), 2)
-    }
-    covered = {
-        (i, a[i], j, a[j]) for a in map(Case.factors, TRITON_CASES) for i, j in itertools.combinations(range(8), 2)
-    }
-    assert covered == everything
-    assert len(TRITON_CASES) <= 16
-    assert covering_subset(PARITY_CASES, Case.factors) == covering_subset(PARITY_CASES, Case.factors)
-
-
 @pytest.mark.parametrize("case", PARITY_CASES, ids=str)
 def test_matches_nn_lstm(backend, case):
     """Outputs, h_n, c_n and the gradients of input, h0, c0 and every parameter equal nn.LSTM's
     (train mode with every probability 0, or eval mode with every dropout on and zoneout off)."""
-    skip_outside_triton_subset(backend, case)
     device = setup_backend(backend)
     reg = {} if case.mode == "train_p0" else ALL_DROPOUTS
     ref, fused = make_pair(case.cfg, backend=backend, device=device, **reg)

@@ -474,8 +474,6 @@ def test_packed_rows_use_the_masks_of_their_caller_batch_row(backend, form):
     """Masks are indexed by the caller's batch row and position t, not by length or sorted order: row b of a
     packed forward equals row b of the padded forward of the whole batch cut to b's length (both directions,
     every layer), with the same seed."""
-    if backend == "triton" and form == "packed_sorted":
-        pytest.skip("triton runs the unsorted form only (interpreter cost); sorted packing is in the replay cases")
     device = setup_backend(backend)
     _, lstm = make_pair(BIG_CFG, backend=backend, device=device, **ALL_ON)
     inputs = make_inputs(BIG_CFG, form, True).to(device)
