@@ -22,6 +22,7 @@ from helpers import assert_close
 from _cases import (
     ALL_CFGS,
     ALL_DROPOUTS,
+    ALL_ON,
     BIG_CFG,
     FORMS,
     TIGHT,
@@ -125,6 +126,25 @@ def test_eval_zoneout_one_freezes_the_state(backend):
     h0, c0 = inputs.hx
     assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
     assert torch.equal(out, torch.cat([h0[2], h0[3]], dim=-1).expand_as(out))
+
+
+def test_strided_parameters_and_inputs_match_contiguous_ones(backend):
+    """Parameters replaced by strided views of the same values (as parametrizations such as orthogonal give)
+    and a strided input: every backend computes what it computes on contiguous copies, regularizers on."""
+    device = setup_backend(backend)
+    _, dense = make_pair(BIG_CFG, backend="reference", **ALL_ON)
+    _, strided = make_pair(BIG_CFG, backend=backend, device=device, **ALL_ON)
+    for name, param in list(strided.named_parameters()):
+        values = param.detach()
+        # a transposed copy transposed back (2-D), or every other element of a wider tensor (1-D)
+        view = values.t().contiguous().t() if values.dim() == 2 else torch.stack([values, values], 1)[:, 0]
+        assert not view.is_contiguous()
+        setattr(strided, name, torch.nn.Parameter(view))
+    inputs = make_inputs(BIG_CFG, "padded", True)
+    expected = run_with_grads(dense, inputs, seed=7)
+    x = inputs.x.detach().transpose(0, 1).contiguous().transpose(0, 1).to(device).requires_grad_()
+    strided_inputs = Inputs(inputs.form, x, tuple(h.to(device) for h in inputs.hx), None, False)
+    compare_results(expected, run_with_grads(strided, strided_inputs, seed=7), TIGHT, "strided: ")
 
 
 # --- low precision: the reference computes fp16 / bf16 in float32 -------------------------------------

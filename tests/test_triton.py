@@ -323,3 +323,42 @@ def test_a_refused_persistent_launch_falls_back_to_steps(monkeypatch):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=5, proj=0, layers=1,
                                 bidirectional=True, packed=False, training=True, reg=EVERY)
     assert launch.persistent_programs(device, 4) == 0, "after a refusal, later calls step"
+
+
+def test_a_launch_error_that_is_not_a_refusal_propagates(monkeypatch):
+    """Only the driver refusing a cooperative grid falls back; another error (say, an earlier kernel's fault
+    surfacing at this launch) reaches the caller, and later calls keep trying persistent launches."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
+    monkeypatch.setattr(launch, "_persistent_refused", [])
+
+    class Faulty:
+        def __getitem__(self, grid):
+            def fault(*args, **kwargs):
+                raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+            return fault
+
+    monkeypatch.setattr(launch, "forward_persistent_kernel", Faulty())
+    model = fused_rnn.LSTM(3, 5, backend="triton", dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        model(torch.randn(2, 2, 3, dtype=torch.float64, device=device))
+    assert launch.persistent_programs(device, 4) > 0, "a fault is not a refusal: persistent launches continue"
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_inputs_gpu_not_the_current_one():
+    """Triton launches on the current device: the launchers make the input's device current."""
+    model = fused_rnn.LSTM(3, 5, proj_size=2, backend="triton", device="cuda:1", dtype=torch.float64, **EVERY)
+    x = torch.randn(4, 2, 3, device="cuda:1", dtype=torch.float64, requires_grad=True)
+    with torch.cuda.device(0):
+        out, _ = model(x, seed=3)
+        out.sum().backward()
+    reference = fused_rnn.LSTM(3, 5, proj_size=2, backend="reference", dtype=torch.float64, **EVERY)
+    reference.load_state_dict(model.state_dict())
+    x_cpu = x.detach().cpu().requires_grad_()
+    expected, _ = reference(x_cpu, seed=3)
+    expected.sum().backward()
+    assert_close("out", expected, out.cpu(), 1e-12)
+    assert_close("dx", x_cpu.grad, x.grad.cpu(), 1e-12)

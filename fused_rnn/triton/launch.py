@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 
@@ -136,10 +137,32 @@ def _launch_persistent(kernel, programs: int, x: Tensor, *args, **constexprs) ->
     try:
         kernel[(programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype))
     except RuntimeError as error:
+        if not refused_launch(error):
+            raise
         _persistent_refused.append(f"{type(error).__name__}: {error}")
         warnings.warn(f"fused_rnn: a persistent Triton launch failed ({error}); running one launch per step from now on")
         return False
     return True
+
+
+def refused_launch(error: RuntimeError) -> bool:
+    """Whether a launch error is the driver refusing a cooperative grid (raised before the kernel starts,
+    and not sticky), rather than, say, an earlier kernel's fault surfacing here."""
+    reason = str(error).lower()
+    return "cooperative" in reason or "not supported" in reason
+
+
+def on_tensor_device(launcher):
+    """Run a launcher with its first argument's GPU current: Triton launches on the current device."""
+
+    @functools.wraps(launcher)
+    def on_device(x: Tensor, *args, **kwargs):
+        if x.device.type != "cuda":
+            return launcher(x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return launcher(x, *args, **kwargs)
+
+    return on_device
 
 
 def persistent_programs(device: torch.device, tiles: int) -> int:
@@ -182,14 +205,14 @@ def packed_dropout(
     steps = x.shape[0]
     numel = x[0].numel() if steps else 0
     if numel:
-        grid = (steps, triton.cdiv(numel, ELEMENTWISE_BLOCK))
-        packed_dropout_kernel[grid](
-            x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, group, int(locked),
+        packed_dropout_kernel[(triton.cdiv(steps * numel, ELEMENTWISE_BLOCK),)](
+            x, out, ints, floats, threshold_slot, scale_slot, kind, stream, steps, numel, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
     return out
 
 
+@on_tensor_device
 def feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
     """The input / between-layer / output dropout of x [T, B, F] (kinds 1, 2 of docs/randomness.md)."""
     x = x.contiguous()
@@ -232,6 +255,7 @@ def _positions(seq_len: int, reverse: bool) -> range:
     return range(seq_len - 1, -1, -1) if reverse else range(seq_len)
 
 
+@on_tensor_device
 def layer_forward(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
     lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
@@ -243,6 +267,7 @@ def layer_forward(
     seq_len, batch, _ = x.shape
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
+    w_hr = None if w_hr is None else w_hr.contiguous()  # the kernels index every weight as dense
     # [T, B, 4H]: every step's input projection in one GEMM
     xg = F.linear(x, w_ih, bias).to(dtype).contiguous()
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
@@ -286,6 +311,7 @@ def layer_forward(
     return out, hs[last], cs[last], xg, rs, cs, hpre
 
 
+@on_tensor_device
 def layer_backward(
     d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None,
     lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
@@ -296,6 +322,7 @@ def layer_backward(
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
+    w_hr = None if w_hr is None else w_hr.contiguous()
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     dgates = torch.empty(seq_len, batch, 4 * hidden, dtype=dtype, device=x.device)
     # the carries are written in place: copies of their own
