@@ -64,6 +64,48 @@ def _packed_index(batch_sizes: Tensor, sorted_indices: Tensor | None, device) ->
     return time_index, sorted_indices[sorted_row], lengths
 
 
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    if value < minimum:
+        bound = "greater than zero" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    return value
+
+
+def weight_layout(
+    input_size: int, hidden_size: int, proj_size: int, num_layers: int, num_directions: int, has_biases: bool
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The name and shape nn.LSTM gives each of its flat weights, in their order."""
+    real_hidden_size = proj_size if proj_size > 0 else hidden_size
+    gates = 4 * hidden_size
+    layout = []
+    for layer in range(num_layers):
+        layer_input = input_size if layer == 0 else num_directions * real_hidden_size
+        for direction in range(num_directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            layout += [(f"weight_ih{suffix}", (gates, layer_input)), (f"weight_hh{suffix}", (gates, real_hidden_size))]
+            if has_biases:
+                layout += [(f"bias_ih{suffix}", (gates,)), (f"bias_hh{suffix}", (gates,))]
+            if proj_size > 0:
+                layout.append((f"weight_hr{suffix}", (proj_size, hidden_size)))
+    return layout
+
+
+def _size_from(weights: Sequence[Tensor], index: int, name: str, dim: int, divisor: int = 1) -> int:
+    """A size read off weights[index] (nn.LSTM's `name`), which must be 2-D to give it."""
+    weight = weights[index]
+    if weight.dim() != 2:
+        raise RuntimeError(f"{name} must be 2-D to give the LSTM's sizes, got size {list(weight.shape)}")
+    return weight.shape[dim] // divisor
+
+
 def lstm(
     input: Tensor | PackedSequence,
     hx: tuple[Tensor, Tensor] | None,
@@ -77,26 +119,55 @@ def lstm(
     regularizers: Regularizers | None = None,
     seed: int | None = None,
     backend: str = "auto",
+    input_size: int | None = None,
+    hidden_size: int | None = None,
+    proj_size: int | None = None,
 ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
     """nn.LSTM's forward with the regularizers of SPEC.md.
 
     weights: nn.LSTM's flat weights in its order (w_ih, w_hh[, b_ih, b_hh][, w_hr] per layer and direction).
+    input_size, hidden_size, proj_size: nn.LSTM's; each one left None is read off the first layer's
+    weight_ih (input_size, hidden_size) or weight_hr (proj_size). Every weight's shape is checked against them.
     Returns output (a PackedSequence for packed input) and (h_n, c_n), shaped as nn.LSTM returns them.
+
+    Input checks follow nn.LSTM.forward's order (input dims, hx dims, input dtype and feature size, hidden
+    sizes, then what its kernel checks: devices, sequence length); all of them, and the backend's
+    availability, come before the seed is drawn.
     """
+    if regularizers is not None and not isinstance(regularizers, Regularizers):
+        raise TypeError(f"regularizers must be a fused_rnn.Regularizers or None, got {type(regularizers).__name__}")
     reg = Regularizers() if regularizers is None else regularizers
     backend = backends.check_backend_name(backend)
     if seed is not None:
         seed = check_seed(seed)
+    num_layers = _check_int("num_layers", num_layers, 1)
+    for name, value in (("has_biases", has_biases), ("bidirectional", bidirectional), ("batch_first", batch_first), ("training", training)):
+        _check_bool(name, value)
+    if not isinstance(weights, (list, tuple)) or not all(isinstance(w, Tensor) for w in weights):
+        raise TypeError("weights must be a list or tuple of tensors (nn.LSTM's flat weights)")
     num_directions = 2 if bidirectional else 1
-    per_layer = len(weights) // (num_layers * num_directions)
-    has_proj = per_layer == 3 + 2 * has_biases
-    if len(weights) != num_layers * num_directions * (2 + 2 * has_biases + has_proj):
+    if proj_size is None:
+        has_proj = len(weights) == num_layers * num_directions * (3 + 2 * has_biases)
+    else:
+        has_proj = _check_int("proj_size", proj_size, 0) > 0
+    per_layer = 2 + 2 * has_biases + has_proj
+    if len(weights) != num_layers * num_directions * per_layer:
+        counts = f"{2 + 2 * has_biases} or {3 + 2 * has_biases}" if proj_size is None else str(per_layer)
         raise ValueError(
-            f"expected {2 + 2 * has_biases} or {3 + 2 * has_biases} weights per layer and direction "
-            f"({num_layers} layers, {num_directions} directions), got {len(weights)} weights"
+            f"expected {counts} weights per layer and direction ({num_layers} layers, {num_directions} directions), "
+            f"got {len(weights)} weights"
         )
-    w_ih0, w_hh0 = weights[0], weights[1]
-    input_size, hidden_size, real_hidden_size = w_ih0.shape[1], w_hh0.shape[0] // 4, w_hh0.shape[1]
+    if input_size is None:
+        input_size = _size_from(weights, 0, "weight_ih_l0", 1)
+    if hidden_size is None:
+        hidden_size = _size_from(weights, 0, "weight_ih_l0", 0, divisor=4)
+    if proj_size is None:
+        proj_size = _size_from(weights, per_layer - 1, "weight_hr_l0", 0) if has_proj else 0
+    input_size = _check_int("input_size", input_size, 1)
+    hidden_size = _check_int("hidden_size", hidden_size, 1)
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    real_hidden_size = proj_size if has_proj else hidden_size
 
     packed = isinstance(input, PackedSequence)
     if packed:
@@ -105,36 +176,7 @@ def lstm(
         data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
         if data.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
-    autocast = torch.is_autocast_enabled(data.device.type)
-    if data.dtype != w_ih0.dtype and not autocast:
-        raise ValueError(
-            f"RNN input dtype ({data.dtype}) does not match weight dtype ({w_ih0.dtype}). "
-            f"Convert input: input.to({w_ih0.dtype}), or convert model: model.to({data.dtype})"
-        )
-    if not data.is_floating_point():
-        raise ValueError(f"LSTM: input must be a floating-point tensor, got {data.dtype}")
-    if packed and data.dim() != 2:
-        raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
-    if data.size(-1) != input_size:
-        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {data.size(-1)}")
-    for w in weights:
-        if w.device != data.device:
-            raise RuntimeError(
-                f"Input and parameter tensors are not at the same device, found input tensor at {data.device} "
-                f"and parameter tensor at {w.device}"
-            )
-        if w.dtype != w_ih0.dtype:
-            raise RuntimeError(f"LSTM: all weights must have the same dtype, found {w_ih0.dtype} and {w.dtype}")
-    if packed:
-        _check_packed(data, batch_sizes)
-
     batched = packed or data.dim() == 3
-    if packed:
-        batch = int(batch_sizes[0])
-    elif batched:
-        batch = data.shape[0] if batch_first else data.shape[1]
-    else:
-        batch = 1
     if hx is not None:
         if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(h, Tensor) for h in hx):
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
@@ -147,25 +189,63 @@ def lstm(
             )
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+
+    autocast = torch.is_autocast_enabled(data.device.type)
+    weight_dtype = weights[0].dtype
+    if data.dtype != weight_dtype and not autocast:
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight_dtype}). "
+            f"Convert input: input.to({weight_dtype}), or convert model: model.to({data.dtype})"
+        )
+    if not data.is_floating_point():
+        raise ValueError(f"LSTM: input must be a floating-point tensor, got {data.dtype}")
+    if packed and data.dim() != 2:
+        raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
+    if data.size(-1) != input_size:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {data.size(-1)}")
+    if packed:
+        _check_packed(data, batch_sizes)
+        batch = int(batch_sizes[0])
+    elif batched:
+        batch = data.shape[0] if batch_first else data.shape[1]
+    else:
+        batch = 1
+    if hx is not None:
         for index, (state, size) in enumerate(((h0, real_hidden_size), (c0, hidden_size))):
             expected = (num_layers * num_directions, batch, size)
             if state.shape != expected:
                 raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {list(state.shape)}")
+        for state in (h0, c0):
             if state.device != data.device:
                 raise RuntimeError(
                     f"Input and hidden tensors are not at the same device, found input tensor at {data.device} "
                     f"and hidden tensor at {state.device}"
                 )
-            if state.dtype != data.dtype and not autocast:
-                raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
+    for w in weights:
+        if w.device != data.device:
+            raise RuntimeError(
+                f"Input and parameter tensors are not at the same device, found input tensor at {data.device} "
+                f"and parameter tensor at {w.device}"
+            )
     if not packed and data.shape[1 if batched and batch_first else 0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if hx is not None and not autocast:
+        for index, state in enumerate((h0, c0)):
+            if state.dtype != data.dtype:
+                raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
+    layout = weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
+    for w, (name, shape) in zip(weights, layout):
+        if w.dtype != weight_dtype and not autocast:
+            raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")
+        if w.shape != shape:
+            raise RuntimeError(f"Expected {name} size {shape}, got {list(w.shape)}")
 
-    if not (training and reg.is_random):
+    dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
+    chosen = backends.resolve(backend, data.device, dtype)
+    if not (training and reg.draws_masks(num_layers)):
         seed = torch.zeros((), dtype=torch.int64)
     elif seed is None:
         seed = draw_seed()
-    dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     weights = [w.to(dtype) for w in weights]
 
     # [T, B, I] time-major, rows in the caller's order; lengths [B] for packed input
@@ -184,7 +264,6 @@ def lstm(
     else:
         h0, c0 = h0.to(dtype), c0.to(dtype)
 
-    chosen = backends.resolve(backend, x.device, dtype)
     out, h_n, c_n = backends.module(chosen).run(
         x,
         h0,

@@ -7,11 +7,20 @@ value. The kernels draw the same bits in place; this module is what the referenc
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 from . import philox
 from .regularizers import Regularizers
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """A user's sequence length or batch size: an int (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def keep_mask(draws: Tensor, p: float) -> Tensor:

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import functional
 from .backends import check_backend_name
-from .masks import sample_masks
+from .masks import check_count, sample_masks
 from .regularizers import Regularizers
 
 _REGULARIZER_FIELDS = tuple(f.name for f in dataclasses.fields(Regularizers) if f.name != "dropout")
@@ -71,6 +71,11 @@ class LSTM(nn.RNNBase):
             setattr(self, name, getattr(regularizers, name))
         self.backend = backend
 
+    # nn.LSTM's versions for a (h, c) state; RNNBase's, which this class would inherit, take one tensor
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
     @property
     def regularizers(self) -> Regularizers:
         """The current probabilities and modes (attributes may be changed between calls, as nn.LSTM's dropout)."""
@@ -89,10 +94,19 @@ class LSTM(nn.RNNBase):
             regularizers=self.regularizers,
             seed=seed,
             backend=self.backend,
+            input_size=self.input_size,
+            hidden_size=self.hidden_size,
+            proj_size=self.proj_size,
         )
 
     def sample_masks(self, seq_len: int, batch_size: int, seed: int, device=None) -> dict:
-        """The masks a training forward with this seed uses (SPEC.md section 4), on `device` (default: the weights')."""
+        """The masks a training forward with this seed uses (SPEC.md section 4), on `device` (default: the weights').
+
+        seq_len is at least 1 and batch_size at least 0, the inputs a forward accepts: like nn.LSTM, it rejects
+        an empty sequence and runs an empty batch.
+        """
+        seq_len = check_count("seq_len", seq_len, 1)
+        batch_size = check_count("batch_size", batch_size, 0)
         return sample_masks(
             self.regularizers,
             num_layers=self.num_layers,

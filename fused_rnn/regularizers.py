@@ -28,9 +28,9 @@ PROBABILITIES = tuple(_PROBABILITY_MEANING)
 
 def check_probability(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(
-            f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}, got {value!r}"
-        )
+        message = f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}"
+        # nn.LSTM's exact words for its own argument; ours also say what was given
+        raise ValueError(message if name == "dropout" else f"{message}, got {value!r}")
     return float(value)
 
 
@@ -64,10 +64,12 @@ class Regularizers:
         check_mode("weight_dropout_mode", self.weight_dropout_mode, WEIGHT_DROPOUT_MODES)
         check_mode("update_dropout_mode", self.update_dropout_mode, UPDATE_DROPOUT_MODES)
 
-    @property
-    def is_random(self) -> bool:
-        """Whether a training forward draws any mask (and so needs a seed)."""
-        return any(getattr(self, name) > 0 for name in PROBABILITIES)
+    def draws_masks(self, num_layers: int) -> bool:
+        """Whether a training forward of `num_layers` layers draws any mask (and so needs a seed).
+
+        `dropout` acts between layers, so with one layer it draws nothing, as in nn.LSTM.
+        """
+        return any(getattr(self, name) > 0 for name in PROBABILITIES if name != "dropout" or num_layers > 1)
 
     @property
     def locked(self) -> bool:

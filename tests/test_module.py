@@ -323,3 +323,36 @@ def test_sample_masks_follow_the_module_device_and_settings():
     assert masks["zoneout_c"] == [None, None]
     meta = lstm.sample_masks(T, 2, 0, device="meta")
     assert meta["zoneout_h"][0].device.type == "meta"
+
+
+@pytest.mark.parametrize("cfg", [Cfg(), BIG_CFG, Cfg(num_layers=2, batch_first=True)], ids=str)
+def test_lstm_methods_for_a_state_pair_are_nn_lstms(cfg):
+    """get_expected_cell_size, check_forward_args and permute_hidden take (h, c), as nn.LSTM's do."""
+    ref, lstm = make_pair(cfg)
+    n, h_out = cfg.num_layers * cfg.dirs, cfg.h_out
+    x = make_inputs(cfg, "padded", False).x
+    batch_sizes = torch.tensor([3, 2, 2, 1])
+    for args in ((x, None), (x[..., :1], None), (x.flatten(0, 1), batch_sizes)):
+        assert lstm.get_expected_cell_size(*args) == ref.get_expected_cell_size(*args)
+    good = (torch.zeros(n, B, h_out), torch.zeros(n, B, H))
+    hidden_cases = [
+        good,
+        (torch.zeros(n, B + 1, h_out), good[1]),
+        (good[0], torch.zeros(n, B, H + 1)),
+        (good[0], torch.zeros(n + 1, B, H)),
+    ]
+    for x_case in (x, x[..., :2], x.float()):
+        for hidden in hidden_cases:
+            try:
+                expected = ref.check_forward_args(x_case, hidden, None)
+            except Exception as error:
+                with pytest.raises(type(error)) as ours:
+                    lstm.check_forward_args(x_case, hidden, None)
+                assert str(ours.value) == str(error)
+            else:
+                assert lstm.check_forward_args(x_case, hidden, None) == expected
+    hidden = (torch.randn(n, B, h_out), torch.randn(n, B, H))
+    permutation = torch.tensor([2, 0, 1])
+    for perm in (permutation, None):
+        ours, theirs = lstm.permute_hidden(hidden, perm), ref.permute_hidden(hidden, perm)
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

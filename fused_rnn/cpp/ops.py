@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.library import register_autograd, register_fake
 
+from ..reference.higher_order import FusedLayer, layer_gradients
+
 _ops = torch.ops.fused_rnn_cpp
 
 
@@ -67,25 +69,30 @@ def _lstm_layer_backward_fake(grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr,
 
 def _lstm_layer_setup(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, layer, regularizers = inputs
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, seed, lengths, *output[3:])
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, *output[3:])
     ctx.layer_args = (layer, regularizers)
-    ctx.has_bias = b_ih is not None
     ctx.mark_non_differentiable(*output[3:])
     # unused outputs (the reserve, often h_n / c_n) reach the backward as None, not as zero tensors to fill
     ctx.set_materialize_grads(False)
 
 
 def _lstm_layer_backward(ctx, grad_out, grad_h_n, grad_c_n, *reserve_grads):
-    x, w_ih, w_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs = ctx.saved_tensors
+    layer, regularizers = ctx.layer_args
     input_grad = ctx.needs_input_grad[0]
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.lstm_layer_backward(
-        grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs, *ctx.layer_args, input_grad
-    )
-    biases = (db, db.clone()) if ctx.has_bias else (None, None)
-    return (
-        dx if input_grad else None, dh0, dc0, dw_ih, dw_hh, *biases, dw_hr if w_hr is not None else None,
-        None, None, None, None,
-    )
+
+    def kernel():
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = _ops.lstm_layer_backward(
+            grad_out, grad_h_n, grad_c_n, x, w_ih, w_hh, w_hr, seed, lengths, gates, tanh_c, hs, cs, layer, regularizers,
+            input_grad,
+        )
+        biases = (db, db.clone()) if b_ih is not None else (None, None)
+        return dx if input_grad else None, dh0, dc0, dw_ih, dw_hh, *biases, dw_hr if w_hr is not None else None
+
+    # layer: [k, reverse, training, weight_rows, update_per_step]
+    fused = FusedLayer(layer[0], bool(layer[1]), bool(layer[2]), regularizers, layer[3:], seed, lengths)
+    grads = layer_gradients(kernel, fused, (grad_out, grad_h_n, grad_c_n), (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    return (*grads, None, None, None, None)
 
 
 register_autograd("fused_rnn_cpp::lstm_layer", _lstm_layer_backward, setup_context=_lstm_layer_setup)

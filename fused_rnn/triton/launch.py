@@ -100,14 +100,24 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
         cell.FLOAT_SLOTS,
         compute_dtype(dtype),
     )
-    return ints.to(device), floats.to(device)
+    return host_to_device(ints, device), host_to_device(floats, device)
 
 
 def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Seed and threshold (slots 0, 1) and scale (slot 0) of one bulk dropout."""
     ints = torch.tensor([0, philox.threshold(p)], dtype=torch.int64)
     ints[0] = seed
-    return ints.to(device), torch.tensor([philox.keep_scale(p)], dtype=compute_dtype(dtype)).to(device)
+    floats = torch.tensor([philox.keep_scale(p)], dtype=compute_dtype(dtype))
+    return host_to_device(ints, device), host_to_device(floats, device)
+
+
+def host_to_device(values: Tensor, device: torch.device) -> Tensor:
+    """A small CPU tensor of launch parameters on `device`. To a GPU through pinned memory, without
+    blocking: a copy from pageable memory synchronises the stream, which would drain the GPU's queue
+    before every layer."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -8,24 +8,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..reference.higher_order import FusedLayer, layer_gradients, regularizers_of
 from ..regularizers import Regularizers
 from . import launch
-
-
-def regularizers_of(probabilities: list[float], modes: list[int]) -> Regularizers:
-    """Ops take the recurrence's regularizers as plain lists: see layer_arguments."""
-    recurrent, weight, update, cell, zoneout_h, zoneout_c = probabilities
-    weight_rows, update_per_step = modes
-    return Regularizers(
-        recurrent_dropout=recurrent,
-        weight_dropout=weight,
-        weight_dropout_mode="row" if weight_rows else "element",
-        update_dropout=update,
-        update_dropout_mode="step" if update_per_step else "sequence",
-        cell_dropout=cell,
-        zoneout_h=zoneout_h,
-        zoneout_c=zoneout_c,
-    )
 
 
 def layer_arguments(reg: Regularizers) -> tuple[list[float], list[int]]:
@@ -104,28 +89,31 @@ def _(d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, 
 def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes = inputs
     _, _, _, xg, rs, cs, hpre = output
-    ctx.save_for_backward(x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre)
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre)
     ctx.arguments = (stream, reverse, training, probabilities, modes)
-    ctx.has_bias = bias is not None
 
 
 def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
-    x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
     stream, reverse, training, probabilities, modes = ctx.arguments
-    seq_len, batch, _ = x.shape
-    hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
-    # outputs nobody used come back as None
-    d_out = x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out
-    d_h_n = x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n
-    d_c_n = x.new_zeros(batch, hidden) if d_c_n is None else d_c_n
-    dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_layer_backward(
-        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
-        xg, rs, cs, hpre,
-    )
-    return (
-        dx, dh0, dc0, dw_ih, dw_hh, dbias if ctx.has_bias else None, dw_hr if w_hr is not None else None,
-        None, None, None, None, None, None, None,
-    )
+
+    def kernel():
+        seq_len, batch, _ = x.shape
+        hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
+        # outputs nobody used come back as None
+        grads = (
+            x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out,
+            x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n,
+            x.new_zeros(batch, hidden) if d_c_n is None else d_c_n,
+        )
+        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_layer_backward(
+            *grads, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, xg, rs, cs, hpre,
+        )
+        return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
+
+    layer = FusedLayer(stream, reverse, training, probabilities, modes, seed, lengths)
+    grads = layer_gradients(kernel, layer, (d_out, d_h_n, d_c_n), (x, h0, c0, w_ih, w_hh, bias, w_hr))
+    return (*grads, None, None, None, None, None, None, None)
 
 
 lstm_layer.register_autograd(_layer_backward, setup_context=_layer_setup_context)
