@@ -305,20 +305,27 @@ def test_gpu_same_seed_is_bitwise_reproducible(mode, monkeypatch):
         assert torch.equal(first, second)
 
 
+class FailingLaunch:
+    """Stands in for a kernel: every launch raises RuntimeError(message), as Triton's launcher reports CUDA errors."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __getitem__(self, grid):
+        def launch_error(*args, **kwargs):
+            raise RuntimeError(self.message)
+
+        return launch_error
+
+
 def test_a_refused_persistent_launch_falls_back_to_steps(monkeypatch):
     device = require_backend("triton", torch.float64)
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
     monkeypatch.setattr(launch, "_persistent_refused", [])
 
-    class Refused:
-        def __getitem__(self, grid):
-            def refuse(*args, **kwargs):
-                raise RuntimeError("too many blocks in cooperative launch")
-
-            return refuse
-
-    monkeypatch.setattr(launch, "forward_persistent_kernel", Refused())
-    monkeypatch.setattr(launch, "backward_persistent_kernel", Refused())
+    refused = FailingLaunch("too many blocks in cooperative launch")
+    monkeypatch.setattr(launch, "forward_persistent_kernel", refused)
+    monkeypatch.setattr(launch, "backward_persistent_kernel", refused)
     with pytest.warns(UserWarning, match="persistent Triton launch failed"):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=5, proj=0, layers=1,
                                 bidirectional=True, packed=False, training=True, reg=EVERY)
@@ -332,14 +339,8 @@ def test_a_launch_error_that_is_not_a_refusal_propagates(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
     monkeypatch.setattr(launch, "_persistent_refused", [])
 
-    class Faulty:
-        def __getitem__(self, grid):
-            def fault(*args, **kwargs):
-                raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
-
-            return fault
-
-    monkeypatch.setattr(launch, "forward_persistent_kernel", Faulty())
+    faulty = FailingLaunch("Triton Error [CUDA]: an illegal memory access was encountered")
+    monkeypatch.setattr(launch, "forward_persistent_kernel", faulty)
     model = fused_rnn.LSTM(3, 5, backend="triton", dtype=torch.float64, device=device)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         model(torch.randn(2, 2, 3, dtype=torch.float64, device=device))
