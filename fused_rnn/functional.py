@@ -73,13 +73,12 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _check_bool(name: str, value) -> bool:
+def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
-    return value
 
 
-def weight_layout(
+def _weight_layout(
     input_size: int, hidden_size: int, proj_size: int, num_layers: int, num_directions: int, has_biases: bool
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The name and shape nn.LSTM gives each of its flat weights, in their order."""
@@ -98,12 +97,45 @@ def weight_layout(
     return layout
 
 
-def _size_from(weights: Sequence[Tensor], index: int, name: str, dim: int, divisor: int = 1) -> int:
-    """A size read off weights[index] (nn.LSTM's `name`), which must be 2-D to give it."""
-    weight = weights[index]
+def _size_from(weight: Tensor, name: str, dim: int) -> int:
+    """A size read off nn.LSTM's weight `name`, which must be 2-D to give it."""
     if weight.dim() != 2:
         raise RuntimeError(f"{name} must be 2-D to give the LSTM's sizes, got size {list(weight.shape)}")
-    return weight.shape[dim] // divisor
+    return weight.shape[dim]
+
+
+def _sizes(
+    weights: Sequence[Tensor],
+    num_layers: int,
+    num_directions: int,
+    has_biases: bool,
+    input_size: int | None,
+    hidden_size: int | None,
+    proj_size: int | None,
+) -> tuple[int, int, int]:
+    """input_size, hidden_size, proj_size: the ones given, checked, the others read off the first layer's weights."""
+    if proj_size is None:
+        has_proj = len(weights) == num_layers * num_directions * (3 + 2 * has_biases)
+    else:
+        has_proj = _check_int("proj_size", proj_size, 0) > 0
+    per_layer = 2 + 2 * has_biases + has_proj
+    if len(weights) != num_layers * num_directions * per_layer:
+        counts = f"{2 + 2 * has_biases} or {3 + 2 * has_biases}" if proj_size is None else str(per_layer)
+        raise ValueError(
+            f"expected {counts} weights per layer and direction ({num_layers} layers, {num_directions} directions), "
+            f"got {len(weights)} weights"
+        )
+    if input_size is None:
+        input_size = _size_from(weights[0], "weight_ih_l0", 1)
+    if hidden_size is None:
+        hidden_size = _size_from(weights[0], "weight_ih_l0", 0) // 4
+    if proj_size is None:
+        proj_size = _size_from(weights[per_layer - 1], "weight_hr_l0", 0) if has_proj else 0
+    input_size = _check_int("input_size", input_size, 1)
+    hidden_size = _check_int("hidden_size", hidden_size, 1)
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    return input_size, hidden_size, proj_size
 
 
 def lstm(
@@ -141,32 +173,16 @@ def lstm(
     if seed is not None:
         seed = check_seed(seed)
     num_layers = _check_int("num_layers", num_layers, 1)
-    for name, value in (("has_biases", has_biases), ("bidirectional", bidirectional), ("batch_first", batch_first), ("training", training)):
-        _check_bool(name, value)
+    flags = dict(has_biases=has_biases, bidirectional=bidirectional, batch_first=batch_first, training=training)
+    for name, flag in flags.items():
+        _check_bool(name, flag)
     if not isinstance(weights, (list, tuple)) or not all(isinstance(w, Tensor) for w in weights):
         raise TypeError("weights must be a list or tuple of tensors (nn.LSTM's flat weights)")
     num_directions = 2 if bidirectional else 1
-    if proj_size is None:
-        has_proj = len(weights) == num_layers * num_directions * (3 + 2 * has_biases)
-    else:
-        has_proj = _check_int("proj_size", proj_size, 0) > 0
-    per_layer = 2 + 2 * has_biases + has_proj
-    if len(weights) != num_layers * num_directions * per_layer:
-        counts = f"{2 + 2 * has_biases} or {3 + 2 * has_biases}" if proj_size is None else str(per_layer)
-        raise ValueError(
-            f"expected {counts} weights per layer and direction ({num_layers} layers, {num_directions} directions), "
-            f"got {len(weights)} weights"
-        )
-    if input_size is None:
-        input_size = _size_from(weights, 0, "weight_ih_l0", 1)
-    if hidden_size is None:
-        hidden_size = _size_from(weights, 0, "weight_ih_l0", 0, divisor=4)
-    if proj_size is None:
-        proj_size = _size_from(weights, per_layer - 1, "weight_hr_l0", 0) if has_proj else 0
-    input_size = _check_int("input_size", input_size, 1)
-    hidden_size = _check_int("hidden_size", hidden_size, 1)
-    if proj_size >= hidden_size:
-        raise ValueError("proj_size has to be smaller than hidden_size")
+    input_size, hidden_size, proj_size = _sizes(
+        weights, num_layers, num_directions, has_biases, input_size, hidden_size, proj_size
+    )
+    has_proj = proj_size > 0
     real_hidden_size = proj_size if has_proj else hidden_size
 
     packed = isinstance(input, PackedSequence)
@@ -233,7 +249,7 @@ def lstm(
         for index, state in enumerate((h0, c0)):
             if state.dtype != data.dtype:
                 raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
-    layout = weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
+    layout = _weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
     for w, (name, shape) in zip(weights, layout):
         if w.dtype != weight_dtype and not autocast:
             raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -13,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence
 import fused_rnn
 from fused_rnn import backends
 
-from _cases import BIG_CFG, PROBABILITY_NAMES, Cfg, H, I, make_lstm, make_pair, setup_backend
+from _cases import BIG_CFG, PROBABILITY_NAMES, Cfg, H, I, P, make_lstm, make_pair, setup_backend
 
 T_, B_ = 4, 2
 
@@ -108,6 +109,19 @@ NN_CASES = {
     "empty_sequence": lambda cfg: (batched(cfg, seq=0), None),
     "empty_sequence_with_hx": lambda cfg: (batched(cfg, seq=0), states(cfg)),
     "empty_sequence_unbatched": lambda cfg: (randn(0, I), None),
+    # two faults at once: the one nn.LSTM checks first is reported
+    "feature_size_and_hx_2d": lambda cfg: (batched(cfg, features=I + 1), states(cfg, batch=())),
+    "feature_size_and_hx_unbatched_3d": lambda cfg: (randn(T_, I + 1), states(cfg, batch=(1,))),
+    "dtype_and_hx_2d": lambda cfg: (batched(cfg, dtype=torch.float32), states(cfg, batch=())),
+    "dtype_int_and_hx_2d": lambda cfg: (torch.randint(0, 3, (T_, B_, I)), states(cfg, batch=())),
+    "dtype_and_feature_size": lambda cfg: (batched(cfg, features=I + 1, dtype=torch.float32), None),
+    "input_4d_and_hx_2d": lambda cfg: (randn(T_, B_, I, 1), states(cfg, batch=())),
+    "feature_size_and_h_batch": lambda cfg: (batched(cfg, features=I + 1), states(cfg, batch=(B_ + 1,))),
+    "h_and_c_sizes": lambda cfg: (batched(cfg), states(cfg, h=cfg.h_out + 1, c=H + 1)),
+    "c_size_and_h_dtype": lambda cfg: (batched(cfg), (states(cfg, dtype=torch.float32)[0], states(cfg, c=H + 1)[1])),
+    "empty_sequence_and_h_size": lambda cfg: (batched(cfg, seq=0), states(cfg, h=cfg.h_out + 1)),
+    "empty_sequence_and_feature_size": lambda cfg: (batched(cfg, seq=0, features=I + 1), None),
+    "empty_sequence_and_hx_2d": lambda cfg: (batched(cfg, seq=0), states(cfg, batch=())),
 }
 NN_CFGS = [Cfg(), Cfg(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)]
 
@@ -126,6 +140,24 @@ def test_same_exception_as_nn_lstm(backend, case, cfg):
     )
     tensors = (x,) + (() if hx is None else hx)
     rejects(lstm, lambda: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", *tensors)
+
+
+@pytest.mark.parametrize(
+    "make_hx,seq",
+    [
+        (lambda: (torch.empty(1, B_, H, dtype=torch.float64, device="meta"), randn(1, B_, H + 1)), T_),
+        (lambda: (torch.empty(1, B_, H, dtype=torch.float64, device="meta"), randn(1, B_, H)), 0),
+        (lambda: (randn(1, B_, H, dtype=torch.float32), torch.empty(1, B_, H, dtype=torch.float64, device="meta")), T_),
+    ],
+    ids=["meta_h_and_c_size", "meta_h_and_empty_sequence", "h_dtype_and_meta_c"],
+)
+def test_double_faults_with_a_state_on_another_device(make_hx, seq):
+    """nn.LSTM checks sizes in Python, then devices, then the sequence length, then dtypes (in its kernel)."""
+    ref, lstm = make_pair(Cfg())
+    x, hx = randn(seq, B_, I), make_hx()
+    expected = exception_of(lambda: ref(x, hx))
+    assert expected is not None
+    rejects(lstm, lambda: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", x)
 
 
 # --- the checks nn.LSTM lacks: a clear exception naming the problem ---------------------------------
@@ -245,12 +277,20 @@ def test_bad_probability_at_construction(name, value):
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan"), True, "0.5"], ids=repr)
-def test_bad_dropout_says_what_nn_lstm_says(value):
-    expected = exception_of(lambda: torch.nn.LSTM(I, H, num_layers=2, dropout=value))
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_bad_dropout_says_what_nn_lstm_says(value, num_layers):
+    expected = exception_of(lambda: torch.nn.LSTM(I, H, num_layers=num_layers, dropout=value))
     assert isinstance(expected, ValueError)
     with pytest.raises(ValueError) as error:
-        fused_rnn.LSTM(I, H, num_layers=2, dropout=value)
-    assert str(error.value).startswith(str(expected))
+        fused_rnn.LSTM(I, H, num_layers=num_layers, dropout=value)
+    assert str(error.value) == str(expected)
+
+
+@pytest.mark.parametrize("name", [name for name in PROBABILITY_NAMES if name != "dropout"])
+def test_bad_fused_only_probability_says_what_was_given(name):
+    with pytest.raises(ValueError) as error:
+        fused_rnn.LSTM(I, H, **{name: 1.5})
+    assert str(error.value).endswith(", got 1.5")
 
 
 @pytest.mark.parametrize("name", PROBABILITY_NAMES)
@@ -323,3 +363,164 @@ def test_errors_come_before_any_randomness():
     with pytest.raises(RuntimeError):
         lstm(x)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("case", ["cpp_float16", "triton_without_interpreter"])
+def test_unavailable_backend_draws_no_seed(case, monkeypatch):
+    """The backend is resolved with the other checks, before a training forward draws its seed."""
+    if case == "cpp_float16":
+        lstm = make_lstm(Cfg(), backend="cpp", dtype=torch.float16, zoneout_h=0.5)
+        x = randn(T_, B_, I, dtype=torch.float16)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        lstm = make_lstm(Cfg(), backend="triton", zoneout_h=0.5)
+        x = randn(T_, B_, I)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    rejects(lstm, lambda: lstm(x), RuntimeError, "is not available here", x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        ((0, B_), r"^seq_len must be an int >= 1, got 0$"),
+        ((-1, B_), r"^seq_len must be an int >= 1, got -1$"),
+        ((3.5, B_), r"^seq_len must be an int >= 1, got 3.5$"),
+        ((True, B_), r"^seq_len must be an int >= 1, got True$"),
+        ((torch.tensor(3), B_), r"^seq_len must be an int >= 1, got tensor\(3\)$"),
+        ((T_, -1), r"^batch_size must be an int >= 0, got -1$"),
+        ((T_, 2.0), r"^batch_size must be an int >= 0, got 2.0$"),
+        ((T_, False), r"^batch_size must be an int >= 0, got False$"),
+        ((T_, "2"), r"^batch_size must be an int >= 0, got '2'$"),
+    ],
+    ids=repr,
+)
+def test_bad_sample_masks_sizes(args, pattern):
+    _, lstm = make_pair(Cfg(num_layers=2), zoneout_h=0.5, input_dropout=0.2)
+    with pytest.raises(ValueError, match=pattern):
+        lstm.sample_masks(*args, 1)
+
+
+def test_sample_masks_accepts_the_sizes_a_forward_accepts():
+    """An empty sequence is rejected by the forward (as by nn.LSTM), an empty batch runs: sample_masks agrees."""
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5, input_dropout=0.2)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        lstm(randn(0, B_, I))
+    with pytest.raises(ValueError, match="seq_len"):
+        lstm.sample_masks(0, B_, 1)
+    out, _ = lstm(randn(T_, 0, I), seed=1)
+    masks = lstm.sample_masks(T_, 0, 1)
+    assert out.shape == (T_, 0, H)
+    assert masks["zoneout_h"][0].shape == (T_, 0, H) and masks["input"][0].shape == (T_, 0, I)
+    assert masks["zoneout_h"][0].shape == lstm.sample_masks(np.int64(T_), np.int64(0), 1)["zoneout_h"][0].shape
+
+
+def functional_args(cfg=None):
+    _, lstm = make_pair(cfg or Cfg())
+    weights = [getattr(lstm, name) for name in lstm._flat_weights_names]
+    return lstm, weights, randn(T_, B_, I)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,pattern",
+    [
+        (dict(regularizers=dict(zoneout_h=0.1)), TypeError, r"^regularizers must be a fused_rnn.Regularizers or None"),
+        (dict(num_layers=0), ValueError, r"^num_layers must be greater than zero, got 0$"),
+        (dict(num_layers=-1), ValueError, r"^num_layers must be greater than zero, got -1$"),
+        (dict(num_layers=1.0), TypeError, r"^num_layers should be of type int, got: float$"),
+        (dict(num_layers=True), TypeError, r"^num_layers should be of type int, got: bool$"),
+        (dict(has_biases=1), TypeError, r"^has_biases should be of type bool, got: int$"),
+        (dict(bidirectional="no"), TypeError, r"^bidirectional should be of type bool, got: str$"),
+        (dict(batch_first=None), TypeError, r"^batch_first should be of type bool, got: NoneType$"),
+        (dict(training=0), TypeError, r"^training should be of type bool, got: int$"),
+        (dict(input_size=I + 1), RuntimeError, rf"^input.size\(-1\) must be equal to input_size. Expected {I + 1}"),
+        (dict(input_size=0), ValueError, r"^input_size must be greater than zero, got 0$"),
+        (dict(hidden_size="4"), TypeError, r"^hidden_size should be of type int, got: str$"),
+        (dict(proj_size=-1), ValueError, r"^proj_size must be at least 0, got -1$"),
+        (dict(proj_size=2), ValueError, r"^expected 5 weights per layer and direction \(1 layers, 1 directions\)"),
+        (dict(bidirectional=True), ValueError, r"^expected 4 or 5 weights per layer and direction \(1 layers, 2"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_bad_functional_arguments(kwargs, exc, pattern):
+    lstm, weights, x = functional_args()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    kwargs = dict(dict(training=True, regularizers=fused_rnn.Regularizers(zoneout_h=0.5)), **kwargs)
+    rejects(lstm, lambda: fused_rnn.lstm(x, None, weights, **kwargs), exc, pattern, x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [lambda w: iter(w), lambda w: w[:1] + [w[1].tolist()] + w[2:], lambda w: [None] * len(w)],
+    ids=["iterator", "a_list", "none"],
+)
+def test_functional_weights_must_be_a_sequence_of_tensors(weights):
+    lstm, w, x = functional_args()
+    pattern = r"^weights must be a list or tuple of tensors"
+    rejects(lstm, lambda: fused_rnn.lstm(x, None, weights(w)), TypeError, pattern, x)
+
+
+def test_functional_sizes_are_read_off_the_first_layer():
+    lstm, weights, x = functional_args(BIG_CFG)
+    out, _ = fused_rnn.lstm(x, None, weights, num_layers=2, bidirectional=True, backend="reference")
+    assert torch.equal(out, lstm(x)[0])
+    with pytest.raises(ValueError, match=r"^proj_size has to be smaller than hidden_size$"):
+        fused_rnn.lstm(x, None, weights, num_layers=2, bidirectional=True, hidden_size=P)
+    flat_1d = [w.detach().flatten() for w in weights]
+    with pytest.raises(RuntimeError, match=r"^weight_ih_l0 must be 2-D to give the LSTM's sizes, got size \[80\]$"):
+        fused_rnn.lstm(x, None, flat_1d, num_layers=2, bidirectional=True)
+
+
+def wrong_shapes(shape):
+    """Shapes a parameter of `shape` must not be given: one size off, a dimension added or dropped."""
+    off_by_one = [shape[:i] + (n + 1,) + shape[i + 1 :] for i, n in enumerate(shape)]
+    return off_by_one + [shape + (1,), (int(torch.Size(shape).numel()),) if len(shape) == 2 else (shape[0], 2)]
+
+
+WEIGHT_CASES = [
+    (name, wrong)
+    for name, shape in [
+        (name, tuple(p.shape)) for name, p in make_lstm(BIG_CFG).named_parameters()
+    ]
+    for wrong in wrong_shapes(shape)
+]
+
+
+@pytest.mark.parametrize("name,wrong", WEIGHT_CASES, ids=[f"{n}-{list(w)}" for n, w in WEIGHT_CASES])
+def test_weight_of_a_wrong_shape(backend, name, wrong):
+    """nn.LSTM fails too (in its kernel, in words of its own); we name the parameter and both shapes."""
+    device = setup_backend(backend)
+    ref, lstm = make_pair(BIG_CFG, backend=backend, device=device, zoneout_h=0.5)
+    expected = tuple(getattr(lstm, name).shape)
+    for module in (ref, lstm):
+        setattr(module, name, torch.nn.Parameter(torch.randn(wrong, dtype=torch.float64, device=device)))
+    x = randn(T_, B_, I)
+    assert exception_of(lambda: ref(x)) is not None
+    x = x.detach().to(device).requires_grad_()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    pattern = f"^{re.escape(f'Expected {name} size {expected}, got {list(wrong)}')}$"
+    rejects(lstm, lambda: lstm(x), RuntimeError, pattern, x)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("name", ["weight_hh_l0", "bias_ih_l1_reverse", "weight_hr_l1"])
+def test_weight_of_another_dtype(name):
+    _, lstm = make_pair(BIG_CFG)
+    setattr(lstm, name, torch.nn.Parameter(getattr(lstm, name).detach().float()))
+    x = randn(T_, B_, I)
+    pattern = rf"^LSTM: {name} dtype \(torch.float32\) does not match weight_ih_l0 dtype \(torch.float64\)$"
+    rejects(lstm, lambda: lstm(x), RuntimeError, pattern, x)
+
+
+def test_weight_faults_come_after_what_nn_lstm_checks_first():
+    """An empty sequence, or a state of the wrong size, is reported before a wrong weight, as nn.LSTM does."""
+    ref, lstm = make_pair(Cfg())
+    for module in (ref, lstm):
+        module.bias_hh_l0 = torch.nn.Parameter(torch.randn(4 * H, 1, dtype=torch.float64))
+    for x, hx in [(randn(0, B_, I), None), (randn(T_, B_, I), states(Cfg(), c=H + 1))]:
+        expected = exception_of(lambda x=x, hx=hx: ref(x, hx))
+        rejects(lstm, lambda x=x, hx=hx: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", x)

@@ -19,6 +19,7 @@ from helpers import assert_close
 from _cases import (
     ALL_ON,
     ALL_DROPOUTS,
+    B,
     BIG_CFG,
     TIGHT,
     Cfg,
@@ -334,12 +335,15 @@ def test_lstm_methods_for_a_state_pair_are_nn_lstms(cfg):
     batch_sizes = torch.tensor([3, 2, 2, 1])
     for args in ((x, None), (x[..., :1], None), (x.flatten(0, 1), batch_sizes)):
         assert lstm.get_expected_cell_size(*args) == ref.get_expected_cell_size(*args)
-    good = (torch.zeros(n, B, h_out), torch.zeros(n, B, H))
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=torch.float64)
+
+    good = (zeros(n, B, h_out), zeros(n, B, H))
     hidden_cases = [
         good,
-        (torch.zeros(n, B + 1, h_out), good[1]),
-        (good[0], torch.zeros(n, B, H + 1)),
-        (good[0], torch.zeros(n + 1, B, H)),
+        (zeros(n, B + 1, h_out), good[1]),
+        (good[0], zeros(n, B, H + 1)),
+        (good[0], zeros(n + 1, B, H)),
     ]
     for x_case in (x, x[..., :2], x.float()):
         for hidden in hidden_cases:
@@ -351,7 +355,7 @@ def test_lstm_methods_for_a_state_pair_are_nn_lstms(cfg):
                 assert str(ours.value) == str(error)
             else:
                 assert lstm.check_forward_args(x_case, hidden, None) == expected
-    hidden = (torch.randn(n, B, h_out), torch.randn(n, B, H))
+    hidden = (torch.randn(n, B, h_out, dtype=torch.float64), torch.randn(n, B, H, dtype=torch.float64))
     permutation = torch.tensor([2, 0, 1])
     for perm in (permutation, None):
         ours, theirs = lstm.permute_hidden(hidden, perm), ref.permute_hidden(hidden, perm)

@@ -124,3 +124,18 @@ def test_eval_and_p0_results_do_not_depend_on_the_seed(backend):
     assert torch.equal(lstm(x, seed=1)[0], lstm(x, seed=2)[0])
     _, plain = make_pair(CFG, backend=backend, device=device)
     assert torch.equal(plain(x, seed=1)[0], plain(x, seed=2)[0])
+
+
+def test_dropout_with_one_layer_draws_nothing(backend):
+    """nn.LSTM's `dropout` acts between layers: with one layer a training forward draws no mask, so it draws
+    no seed either and the global RNG is left as nn.LSTM leaves it."""
+    device = setup_backend(backend)
+    cfg = Cfg(bidirectional=True)
+    ref, lstm = make_pair(cfg, backend=backend, device=device, dropout=0.5)
+    ref.dropout = 0.5
+    inputs = make_inputs(cfg, "padded", True)
+    for module, inputs_here in ((ref, inputs), (lstm, inputs.to(device))):
+        torch.manual_seed(99)
+        before = torch.get_rng_state()
+        run_with_grads(module, inputs_here)
+        assert torch.equal(torch.get_rng_state(), before), type(module).__module__
