@@ -1,0 +1,133 @@
+"""Second and higher derivatives through a fused layer-direction (the C++ and Triton ops).
+
+The fused kernels compute first derivatives only. When a backward runs with create_graph=True, the kernel's
+gradients are still what it returns (at the kernel's speed), but they come out of a graph node whose own backward
+recomputes the layer in the reference and differentiates that: a gradient penalty that never differentiates the
+LSTM's gradients pays nothing extra, one that does pays a reference forward and double backward of the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..masks import unit_masks, weight_keep_mask
+from ..regularizers import Regularizers
+from ..stack import LayerWeights
+from .naive import _LOW_PRECISION, lstm_layer_naive
+
+
+def regularizers_of(probabilities: Sequence[float], modes: Sequence[int]) -> Regularizers:
+    """The fused ops take the recurrence's regularizers as plain lists: probabilities [recurrent, weight, update,
+    cell, zoneout_h, zoneout_c] and modes [weight_dropout_mode == "row", update_dropout_mode == "step"]."""
+    recurrent, weight, update, cell, zoneout_h, zoneout_c = probabilities
+    weight_rows, update_per_step = modes
+    return Regularizers(
+        recurrent_dropout=recurrent,
+        weight_dropout=weight,
+        weight_dropout_mode="row" if weight_rows else "element",
+        update_dropout=update,
+        update_dropout_mode="step" if update_per_step else "sequence",
+        cell_dropout=cell,
+        zoneout_h=zoneout_h,
+        zoneout_c=zoneout_c,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLayer:
+    """What a fused layer op was called with besides its differentiable tensors."""
+
+    k: int  # layer * num_directions + direction: which masks
+    reverse: bool
+    training: bool
+    probabilities: Sequence[float]
+    modes: Sequence[int]
+    seed: Tensor
+    lengths: Optional[Tensor]
+
+
+GradientsFn = Callable[[], Sequence[Optional[Tensor]]]
+
+
+def layer_gradients(
+    kernel: GradientsFn, layer: FusedLayer, grads: Sequence[Optional[Tensor]], inputs: Sequence[Optional[Tensor]]
+) -> tuple[Optional[Tensor], ...]:
+    """The gradients of a fused layer-direction's inputs, from its backward kernel, differentiable when asked.
+
+    grads: the gradients of (out, h_n, c_n), None where unused; inputs: (x, h0, c0, w_ih, w_hh, *biases, w_hr)
+    with None where absent (biases: b_ih and b_hh, or their sum); kernel() returns one gradient per input (None
+    where not wanted). Without create_graph this is kernel(); with it, the same values as a function of inputs and
+    grads whose derivatives (of every order) are the reference's.
+    """
+    if not torch.is_grad_enabled():
+        return tuple(kernel())
+    return _Vjp.apply(functools.partial(_reference_layer, layer), len(inputs), kernel, *inputs, *grads)
+
+
+def _reference_layer(layer: FusedLayer, *inputs: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, h_n, c_n) of the fused layer by the reference, in x's dtype."""
+    x, h0, c0, w_ih, w_hh, *biases, w_hr = inputs
+    dtype = x.dtype
+    reg = regularizers_of(layer.probabilities, layer.modes)
+    masks = None
+    if layer.training:
+        hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]
+        masks = unit_masks(reg, layer.seed, layer.k, x.shape[0], x.shape[1], hidden, real, x.device)
+        masks["weight"] = weight_keep_mask(layer.seed, layer.k, reg.weight_dropout, reg.weight_rows, hidden, real, x.device)
+    if dtype in _LOW_PRECISION:  # computed in float32, as the kernels and the reference do
+        x, h0, c0, w_ih, w_hh, w_hr, *biases = (None if t is None else t.float() for t in (x, h0, c0, w_ih, w_hh, w_hr, *biases))
+    b_ih = biases[0]
+    b_hh = biases[1] if len(biases) == 2 else (None if b_ih is None else torch.zeros_like(b_ih))
+    results = lstm_layer_naive(
+        x, h0, c0, LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr),
+        reverse=layer.reverse, reg=reg, masks=masks, training=layer.training, lengths=layer.lengths,
+    )
+    return tuple(r.to(dtype) for r in results)
+
+
+def _vjp(fn, num_primals: int, create_graph: bool, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The vector-Jacobian product of fn at primals tensors[:num_primals] with cotangents tensors[num_primals:] (one
+    per output of fn): a gradient per primal, None where the primal is None or does not require grad."""
+    primals, cotangents = tensors[:num_primals], tensors[num_primals:]
+    outputs = fn(*primals)
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and c is not None and o.requires_grad]
+    wanted = [i for i, p in enumerate(primals) if p is not None and p.requires_grad]
+    result = [None] * num_primals
+    if pairs and wanted:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], [primals[i] for i in wanted], [c for _, c in pairs],
+            allow_unused=True, create_graph=create_graph,
+        )
+        for i, g in zip(wanted, found):
+            result[i] = g
+    return tuple(result)
+
+
+class _Vjp(torch.autograd.Function):
+    """_vjp(fn, num_primals, ...) as one graph node whose backward is again a _Vjp node, so that it is differentiable
+    to any order. Its value comes from `kernel` when there is one (a fused first-order backward), else from autograd
+    on leaves of its own: each derivative is then partial, whatever history the tensors share."""
+
+    @staticmethod
+    def forward(ctx, fn, num_primals, kernel, *tensors):
+        ctx.fn, ctx.num_primals = fn, num_primals
+        ctx.save_for_backward(*tensors)
+        ctx.set_materialize_grads(False)
+        if kernel is not None:
+            return tuple(kernel())
+        leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        with torch.enable_grad():
+            return tuple(None if g is None else g.detach() for g in _vjp(fn, num_primals, False, *leaves))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        if all(g is None for g in grads):
+            return (None,) * (3 + len(tensors))
+        derivative = functools.partial(_vjp, ctx.fn, ctx.num_primals, True)
+        return (None, None, None, *_Vjp.apply(derivative, len(tensors), None, *tensors, *grads))
