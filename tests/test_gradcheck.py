@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fused_rnn
 
 from _cases import ALL_ON, ALL_ON_OTHER_MODES, setup_backend
+from helpers import assert_close
 
 SEED = 31337
 GC_T, GC_B, GC_I, GC_H = 3, 2, 2, 2
@@ -107,3 +108,66 @@ def test_gradcheck_sees_a_wrong_gradient():
     assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
     wrong = lambda x, *rest: f(Forgetful.apply(x), *rest)  # noqa: E731
     assert not torch.autograd.gradcheck(wrong, inputs, raise_exception=False, fast_mode=True)
+
+
+# Second derivatives. The fused backends compute first derivatives in their kernels (also under create_graph=True)
+# and take higher ones from the reference (fused_rnn/reference/higher_order.py); gradgradcheck's numerical side
+# differentiates their first-order kernels, so the two are checked against each other. fast_mode throughout: a
+# full second-order Jacobian costs a first-order backward per input element. Triton runs the one-layer cases only
+# (its interpreter pays per program and step); test_double_backward_equals_the_reference has two layers.
+GRADGRAD_CASES = ["L1-proj-all_on", "L1-bi-packed-all_on", "L2-bi-proj-all_on", "L2-eval-zoneout"]
+TRITON_GRADGRAD_CASES = {"L1-proj-all_on", "L1-bi-packed-all_on"}
+
+
+@pytest.mark.parametrize(
+    "name,cfg,reg,training,lengths", [c for c in CASES if c[0] in GRADGRAD_CASES], ids=GRADGRAD_CASES
+)
+def test_gradgradcheck(backend, name, cfg, reg, training, lengths):
+    """gradgradcheck in float64 of fused_rnn.lstm w.r.t. input, h0, c0, every weight and the output gradients."""
+    if backend == "triton" and name not in TRITON_GRADGRAD_CASES:
+        pytest.skip("two-layer second derivatives of the Triton backend: test_double_backward_equals_the_reference")
+    device = setup_backend(backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dropout option adds dropout")
+        lstm = fused_rnn.LSTM(GC_I, GC_H, dtype=torch.float64, device=device, backend=backend, **cfg, **reg)
+    inputs = gradcheck_inputs(lstm, device, GC_H, cfg.get("proj_size") or GC_H)
+    f = lstm_function(lstm, training=training, packed_lengths=lengths)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_double_backward_equals_the_reference(backend, training):
+    """A gradient penalty: the gradients of input, states and parameters taken with create_graph=True equal those
+    taken without it, and the gradients of their squared norm equal the reference backend's. Two layers with every
+    dropout between and around them, so the second derivatives cross the feature dropout and run each layer's
+    first-order backward again."""
+    device = setup_backend(backend)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "dropout option adds dropout")
+        modules = {
+            name: fused_rnn.LSTM(GC_I, GC_H, num_layers=2, proj_size=1, dtype=torch.float64, device=device, backend=name, **ALL_ON)
+            for name in dict.fromkeys(("reference", backend))
+        }
+    modules["reference"].load_state_dict(modules[backend].state_dict())
+    g = torch.Generator().manual_seed(1)
+    leaves = [
+        torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+        for shape in ((GC_T, GC_B, GC_I), (2, GC_B, 1), (2, GC_B, GC_H))
+    ]
+
+    def run(module, create_graph):
+        module.train(training)
+        out, (h_n, c_n) = module(leaves[0], tuple(leaves[1:]), seed=SEED)
+        wrt = leaves + list(module.parameters())
+        first = torch.autograd.grad((out**2).sum() + (h_n * c_n).sum(), wrt, create_graph=create_graph)
+        if not create_graph:
+            return first, None
+        return first, torch.autograd.grad(sum((t**2).sum() for t in first), wrt)
+
+    plain, _ = run(modules[backend], False)
+    first, second = run(modules[backend], True)
+    _, expected = run(modules["reference"], True)
+    for i, (a, b) in enumerate(zip(plain, first)):
+        assert torch.equal(a, b), f"first-order gradient {i} changes with create_graph=True"
+    for i, (r, o) in enumerate(zip(expected, second)):
+        assert_close(f"second-order gradient {i}", r.cpu(), o.cpu(), 1e-10)
