@@ -47,6 +47,19 @@ struct UnitStream {
   }
 };
 
+// x times a mask factor (a dropout's 0 or scale, a zoneout weight), selected to exactly 0 where the factor is 0: a
+// dropped element is 0 whatever its value, inf and NaN included (the reference's torch.where), never 0 * inf = NaN.
+template <typename T>
+inline at::vec::Vectorized<T> masked(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& factor) {
+  return (x * factor) & (factor != at::vec::Vectorized<T>(T(0)));
+}
+
+template <typename T>
+inline T masked(T x, T factor) {
+  const T product = x * factor;  // unconditional, so that loops of it vectorise to a blend
+  return factor != T(0) ? product : T(0);
+}
+
 // Dropout factor: scale where kept, exactly 0 where dropped.
 template <typename T>
 inline void keep_factors(const uint32_t* draws, int64_t n, double p, T* out) {
@@ -171,26 +184,26 @@ struct CellForward {
       f.store(act[1] + j, m);
       g.store(act[2] + j, m);
       o.store(act[3] + j, m);
-      const Vec gu = update ? g * load(update) : g;
+      const Vec gu = update ? masked(g, load(update)) : g;
       const Vec cp = load(c_prev);
       Vec cd = f * cp + i * gu;
       if (cell) {
-        cd = cd * load(cell);
+        cd = masked(cd, load(cell));
       }
       const Vec t = fast_tanh(cd);
       t.store(tc + j, m);
-      const Vec cn = zc ? load(zc) * cp + load(zc_take) * cd : cd;
+      const Vec cn = zc ? masked(cp, load(zc)) + masked(cd, load(zc_take)) : cd;
       cn.store(c + j, m);
       const Vec hn = o * t;
       if (hh) {
         hn.store(hh + j, m);
       }
       if (h) {
-        const Vec hz = zh ? load(zh) * load(h_prev) + load(zh_take) * hn : hn;
+        const Vec hz = zh ? masked(load(h_prev), load(zh)) + masked(hn, load(zh_take)) : hn;
         hz.store(h + j, m);
         hz.store(out + j, m);
         if (r_next) {
-          (hz * load(rec)).store(r_next + j, m);
+          masked(hz, load(rec)).store(r_next + j, m);
         }
       }
     }
@@ -205,11 +218,11 @@ inline void zoneout_h_forward(
   for (int64_t j = 0; j < n; j += Vec::size()) {
     const int64_t m = std::min<int64_t>(Vec::size(), n - j);
     auto load = [&](const T* p) { return Vec::loadu(p + j, m); };
-    const Vec hz = zh ? load(zh) * load(h_prev) + load(zh_take) * load(hp) : load(hp);
+    const Vec hz = zh ? masked(load(h_prev), load(zh)) + masked(load(hp), load(zh_take)) : load(hp);
     hz.store(h + j, m);
     hz.store(out + j, m);
     if (r_next) {
-      (hz * load(rec)).store(r_next + j, m);
+      masked(hz, load(rec)).store(r_next + j, m);
     }
   }
 }
@@ -222,8 +235,8 @@ inline void zoneout_backward(int64_t n, const T* dh, const T* keep, const T* tak
     const int64_t m = std::min<int64_t>(Vec::size(), n - j);
     const Vec d = Vec::loadu(dh + j, m);
     if (keep) {
-      (Vec::loadu(keep + j, m) * d).store(d_prev + j, m);
-      (Vec::loadu(take + j, m) * d).store(d_new + j, m);
+      masked(d, Vec::loadu(keep + j, m)).store(d_prev + j, m);
+      masked(d, Vec::loadu(take + j, m)).store(d_new + j, m);
     } else {
       Vec(T(0)).store(d_prev + j, m);
       d.store(d_new + j, m);
@@ -260,15 +273,14 @@ struct CellBackward {
         (o * t).store(hh + j, m);
       }
       // c_t = zc * c_prev + take * c~
-      Vec dcd = zc ? load(zc_take) * dc_new : dc_new;
-      const Vec dc_keep = zc ? load(zc) * dc_new : Vec(T(0));
+      Vec dcd = zc ? masked(dc_new, load(zc_take)) : dc_new;
+      const Vec dc_keep = zc ? masked(dc_new, load(zc)) : Vec(T(0));
       dcd = dcd + d_hh * o * (one - t * t);
       const Vec d_o = d_hh * t;
-      const Vec dcc = cell ? dcd * load(cell) : dcd;
-      const Vec u = update ? load(update) : one;
-      const Vec d_i = dcc * g * u;
+      const Vec dcc = cell ? masked(dcd, load(cell)) : dcd;
+      const Vec d_i = dcc * (update ? masked(g, load(update)) : g);
       const Vec d_f = dcc * load(c_prev);
-      const Vec d_g = dcc * i * u;
+      const Vec d_g = update ? masked(dcc * i, load(update)) : dcc * i;
       (dcc * f + dc_keep).store(dc + j, m);
       const Vec da[4] = {d_i * i * (one - i), d_f * f * (one - f), d_g * (one - g * g), d_o * o * (one - o)};
       for (int q = 0; q < 4; ++q) {

@@ -380,15 +380,23 @@ void apply_keep(const uint32_t* __restrict draws, const scalar_t* __restrict in,
   }
 }
 
+// out = a masked by the factors b (cell.h's masked): exactly 0 where a factor is 0. out may be a.
 template <typename scalar_t>
-void multiply_row(const scalar_t* __restrict a, const scalar_t* __restrict b, int64_t n, scalar_t* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = a[i] * b[i];
+void mask_row(const scalar_t* a, const scalar_t* b, int64_t n, scalar_t* out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t m = std::min<int64_t>(Vec::size(), n - i);
+    masked(Vec::loadu(a + i, m), Vec::loadu(b + i, m)).store(out + i, m);
   }
 }
 
+// The same with one factor for the whole row (weight drop in row mode).
 template <typename scalar_t>
-void scale_row(const scalar_t* __restrict a, scalar_t b, int64_t n, scalar_t* __restrict out) {
+void mask_row(const scalar_t* a, scalar_t b, int64_t n, scalar_t* out) {
+  if (b == scalar_t(0)) {
+    std::fill_n(out, n, scalar_t(0));
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) {
     out[i] = a[i] * b;
   }
@@ -434,13 +442,13 @@ void build_weight_block(const Regs& regs, PhiloxKey key, uint32_t k, int64_t hid
         std::memcpy(dst, src, sizeof(scalar_t) * real);
       } else if (rows) {
         weight_row_factors(key, k, regs.weight, 1, r, row);
-        scale_row(src, row[0], real, dst);
+        mask_row(src, row[0], real, dst);
         if (factors) factors[r] = row[0];
       } else {
         for (int64_t c0 = 0; c0 < cols; c0 += 256) {
           const int64_t n = std::min<int64_t>(256, cols - c0);
           weight_row_factors_at(key, k, regs.weight, cols, r, c0, n, row);
-          multiply_row(src + c0, row, n, dst + c0);
+          mask_row(src + c0, row, n, dst + c0);
           if (factors) std::memcpy(factors + r * cols + c0, row, sizeof(scalar_t) * n);
         }
       }
@@ -583,7 +591,7 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
       for (int64_t q = thread; q < h_units.count; q += team) {
         for (int64_t b = 0; b < B; ++b) {
           for (int64_t j = h_units.begin(q); j < h_units.end(q); ++j) {
-            r_buf[b * R + j] = hs[(first_slot * B + b) * R + j] * seq.rec[b * H + j];
+            r_buf[b * R + j] = masked(hs[(first_slot * B + b) * R + j], seq.rec[b * H + j]);
           }
         }
       }
@@ -767,7 +775,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       const scalar_t* p = partial + (step % 2) * units.count * B * R + b * R + j0;
       for (int64_t q = 0; q < units.count; ++q, p += B * R) {
         for (int64_t i = 0; i < n; ++i) {
-          dh[i] += rec ? p[i] * rec[j0 + i] : p[i];
+          dh[i] += rec ? masked(p[i], rec[j0 + i]) : p[i];
         }
       }
     };
@@ -985,7 +993,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
     if (rec_factors) {
       scalar_t* scaled = ws.take<scalar_t>(rows * R);
       at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) multiply_row(r_all + r * R, rec_factors + (r % B) * R, R, scaled + r * R);
+        for (int64_t r = r0; r < r1; ++r) mask_row(r_all + r * R, rec_factors + (r % B) * R, R, scaled + r * R);
       });
       r_all = scaled;
     }
@@ -995,9 +1003,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_ba
       at::parallel_for(0, 4 * H, 16, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           if (cols == 1) {
-            scale_row(w + r * R, weight_factors[r], R, w + r * R);
+            mask_row(w + r * R, weight_factors[r], R, w + r * R);
           } else {
-            multiply_row(w + r * R, weight_factors + r * R, R, w + r * R);
+            mask_row(w + r * R, weight_factors + r * R, R, w + r * R);
           }
         }
       });

@@ -451,6 +451,46 @@ def test_dropout_one_gives_exact_zeros_and_no_nan(backend, kind):
             zero("grad_weight_ih_l0")
 
 
+
+# (regularizers, what holds inf and NaN where every element of it is dropped)
+NON_FINITE_CASES = {
+    "weight_dropout": (dict(weight_dropout=1.0), "weight_hh"),
+    "weight_dropout_row": (dict(weight_dropout=1.0, weight_dropout_mode="row"), "weight_hh"),
+    "recurrent_dropout": (dict(recurrent_dropout=1.0), "h0"),
+    "cell_dropout": (dict(cell_dropout=1.0), "c0"),
+    "input_dropout": (dict(input_dropout=1.0), "input"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the Triton interpreter's 0 * inf
+@pytest.mark.parametrize("cfg", [Cfg(bidirectional=True), P1_CFG], ids=str)
+@pytest.mark.parametrize("kind", NON_FINITE_CASES)
+def test_dropout_one_drops_inf_and_nan_to_zero(backend, kind, cfg):
+    """A dropped element is 0 whatever its value: with inf and NaN in what p = 1 drops, results and gradients
+    equal the reference's (torch.where), not the NaN of 0 * inf. The one NaN the reference has is autograd's own:
+    with c0 infinite, d c~ / d f = c0 times a zero gradient is NaN (in the gates' gradients, hence the weights'),
+    and every backend must have it in the same places."""
+    device = setup_backend(backend)
+    reg, target = NON_FINITE_CASES[kind]
+
+    def run(name):
+        _, lstm = make_pair(cfg, backend=name, device=device if name == backend else "cpu", **reg)
+        inputs = make_inputs(cfg, "padded", True).to(device if name == backend else "cpu")
+        poisoned = [p for n, p in lstm.named_parameters() if n.startswith("weight_hh")] if target == "weight_hh" else [inputs.leaves()[target]]
+        with torch.no_grad():
+            for t in poisoned:
+                flat = t.view(-1)
+                flat[::3] = math.inf
+                flat[1::5] = math.nan
+                flat[2::7] = -math.inf
+        return run_with_grads(lstm, inputs, seed=SEED)
+
+    expected, got = run("reference"), run(backend)
+    for name, value in got.items():
+        finite = kind != "cell_dropout" or name in ("output", "h_n", "c_n", "grad_c0")
+        assert not finite or torch.isfinite(value).all(), f"{name} is not finite"
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-10, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
 # --- rows: unbatched is a batch of one, packed rows are the caller's rows ----------------------------
 
 
