@@ -171,3 +171,21 @@ def test_double_backward_equals_the_reference(backend, training):
         assert torch.equal(a, b), f"first-order gradient {i} changes with create_graph=True"
     for i, (r, o) in enumerate(zip(expected, second)):
         assert_close(f"second-order gradient {i}", r.cpu(), o.cpu(), 1e-10)
+
+
+def test_third_derivative_equals_the_reference(backend):
+    """The node that gives a fused layer's second derivatives is itself differentiable, to any order."""
+    if backend == "reference":
+        pytest.skip("the reference is what the fused backends' higher derivatives come from")
+    device = setup_backend(backend)
+    results = []
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        lstm = fused_rnn.LSTM(GC_I, GC_H, proj_size=1, dtype=torch.float64, device=device, backend=name, **ALL_ON)
+        x, h0, c0, *weights = gradcheck_inputs(lstm, device, GC_H, 1)
+        out, h_n, c_n = lstm_function(lstm, training=True)(x, h0, c0, *weights)
+        (g,) = torch.autograd.grad((out**2).sum() + (h_n * c_n).sum(), x, create_graph=True)
+        gg = torch.autograd.grad((g**3).sum(), [x, *weights], create_graph=True)
+        results.append(torch.autograd.grad(sum((t**2).sum() for t in gg), [x, h0, c0, *weights]))
+    for i, (r, o) in enumerate(zip(*results)):
+        assert_close(f"third-order gradient {i}", r.cpu(), o.cpu(), 1e-10)
