@@ -363,3 +363,33 @@ def test_kernels_run_on_the_inputs_gpu_not_the_current_one():
     expected.sum().backward()
     assert_close("out", expected, out.cpu(), 1e-12)
     assert_close("dx", x_cpu.grad, x.grad.cpu(), 1e-12)
+
+
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+def test_backward_twice_with_retain_graph_gives_the_same_gradients(mode, monkeypatch):
+    """The backward overwrites the saved gate activations with their gradients (as cuDNN's does its reserve)
+    unless the graph is kept: a second backward of a retained graph sees the activations intact."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    model = fused_rnn.LSTM(3, 5, num_layers=2, proj_size=2, backend="triton", dtype=torch.float64, device=device, **EVERY)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    out, (h_n, c_n) = model(x, seed=11)
+    loss = (out * torch.randn_like(out)).sum() + h_n.square().sum() + c_n.sum()
+    first = torch.autograd.grad(loss, [x, *model.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *model.parameters()])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_a_freed_graphs_backward_overwrites_the_reserve_in_place(monkeypatch):
+    """Without retain_graph the gradients take the place of the saved activations: the copying op is not used."""
+    device = require_backend("triton", torch.float64)
+
+    def copying(*args, **kwargs):
+        raise AssertionError("the backward copied the reserve of a graph it frees")
+
+    model = fused_rnn.LSTM(3, 5, backend="triton", dtype=torch.float64, device=device, **EVERY)
+    out, _ = model(torch.randn(3, 2, 3, dtype=torch.float64, device=device), seed=4)
+    monkeypatch.setattr(ops, "lstm_layer_backward", copying)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

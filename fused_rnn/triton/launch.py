@@ -327,14 +327,20 @@ def layer_backward(
     lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
     xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
 ) -> tuple[Tensor, ...]:
-    """Backward through time of layer_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (None without proj)."""
+    """Backward through time of layer_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (None without proj).
+
+    Overwrites xg with dL/dgates.
+    """
     seq_len, batch, _ = x.shape
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
     w_hr = None if w_hr is None else w_hr.contiguous()
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
-    dgates = torch.empty(seq_len, batch, 4 * hidden, dtype=dtype, device=x.device)
+    # step t reads its own tile of xg[t] (the gate activations) before writing the same elements of
+    # dgates[t], and nothing reads xg[t] after: the gradients overwrite the activations, as cuDNN's
+    # backward overwrites its reserve, saving a [T, B, 4H] buffer
+    dgates = xg
     # the carries are written in place: copies of their own
     gh = d_h_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     gc = d_c_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)

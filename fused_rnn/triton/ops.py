@@ -3,10 +3,12 @@ torch.compile(fullgraph=True) traces through a model that uses them. The seed is
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..reference.higher_order import FusedLayer, layer_gradients, regularizers_of
 from ..regularizers import Regularizers
@@ -57,13 +59,13 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
     )
 
 
-@torch.library.custom_op("fused_rnn::triton_lstm_layer_backward", mutates_args=())
-def lstm_layer_backward(
+def layer_backward_overwriting(
     d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection)."""
+    """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection). Overwrites xg with
+    dL/dgates, as cuDNN's backward overwrites its reserve: the gradients need no [T, B, 4H] buffer of their own."""
     ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
         d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre
@@ -71,6 +73,19 @@ def lstm_layer_backward(
     if dw_hr is None:
         dw_hr = x.new_empty(0)
     return dx.to(x.dtype), dh0.to(x.dtype), dc0.to(x.dtype), dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
+
+
+@torch.library.custom_op("fused_rnn::triton_lstm_layer_backward", mutates_args=())
+def lstm_layer_backward(
+    d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
+    lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
+    probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """layer_backward_overwriting on a copy of xg: for a graph that is kept, or traced by torch.compile."""
+    return layer_backward_overwriting(
+        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
+        xg.clone(), rs, cs, hpre,
+    )
 
 
 @lstm_layer_backward.register_fake
@@ -91,6 +106,17 @@ def _layer_setup_context(ctx, inputs, output):
     _, _, _, xg, rs, cs, hpre = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre)
     ctx.arguments = (stream, reverse, training, probabilities, modes)
+    ctx.xg_output = weakref.ref(xg)  # dead once the caller has dropped it
+
+
+def reserve_is_spent(ctx, xg: Tensor) -> bool:
+    """Whether this backward may overwrite the saved gate activations xg: an eager backward of real tensors
+    that frees the graph after it (not retain_graph or create_graph, not a trace by torch.compile or make_fx:
+    fake or functional tensors, a dispatch mode), with the forward's xg output dropped by its caller."""
+    if torch.compiler.is_compiling() or type(xg) is not torch.Tensor or _get_current_dispatch_mode() is not None:
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph() and ctx.xg_output() is None
 
 
 def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
@@ -106,7 +132,9 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
             x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n,
             x.new_zeros(batch, hidden) if d_c_n is None else d_c_n,
         )
-        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_layer_backward(
+        # an eager backward that frees the graph after it may overwrite the saved activations
+        backward = layer_backward_overwriting if reserve_is_spent(ctx, xg) else lstm_layer_backward
+        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = backward(
             *grads, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, xg, rs, cs, hpre,
         )
         return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
