@@ -113,10 +113,8 @@ def test_gradcheck_sees_a_wrong_gradient():
 # Second derivatives. The fused backends compute first derivatives in their kernels (also under create_graph=True)
 # and take higher ones from the reference (fused_rnn/reference/higher_order.py); gradgradcheck's numerical side
 # differentiates their first-order kernels, so the two are checked against each other. fast_mode throughout: a
-# full second-order Jacobian costs a first-order backward per input element. Triton runs the one-layer cases only
-# (its interpreter pays per program and step); test_double_backward_equals_the_reference has two layers.
+# full second-order Jacobian costs a first-order backward per input element.
 GRADGRAD_CASES = ["L1-proj-all_on", "L1-bi-packed-all_on", "L2-bi-proj-all_on", "L2-eval-zoneout"]
-TRITON_GRADGRAD_CASES = {"L1-proj-all_on", "L1-bi-packed-all_on"}
 
 
 @pytest.mark.parametrize(
@@ -124,8 +122,6 @@ TRITON_GRADGRAD_CASES = {"L1-proj-all_on", "L1-bi-packed-all_on"}
 )
 def test_gradgradcheck(backend, name, cfg, reg, training, lengths):
     """gradgradcheck in float64 of fused_rnn.lstm w.r.t. input, h0, c0, every weight and the output gradients."""
-    if backend == "triton" and name not in TRITON_GRADGRAD_CASES:
-        pytest.skip("two-layer second derivatives of the Triton backend: test_double_backward_equals_the_reference")
     device = setup_backend(backend)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "dropout option adds dropout")
