@@ -491,6 +491,25 @@ def test_dropout_one_drops_inf_and_nan_to_zero(backend, kind, cfg):
         assert not finite or torch.isfinite(value).all(), f"{name} is not finite"
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-10, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_zoneout_one_freezes_the_state_over_nan_input(backend, training):
+    """zoneout 1 keeps the previous state whatever the candidate holds, in training (the mask) and in eval (the
+    expectation, weight 0 on the candidate): NaN in the input reaches no output or state. (Its gradients may
+    hold NaN: the reference's autograd multiplies the candidate's zero gradient by NaN activation derivatives.)"""
+    device = setup_backend(backend)
+    cfg = Cfg(bidirectional=True)
+    _, lstm = make_pair(cfg, backend=backend, device=device, zoneout_h=1.0, zoneout_c=1.0)
+    lstm.train(training)
+    inputs = make_inputs(cfg, "padded", True).to(device)
+    with torch.no_grad():
+        inputs.x[1, 0, 0] = math.nan
+    got = run_with_grads(lstm, inputs, seed=SEED)
+    h0, c0 = (t.detach().cpu() for t in inputs.hx)
+    assert torch.equal(got["h_n"], h0) and torch.equal(got["c_n"], c0)
+    assert torch.equal(got["output"], torch.cat([h0[0], h0[1]], -1).expand_as(got["output"]))
+
+
 # --- rows: unbatched is a batch of one, packed rows are the caller's rows ----------------------------
 
 

@@ -24,11 +24,14 @@ def apply_keep(x: Tensor, keep: Tensor | None, p: float) -> Tensor:
 
 
 def apply_zoneout(previous: Tensor, new: Tensor, zone: Tensor | None, p: float, training: bool) -> Tensor:
-    """Zoneout: keep `previous` where the mask says so (training), or mix by the expectation p (eval)."""
+    """Zoneout: keep `previous` where the mask says so (training), or mix by the expectation p (eval).
+    A weight of 0 selects, as a dropped element does: p = 1 keeps `previous` whatever `new` holds (inf, NaN)."""
     if p == 0:
         return new
     if training:
         return torch.where(zone, previous, new)
+    if p == 1:
+        return previous
     return p * previous + (1.0 - p) * new
 
 

@@ -115,7 +115,8 @@ def zoneout(previous, new, zone, p, mode):
     if mode == ZONEOUT_MASK:
         result = tl.where(zone, previous, new)
     elif mode == ZONEOUT_MEAN:
-        result = p * previous + (1.0 - p) * new
+        # p = 1 selects previous, as a dropped element is selected: (1 - p) * inf would be NaN
+        result = tl.where(p == 1.0, previous, p * previous + (1.0 - p) * new)
     return result
 
 
@@ -129,7 +130,7 @@ def zoneout_backward(grad, zone, p, mode):
         to_new = tl.where(zone, 0.0, grad)
     elif mode == ZONEOUT_MEAN:
         to_previous = p * grad
-        to_new = (1.0 - p) * grad
+        to_new = tl.where(p == 1.0, 0.0, (1.0 - p) * grad)
     return to_previous, to_new
 
 
