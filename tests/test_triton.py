@@ -393,3 +393,54 @@ def test_a_freed_graphs_backward_overwrites_the_reserve_in_place(monkeypatch):
     monkeypatch.setattr(ops, "lstm_layer_backward", copying)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batched_gradients_match_the_reference():
+    """functorch's batched gradients (is_grads_batched, vectorized jacobians) never reach the overwriting path."""
+    device = require_backend("triton", torch.float64)
+    models = {name: fused_rnn.LSTM(3, 4, backend=name, dtype=torch.float64, **EVERY) for name in ("reference", "triton")}
+    models["triton"].load_state_dict(models["reference"].state_dict())
+    models["triton"].to(device)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    cotangents = torch.randn(2, 3, 2, 4, dtype=torch.float64)
+    grads = {}
+    for name, model in models.items():
+        out, _ = model(x.to(next(model.parameters()).device), seed=3)
+        grads[name] = torch.autograd.grad(out, list(model.parameters()), cotangents.to(out.device), is_grads_batched=True)
+    for name, expected, got in zip(dict(models["reference"].named_parameters()), grads["reference"], grads["triton"]):
+        assert_close(name, expected, got.cpu(), 1e-12)
+
+
+def test_a_backward_repeated_after_it_overwrote_the_reserve_raises(monkeypatch):
+    """A backward that fails after writing over the saved activations (say, out of memory in the weight GEMMs)
+    leaves the graph; running it again raises instead of reading gradients as activations."""
+    device = require_backend("triton", torch.float64)
+    # nothing between the loss and the layer saves tensors, so the retry reaches the layer's own backward
+    model = fused_rnn.LSTM(3, 4, backend="triton", dtype=torch.float64, device=device, recurrent_dropout=0.3, zoneout_c=0.2)
+    out, (_, c_n) = model(torch.randn(3, 2, 3, dtype=torch.float64, device=device), seed=3)
+    loss = out.sum() + c_n.sum()
+    real = launch.layer_backward
+
+    def out_of_memory_after_the_recurrence(*args, **kwargs):
+        real(*args, **kwargs)
+        raise torch.OutOfMemoryError("simulated: out of memory in the weight GEMMs")
+
+    monkeypatch.setattr(launch, "layer_backward", out_of_memory_after_the_recurrence)
+    with pytest.raises(torch.OutOfMemoryError):
+        loss.backward()
+    monkeypatch.setattr(launch, "layer_backward", real)
+    with pytest.raises(RuntimeError, match="already ran once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "message, refused",
+    [
+        ("Triton Error [CUDA]: too many blocks in cooperative launch", True),
+        ("Triton Error [CUDA]: operation not supported", True),
+        ("Triton Error [CUDA]: operation not supported on global/shared address space", False),
+        ("Triton Error [CUDA]: an illegal memory access was encountered", False),
+    ],
+)
+def test_only_the_drivers_refusals_count_as_refused(message, refused):
+    assert launch.refused_launch(RuntimeError(message)) is refused

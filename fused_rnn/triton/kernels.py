@@ -36,27 +36,28 @@ from .cell import (
 )
 
 
-@triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "steps", "numel", "group", "locked"])
+@triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group", "locked"])
 def packed_dropout_kernel(
-    x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, steps, numel, group, locked,
+    x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, locked,
     BLOCK: tl.constexpr,
 ):
     """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight).
 
     x, y: [steps, numel]; mask element m = e // group (group = H_out for whole rows of W_hh, else 1)
-    reads word m % 4 of Philox(m // 4, t or 0 when locked, stream, kind). Grid: cdiv(steps * numel, BLOCK)
-    on axis 0, the only one not capped at 65535; a block may straddle two steps.
+    reads word m % 4 of Philox(m // 4, t or 0 when locked, stream, kind). Grid: steps * blocks_per_step
+    programs on axis 0, the only one not capped at 65535; a program's block lies within one step.
     """
-    offset = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offset < steps.to(tl.int64) * numel
-    t = offset // numel
-    e = offset % numel
+    pid = tl.program_id(0)
+    t = pid // blocks_per_step
+    e = (pid % blocks_per_step) * BLOCK + tl.arange(0, BLOCK)
+    inside = e < numel
     m = e // group
-    step = (t * (1 - locked)).to(tl.uint32)
+    step = t * (1 - locked)
     w0, w1, w2, w3 = tl.philox(tl.load(ints_ptr + INT_SEED), (m // 4).to(tl.uint32), step, stream, kind)
     word = m % 4
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
     keep = not_fires(draw, tl.load(ints_ptr + threshold_slot))
+    offset = t.to(tl.int64) * numel + e
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
     y = keep_scaled(x, keep, tl.load(floats_ptr + scale_slot))

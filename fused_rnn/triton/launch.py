@@ -117,6 +117,9 @@ def host_to_device(values: Tensor, device: torch.device) -> Tensor:
     before every layer."""
     if device.type != "cuda":
         return values.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        # a captured copy would replay from a pinned buffer the allocator has since reused
+        raise RuntimeError("fused_rnn: the Triton backend cannot be captured in a CUDA graph")
     return values.pin_memory().to(device, non_blocking=True)
 
 
@@ -158,8 +161,10 @@ def _launch_persistent(kernel, programs: int, x: Tensor, *args, **constexprs) ->
 def refused_launch(error: RuntimeError) -> bool:
     """Whether a launch error is the driver refusing a cooperative grid (raised before the kernel starts,
     and not sticky), rather than, say, an earlier kernel's fault surfacing here."""
-    reason = str(error).lower()
-    return "cooperative" in reason or "not supported" in reason
+    # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED ("operation not supported", and
+    # nothing after it: "... on global/shared address space" is a kernel's fault)
+    reason = str(error).strip().lower()
+    return "cooperative" in reason or reason.endswith("operation not supported")
 
 
 def on_tensor_device(launcher):
@@ -215,8 +220,9 @@ def packed_dropout(
     steps = x.shape[0]
     numel = x[0].numel() if steps else 0
     if numel:
-        packed_dropout_kernel[(triton.cdiv(steps * numel, ELEMENTWISE_BLOCK),)](
-            x, out, ints, floats, threshold_slot, scale_slot, kind, stream, steps, numel, group, int(locked),
+        blocks_per_step = triton.cdiv(numel, ELEMENTWISE_BLOCK)
+        packed_dropout_kernel[(steps * blocks_per_step,)](
+            x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
     return out
@@ -325,11 +331,12 @@ def layer_forward(
 def layer_backward(
     d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None,
     lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
-    xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
+    xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor, dgates: Tensor,
 ) -> tuple[Tensor, ...]:
     """Backward through time of layer_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (None without proj).
 
-    Overwrites xg with dL/dgates.
+    dL/dgates [T, B, 4H] go to dgates, which may be xg itself: step t's program reads its own tile of xg[t]
+    before writing the same elements of dgates[t], and nothing reads xg[t] after.
     """
     seq_len, batch, _ = x.shape
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
@@ -337,10 +344,6 @@ def layer_backward(
     has_proj = w_hr is not None
     w_hr = None if w_hr is None else w_hr.contiguous()
     w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
-    # step t reads its own tile of xg[t] (the gate activations) before writing the same elements of
-    # dgates[t], and nothing reads xg[t] after: the gradients overwrite the activations, as cuDNN's
-    # backward overwrites its reserve, saving a [T, B, 4H] buffer
-    dgates = xg
     # the carries are written in place: copies of their own
     gh = d_h_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     gc = d_c_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)

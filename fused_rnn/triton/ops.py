@@ -59,16 +59,16 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
     )
 
 
-def layer_backward_overwriting(
-    d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
-    lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
+def layer_backward_into(
+    dgates: Tensor, d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
+    w_hr: Optional[Tensor], lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection). Overwrites xg with
-    dL/dgates, as cuDNN's backward overwrites its reserve: the gradients need no [T, B, 4H] buffer of their own."""
+    """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection); dL/dgates go to
+    dgates [T, B, 4H], which may be xg itself (launch.layer_backward)."""
     ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
-        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre
+        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre, dgates
     )
     if dw_hr is None:
         dw_hr = x.new_empty(0)
@@ -81,10 +81,10 @@ def lstm_layer_backward(
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """layer_backward_overwriting on a copy of xg: for a graph that is kept, or traced by torch.compile."""
-    return layer_backward_overwriting(
-        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
-        xg.clone(), rs, cs, hpre,
+    """layer_backward_into a buffer of its own, xg left as it was: for a graph that is kept or traced."""
+    return layer_backward_into(
+        torch.empty_like(xg), d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training,
+        probabilities, modes, xg, rs, cs, hpre,
     )
 
 
@@ -107,19 +107,38 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre)
     ctx.arguments = (stream, reverse, training, probabilities, modes)
     ctx.xg_output = weakref.ref(xg)  # dead once the caller has dropped it
+    ctx.reserve_overwritten = False
 
 
-def reserve_is_spent(ctx, xg: Tensor) -> bool:
-    """Whether this backward may overwrite the saved gate activations xg: an eager backward of real tensors
-    that frees the graph after it (not retain_graph or create_graph, not a trace by torch.compile or make_fx:
-    fake or functional tensors, a dispatch mode), with the forward's xg output dropped by its caller."""
-    if torch.compiler.is_compiling() or type(xg) is not torch.Tensor or _get_current_dispatch_mode() is not None:
+def _has_storage(t: Tensor) -> bool:
+    """False for the batched and wrapped tensors of vmap and is_grads_batched, which have none of their own."""
+    try:
+        t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def reserve_is_spent(ctx, xg: Tensor, grads: tuple[Tensor, ...]) -> bool:
+    """Whether this backward may write dL/dgates over the saved gate activations xg, as cuDNN's backward does
+    its reserve: an eager backward of plain tensors that frees the graph after it (not retain_graph or
+    create_graph; not a trace by torch.compile or make_fx, whose tensors are fake or functional or under a
+    dispatch mode; not functorch's batched gradients), with the forward's xg output dropped by its caller."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if not all(type(t) is torch.Tensor and _has_storage(t) for t in (xg, *grads)):
         return False
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is not None and not keep_graph() and ctx.xg_output() is None
 
 
 def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
+    if ctx.reserve_overwritten:
+        # an earlier backward of this node wrote over the activations and then failed before freeing the graph
+        raise RuntimeError(
+            "fused_rnn: this backward already ran once and wrote its gradients over the saved activations; "
+            "run the forward again (or pass retain_graph=True to a backward that is to be repeated)"
+        )
     x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
     stream, reverse, training, probabilities, modes = ctx.arguments
 
@@ -132,11 +151,13 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
             x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n,
             x.new_zeros(batch, hidden) if d_c_n is None else d_c_n,
         )
-        # an eager backward that frees the graph after it may overwrite the saved activations
-        backward = layer_backward_overwriting if reserve_is_spent(ctx, xg) else lstm_layer_backward
-        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = backward(
-            *grads, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, xg, rs, cs, hpre,
-        )
+        arguments = (*grads, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
+        if reserve_is_spent(ctx, xg, grads):
+            ctx.reserve_overwritten = True
+            results = layer_backward_into(xg, *arguments, xg, rs, cs, hpre)
+        else:
+            results = lstm_layer_backward(*arguments, xg, rs, cs, hpre)
+        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = results
         return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
 
     layer = FusedLayer(stream, reverse, training, probabilities, modes, seed, lengths)
