@@ -88,7 +88,7 @@ def drive_layer(dtype: torch.dtype, batch: int, proj: int, packed: bool, seed: t
             )
             launch.layer_backward(
                 out.to(dtype), h_n.to(dtype), c_n.to(dtype), x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, 0,
-                reverse, xg, rs, cs, hpre,
+                reverse, xg, rs, cs, hpre, xg,
             )
 
 
