@@ -24,6 +24,8 @@ _PROBABILITY_MEANING = {
 
 # Every probability argument of fused_rnn.LSTM, nn.LSTM's `dropout` first.
 PROBABILITIES = tuple(_PROBABILITY_MEANING)
+# Those of the recurrence itself, in the order the fused ops take them.
+RECURRENCE_PROBABILITIES = ("recurrent_dropout", "weight_dropout", "update_dropout", "cell_dropout", "zoneout_h", "zoneout_c")
 
 
 def check_probability(name: str, value) -> float:
@@ -82,6 +84,22 @@ class Regularizers:
     @property
     def update_per_step(self) -> bool:
         return self.update_dropout_mode == "step"
+
+    def recurrence_arguments(self) -> tuple[list[float], list[int]]:
+        """The recurrence's regularizers as the fused ops take them: probabilities [recurrent, weight,
+        update, cell, zoneout_h, zoneout_c] and modes [weight rows, update per step]."""
+        probabilities = [getattr(self, name) for name in RECURRENCE_PROBABILITIES]
+        return probabilities, [int(self.weight_rows), int(self.update_per_step)]
+
+    @classmethod
+    def of_recurrence_arguments(cls, probabilities, modes) -> "Regularizers":
+        """The inverse of recurrence_arguments (the feature dropouts at 0)."""
+        weight_rows, update_per_step = modes
+        return cls(
+            **dict(zip(RECURRENCE_PROBABILITIES, probabilities)),
+            weight_dropout_mode="row" if weight_rows else "element",
+            update_dropout_mode="step" if update_per_step else "sequence",
+        )
 
     def layer_input_dropout(self, layer: int) -> float:
         """The probability of masks["input"][layer]: input_dropout for layer 0, dropout after."""

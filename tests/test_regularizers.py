@@ -17,6 +17,7 @@ import torch
 
 import fused_rnn
 from fused_rnn import philox
+from fused_rnn.regularizers import Regularizers
 
 from helpers import assert_close
 
@@ -561,3 +562,15 @@ def test_eval_uses_no_masks(backend):
     for name in a:
         assert torch.equal(a[name], b[name]), name
         assert_close(name, c[name], a[name], TIGHT)
+
+
+def test_recurrence_arguments_round_trip():
+    """The op-list form of the recurrence's regularizers (what the C++ and Triton ops take) loses nothing of them."""
+    reg = Regularizers(
+        recurrent_dropout=0.1, weight_dropout=0.2, weight_dropout_mode="row", update_dropout=0.3,
+        update_dropout_mode="sequence", cell_dropout=0.4, zoneout_h=0.5, zoneout_c=0.6, dropout=0.7, input_dropout=0.8,
+    )
+    probabilities, modes = reg.recurrence_arguments()
+    assert probabilities == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] and modes == [1, 0]
+    back = Regularizers.of_recurrence_arguments(probabilities, modes)
+    assert back == Regularizers(**{**reg.__dict__, "dropout": 0.0, "input_dropout": 0.0})

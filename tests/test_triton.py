@@ -172,7 +172,7 @@ def _op_arguments(device, proj: bool, lengths: bool):
     make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731
     seq_len, batch, inputs, hidden, real = 3, 2, 4, 5, 3 if proj else 5
     reg = Regularizers(recurrent_dropout=0.2, weight_dropout=0.3, update_dropout=0.1, cell_dropout=0.1, zoneout_h=0.2, zoneout_c=0.2)
-    probabilities, modes = ops.layer_arguments(reg)
+    probabilities, modes = reg.recurrence_arguments()
     return (
         make(seq_len, batch, inputs), make(batch, real), make(batch, hidden), make(4 * hidden, inputs),
         make(4 * hidden, real), make(4 * hidden), make(real, hidden) if proj else None,

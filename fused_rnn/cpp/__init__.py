@@ -29,13 +29,10 @@ def run(
     """As fused_rnn.reference.run: x [T, B, I] time-major, rows in the caller's order; lengths [B] or None."""
     ops = torch.ops.fused_rnn_cpp
     # the op's int[5] layer (after its index k) and float[6] regularizers
-    flags = (training, reg.weight_rows, reg.update_per_step)
-    probabilities = [
-        reg.recurrent_dropout, reg.weight_dropout, reg.update_dropout, reg.cell_dropout, reg.zoneout_h, reg.zoneout_c,
-    ]
+    probabilities, modes = reg.recurrence_arguments()
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
-        config = [k, int(reverse), *(int(f) for f in flags)]
+        config = [k, int(reverse), int(training), *modes]
         out, h_n, c_n, *_ = ops.lstm_layer(x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, seed, lengths, config, probabilities)
         return out, h_n, c_n
 

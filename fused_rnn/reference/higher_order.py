@@ -21,23 +21,6 @@ from ..stack import LayerWeights
 from .naive import _LOW_PRECISION, lstm_layer_naive
 
 
-def regularizers_of(probabilities: Sequence[float], modes: Sequence[int]) -> Regularizers:
-    """The fused ops take the recurrence's regularizers as plain lists: probabilities [recurrent, weight, update,
-    cell, zoneout_h, zoneout_c] and modes [weight_dropout_mode == "row", update_dropout_mode == "step"]."""
-    recurrent, weight, update, cell, zoneout_h, zoneout_c = probabilities
-    weight_rows, update_per_step = modes
-    return Regularizers(
-        recurrent_dropout=recurrent,
-        weight_dropout=weight,
-        weight_dropout_mode="row" if weight_rows else "element",
-        update_dropout=update,
-        update_dropout_mode="step" if update_per_step else "sequence",
-        cell_dropout=cell,
-        zoneout_h=zoneout_h,
-        zoneout_c=zoneout_c,
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class FusedLayer:
     """What a fused layer op was called with besides its differentiable tensors."""
@@ -73,7 +56,7 @@ def _reference_layer(layer: FusedLayer, *inputs: Optional[Tensor]) -> tuple[Tens
     """(out, h_n, c_n) of the fused layer by the reference, in x's dtype."""
     x, h0, c0, w_ih, w_hh, *biases, w_hr = inputs
     dtype = x.dtype
-    reg = regularizers_of(layer.probabilities, layer.modes)
+    reg = Regularizers.of_recurrence_arguments(layer.probabilities, layer.modes)
     masks = None
     if layer.training:
         hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]

@@ -22,7 +22,7 @@ def run(
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""
-    probabilities, modes = ops.layer_arguments(reg)
+    probabilities, modes = reg.recurrence_arguments()
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh

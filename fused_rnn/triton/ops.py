@@ -10,18 +10,13 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..reference.higher_order import FusedLayer, layer_gradients, regularizers_of
+from ..reference.higher_order import FusedLayer, layer_gradients
 from ..regularizers import Regularizers
 from . import launch
 
 
-def layer_arguments(reg: Regularizers) -> tuple[list[float], list[int]]:
-    probabilities = [reg.recurrent_dropout, reg.weight_dropout, reg.update_dropout, reg.cell_dropout, reg.zoneout_h, reg.zoneout_c]
-    return probabilities, [int(reg.weight_rows), int(reg.update_per_step)]
-
-
 def _prepare(x: Tensor, seed: Tensor, training: bool, probabilities: list[float], modes: list[int]):
-    reg = regularizers_of(probabilities, modes)
+    reg = Regularizers.of_recurrence_arguments(probabilities, modes)
     ints, floats = launch.step_parameters(reg, training, seed, x.device, x.dtype)
     return ints, floats, launch.Recurrence.of(reg, training)
 
