@@ -523,6 +523,17 @@ struct SequenceFactors {
     }
   }
   static const scalar_t* row(const scalar_t* v, int64_t b, int64_t hidden) { return v ? v + b * hidden : nullptr; }
+  // The factors on c's side (update, cell, zoneout_c) of units j0.. of row b at this step, for a CellForward or
+  // CellBackward: the update mask per step or per sequence.
+  template <typename Cell>
+  void c_factors(Cell& cell, const StepFactors<scalar_t>& step_f, int64_t b, int64_t j0, int64_t hidden) const {
+    const scalar_t* upd_seq = row(update, b, hidden);
+    cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
+    const scalar_t* cell_seq = row(this->cell, b, hidden);
+    cell.cell = cell_seq ? cell_seq + j0 : nullptr;
+    cell.zc = step_f.has_zc ? step_f.zc : nullptr;
+    cell.zc_take = step_f.zc_take;
+  }
 };
 
 // Forward through time of one layer-direction. The state slots of hs / cs: the state before step t is slot t
@@ -622,12 +633,7 @@ void layer_forward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, b
             }
             cell.c_prev = cs + (prev * B + b) * H + j0;
             cell.h_prev = hs + (prev * B + b) * R + j0;
-            const scalar_t* upd_seq = seq.row(seq.update, b, H);
-            cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
-            const scalar_t* cell_seq = seq.row(seq.cell, b, H);
-            cell.cell = cell_seq ? cell_seq + j0 : nullptr;
-            cell.zc = step_f.has_zc ? step_f.zc : nullptr;
-            cell.zc_take = step_f.zc_take;
+            seq.c_factors(cell, step_f, b, j0, H);
             cell.zh = step_f.has_zh ? step_f.zh : nullptr;
             cell.zh_take = step_f.zh_take;
             const scalar_t* rec = seq.row(seq.rec, b, H);
@@ -795,12 +801,7 @@ void layer_backward(const Dims& d, const Regs& regs, PhiloxKey key, uint32_t k, 
       cell.tc = tanh_c + row * H + j0;
       cell.c_prev = cs + (prev * B + b) * H + j0;
       cell.dhh = d_hh;
-      const scalar_t* upd_seq = seq.row(seq.update, b, H);
-      cell.update = step_f.has_update ? step_f.update : (upd_seq ? upd_seq + j0 : nullptr);
-      const scalar_t* cell_seq = seq.row(seq.cell, b, H);
-      cell.cell = cell_seq ? cell_seq + j0 : nullptr;
-      cell.zc = step_f.has_zc ? step_f.zc : nullptr;
-      cell.zc_take = step_f.zc_take;
+      seq.c_factors(cell, step_f, b, j0, H);
       cell.dc = dc + b * H + j0;
       cell.hh = hh;
       cell.run();
