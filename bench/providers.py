@@ -7,8 +7,10 @@ one forward, or one forward + backward, the way a training loop does. Every benc
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -243,12 +245,48 @@ def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, tor
         )
         used = backends.resolve(backend, device, dtype)
         info = {"backend": used}
+        if backend == "auto" and forward_loop(shape, dtype, device):
+            info["forward_loop"] = forward_loop(shape, dtype, device)
         if backend == "auto" and used == "reference":
             wanted = "triton" if device.type == "cuda" else "cpp"
             info["fallback"] = backends.unavailable_reason(wanted, device, dtype) or "auto chose the reference"
         return Built(lstm, lambda x: lstm(x)[0], info)
 
     return build
+
+
+def forward_loop(shape: Shape, dtype: torch.dtype, device: torch.device) -> str | None:
+    """How the Triton backend runs this shape's forward time loop on the GPU by default: "resident" (W_hh
+    kept in shared memory) or "persistent" (W_hh read from L2 every step); None off the Triton backend."""
+    if device.type != "cuda" or backends.resolve("auto", device, dtype) != "triton":
+        return None
+    from fused_rnn.triton import launch
+
+    precision = launch.dot_precision(dtype, device)
+    plan = launch.recurrence_plan(device, precision, torch.finfo(dtype).bits // 8, shape.batch, shape.hidden_size,
+                                  shape.hidden_size)
+    return plan.kind
+
+
+def _fused_streaming(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
+    """fused_rnn with the forward's W_hh read from L2 at every step (FUSED_RNN_RECURRENCE=persistent) at
+    the shapes where the default keeps it in shared memory: what the resident forward saves."""
+    if forward_loop(shape, dtype, device) != "resident":
+        pytest.skip("the default forward is not the resident one here: this would time it again")
+    built = _fused("auto", True)(shape, dtype, device)
+
+    def forward(x: Tensor) -> Tensor:
+        saved = os.environ.get("FUSED_RNN_RECURRENCE")
+        os.environ["FUSED_RNN_RECURRENCE"] = "persistent"
+        try:
+            return built.forward(x)
+        finally:
+            if saved is None:
+                del os.environ["FUSED_RNN_RECURRENCE"]
+            else:
+                os.environ["FUSED_RNN_RECURRENCE"] = saved
+
+    return Built(built.module, forward, dict(built.info, forward_loop="persistent"))
 
 
 def _cell_loop(compiled: bool) -> Callable[[Shape, torch.dtype, torch.device], Built]:
@@ -266,6 +304,8 @@ PROVIDERS = (
     Provider("awd_lstm", "nn.LSTM + AWD WeightDrop/LockedDropout", AWD_APPLIED, ("cuda", "cpu"), _awd_lstm),
     Provider("fused_rnn", "fused_rnn.LSTM (auto)", ALL_APPLIED, ("cuda", "cpu"), _fused("auto", True)),
     Provider("fused_rnn_noreg", "fused_rnn.LSTM (auto), no regularizer", (), ("cuda", "cpu"), _fused("auto", False)),
+    Provider("fused_rnn_streaming", "fused_rnn.LSTM (auto), forward reading W_hh from L2 each step", ALL_APPLIED,
+             ("cuda",), _fused_streaming),
     Provider("reference", "fused_rnn.LSTM (reference)", ALL_APPLIED, ("cuda", "cpu"), _fused("reference", True)),
     Provider("cell_loop", "LSTM cell loop in PyTorch", ALL_APPLIED, ("cuda", "cpu"), _cell_loop(False)),
     Provider("cell_loop_compiled", "LSTM cell loop, torch.compile'd step", ALL_APPLIED, ("cuda",), _cell_loop(True)),

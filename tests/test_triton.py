@@ -31,7 +31,7 @@ EVERY = dict(
     update_dropout=0.3, cell_dropout=0.2, zoneout_h=0.3, zoneout_c=0.4,
 )
 EVERY_OTHER_MODES = dict(EVERY, dropout_mode="locked", weight_dropout_mode="row", update_dropout_mode="sequence")
-RECURRENCE_MODES = ("steps", "persistent")
+RECURRENCE_MODES = ("steps", "persistent", "resident")
 gpu = pytest.mark.cuda
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -268,6 +268,23 @@ def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch)
     """flash-attention's rule: against a float64 reference, the kernels' error is at most twice the
     error of PyTorch computing the same math in the same low precision. Small in the interpreter."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(64, 128, 30, 24), layers=2, bidirectional=True)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, monkeypatch):
+    """The W~-resident forward where it tiles rows and slabs: B=80 is two row tiles of 64, H=300 slabs of
+    256 + 64 (launch.resident_plan), 75 programs."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    limits = launch.gpu_limits(torch.device("cuda"))
+    plan = launch.resident_plan(limits, 4 if dtype == "tf32" else 2, 80, 300)
+    assert plan is not None and plan.k_rest > 0 and triton.cdiv(80, plan.block_b) > 1
+    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(40, 300, 12, 80), layers=1, bidirectional=True)
+
+
+def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layers, bidirectional):
     tf32 = dtype == "tf32"
     low = torch.float32 if tf32 else getattr(torch, dtype)
     device = require_backend("triton", low)
@@ -275,13 +292,16 @@ def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch)
         pytest.skip("TF32 products exist on a GPU only")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    inputs, hidden, seq_len, batch = (64, 128, 30, 24) if device.type == "cuda" else (5, 6, 4, 3)
+    inputs, hidden, seq_len, batch = gpu_sizes if device.type == "cuda" else (5, 6, 4, 3)
+    states = layers * (2 if bidirectional else 1)
     torch.manual_seed(0)
-    exact = fused_rnn.LSTM(inputs, hidden, 2, bidirectional=True, device=device, dtype=torch.float64, backend="reference", **EVERY)
-    model = fused_rnn.LSTM(inputs, hidden, 2, bidirectional=True, device=device, dtype=low, backend="triton", **EVERY)
+    exact = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, device=device, dtype=torch.float64,
+                           backend="reference", **EVERY)
+    model = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, device=device, dtype=low,
+                           backend="triton", **EVERY)
     model.load_state_dict(exact.state_dict())
     x = torch.randn(seq_len, batch, inputs, device=device)
-    h0, c0 = torch.randn(4, batch, hidden, device=device), torch.randn(4, batch, hidden, device=device)
+    h0, c0 = torch.randn(states, batch, hidden, device=device), torch.randn(states, batch, hidden, device=device)
     truth = _low_precision_run(exact, x.double(), h0.double(), c0.double(), 7)
     kernel = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7)
     pytorch = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7, reference_dtype=low)
@@ -303,6 +323,60 @@ def test_gpu_same_seed_is_bitwise_reproducible(mode, monkeypatch):
         runs.append([out, h_n, c_n, *grads])
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+H100 = launch.GpuLimits(sms=132, shared_bytes=232448)
+
+
+@pytest.mark.parametrize("depth, expected", [(6, (16, 0)), (16, (16, 0)), (17, (16, 16)), (512, (512, 0)), (768, (512, 256)),
+                                             (1150, (1024, 128)), (1000, (512, 512))])
+def test_resident_slabs_cover_the_depth_in_two_powers_of_two(depth, expected):
+    assert launch.resident_depths(depth) == expected
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, element_size, expected",
+    [
+        (16, 768, 2, (96, 16, 8, 512, 256)),  # T=1024 B=16 H=768: 96 programs of 8 units
+        (64, 512, 2, (128, 64, 4, 512, 0)),  # 128 programs of 4 units, every row in one tile
+        (64, 1024, 2, (128, 32, 8, 1024, 0)),  # shared memory allows rows in tiles of 32, not 64
+        (80, 1150, 2, None),  # the AWD-LSTM layer: 147 KB of slabs a program, with its operand too much
+        (16, 8192, 2, None),  # more unit tiles of 32 than SMs
+    ],
+)
+def test_resident_plan_fits_the_gpu(batch, hidden, element_size, expected):
+    plan = launch.resident_plan(H100, element_size, batch, hidden)
+    if expected is None:
+        assert plan is None
+        return
+    assert (plan.programs, plan.block_b, plan.block_h, plan.k_main, plan.k_rest) == expected
+    assert plan.programs <= H100.sms, "a grid barrier needs every program on an SM of its own"
+    assert 4 * plan.block_h * (plan.k_main + plan.k_rest) * element_size + plan.block_b * (plan.k_main + plan.k_rest) * 4 \
+        <= H100.shared_bytes, "slabs and operand fit in shared memory"
+
+
+def test_resident_plan_is_for_forwards_without_projection(monkeypatch):
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    monkeypatch.setattr(launch, "interpreted", lambda: True)
+    cpu = torch.device("cpu")
+    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6).kind == "resident"
+    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6, forward=False).kind == "persistent"
+    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 4).kind == "persistent"
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
+    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6).kind == "steps", "the interpreter steps unless asked"
+
+
+@pytest.mark.parametrize("hidden, launches", [(4, 1), (6, 5)])
+def test_resident_mode_runs_the_resident_kernel(hidden, launches, monkeypatch):
+    """Under the interpreter: one synchronized launch where one program owns every unit, else a launch a step."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    runs = []
+    kernel = launch.forward_resident_kernel
+    monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, **kwargs: runs.append(kwargs["grid"]) or _run(*args, **kwargs))
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=5, batch=3, inputs=3, hidden=hidden, proj=0, layers=1,
+                            bidirectional=False, packed=False, training=True, reg=EVERY)
+    assert len(runs) == launches and all(grid == (triton.cdiv(hidden, 4),) for grid in runs)
 
 
 class FailingLaunch:
@@ -330,6 +404,28 @@ def test_a_refused_persistent_launch_falls_back_to_steps(monkeypatch):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=5, proj=0, layers=1,
                                 bidirectional=True, packed=False, training=True, reg=EVERY)
     assert launch.persistent_programs(device, 4) == 0, "after a refusal, later calls step"
+
+
+def test_a_resident_launch_short_of_shared_memory_falls_back_to_persistent(monkeypatch):
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    monkeypatch.setattr(launch, "_resident_refused", [])
+    monkeypatch.setattr(launch, "_persistent_refused", [])
+
+    class ShortOfSharedMemory:
+        def __getitem__(self, grid):
+            def launch_error(*args, **kwargs):
+                raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+            return launch_error
+
+    monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, *args: launch._launch_persistent(
+        ShortOfSharedMemory(), plan.programs, x, resident=True))
+    with pytest.warns(UserWarning, match="resident Triton launch failed"):
+        _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=0, layers=1,
+                                bidirectional=True, packed=False, training=True, reg=EVERY)
+    assert launch.recurrence_plan(device, "ieee", 8, 2, 4, 4).kind == "persistent", "after a refusal, persistent"
+    assert not launch._persistent_refused
 
 
 def test_a_launch_error_that_is_not_a_refusal_propagates(monkeypatch):

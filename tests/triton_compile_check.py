@@ -41,7 +41,13 @@ EVERY_REGULARIZER = Regularizers(
 )
 
 
-def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
+# what a resident plan is sized against, per architecture: the H100's and the A100's SMs and shared memory
+GPU_LIMITS = {80: launch.GpuLimits(108, 166912), 90: launch.GpuLimits(132, 232448)}
+# the benchmarks' layers (batch, hidden): the resident kernels' slabs and operands at the sizes that matter
+BENCHMARK_LAYERS = ((80, 1150), (64, 512), (16, 768), (8, 256), (64, 1024))
+
+
+def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
     """Drive the launchers through every configuration they can take; return each kernel launch."""
     launches = []
     for name in dir(kernels):
@@ -49,30 +55,36 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
         if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
             kernel.run = lambda *args, grid, warmup, _kernel=kernel, **kwargs: launches.append((_kernel, args, kwargs))
     # what the launchers choose on a GPU, for tensors that live on this machine's CPU
+    cuda = torch.device("cuda")
     gpu_precision = launch.dot_precision
-    launch.dot_precision = lambda dtype, device: gpu_precision(dtype, torch.device("cuda"))
+    launch.dot_precision = lambda dtype, device: gpu_precision(dtype, cuda)
     gpu_options = launch.persistent_options
-    launch.persistent_options = lambda device, dtype: gpu_options(torch.device("cuda"), dtype)
-    gpu_plan = launch._recurrence_plan
-    launch._recurrence_plan = lambda device, precision, *sizes: gpu_plan(torch.device("cuda"), precision, *sizes)
+    launch.persistent_options = lambda device, dtype, resident=False: gpu_options(cuda, dtype, resident)
+    launch.gpu_limits = lambda device: GPU_LIMITS[arch]
+    gpu_plan = launch.recurrence_plan
+    launch.recurrence_plan = lambda device, *sizes, **options: gpu_plan(cuda, *sizes, **options)
     seed = torch.tensor(1234, dtype=torch.int64)
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for dtype in dtypes:
         for tf32 in ((True, False) if dtype == torch.float32 else (True,)):
             torch.backends.cudnn.allow_tf32 = tf32
-            for batch in (1, 20):  # each tile height launch.tile_sizes picks
-                for proj in (0, 3):
-                    for packed in (False, True):
-                        for persistent in (0, 8):  # one launch per step, or every step in one launch
-                            launch.persistent_programs = lambda device, tiles, _programs=persistent: _programs
-                            drive_layer(dtype, batch, proj, packed, seed)
+            for mode in ("steps", "persistent", "resident"):
+                os.environ["FUSED_RNN_RECURRENCE"] = mode
+                launch.persistent_programs = lambda device, tiles, _on=mode != "steps": 8 if _on else 0
+                for batch in (1, 20):  # each tile height launch.tile_sizes picks
+                    for proj in (0, 3):
+                        for packed in (False, True):
+                            drive_layer(dtype, batch, 6, proj, packed, seed)
+                if mode == "resident":
+                    for batch, hidden in BENCHMARK_LAYERS:
+                        drive_layer(dtype, batch, hidden, 0, False, seed)
         for locked in (False, True):
             launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
     return launches
 
 
-def drive_layer(dtype: torch.dtype, batch: int, proj: int, packed: bool, seed: torch.Tensor) -> None:
-    seq_len, inputs, hidden = 3, 5, 6
+def drive_layer(dtype: torch.dtype, batch: int, hidden: int, proj: int, packed: bool, seed: torch.Tensor) -> None:
+    seq_len, inputs = 3, 5
     real_hidden = proj or hidden
     make = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
     x, h0, c0 = make(seq_len, batch, inputs), make(batch, real_hidden), make(batch, hidden)
@@ -112,12 +124,18 @@ def ptxas_report(log: str) -> dict:
     }
 
 
+def slabs_before_loop(ttgir: str) -> int:
+    """Tensors the compiled kernel copies into shared memory before its first loop: a resident kernel's
+    slabs of W~, loaded once and kept there for every step (no step reads them from global memory)."""
+    return len(re.findall(r"ttg\.local_alloc %", ttgir[: ttgir.index("scf.for")]))
+
+
 def main(arch: int) -> int:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     seen = set()
     failures = 0
-    for kernel, args, kwargs in record_launches():
+    for kernel, args, kwargs in record_launches(arch):
         signature, constexprs, attrs, options = specialize(kernel, args, kwargs, backend)
         key = (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
         if key in seen:
@@ -134,6 +152,10 @@ def main(arch: int) -> int:
             report = ptxas_report(log.getvalue())
             report["shared"] = compiled.metadata.shared
             problems = [] if report["ptxas_log_found"] else ["no ptxas report in Triton's output"]
+            if "K_MAIN" in kwargs:
+                report["slabs_before_loop"] = slabs_before_loop(compiled.asm["ttgir"])
+                if report["slabs_before_loop"] < 1 + (kwargs["K_REST"] > 0):
+                    problems.append("the resident slabs are not in shared memory before the step loop")
             if report["spill_stores"] or report["spill_loads"]:
                 problems.append("register spills")
             if report["shared"] > SHARED_MEMORY_LIMIT[arch]:

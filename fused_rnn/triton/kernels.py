@@ -129,12 +129,10 @@ def forward_cell_tile(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     inside = (rows < B) & (units < H)
-    prev = t + reverse
-    new = t + 1 - reverse
     dtype = xg_ptr.dtype.element_ty
 
     # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T
-    r_prev_ptr = rs_ptr + prev.to(tl.int64) * B * H_out
+    r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype)
@@ -149,7 +147,20 @@ def forward_cell_tile(
         acc_f = tile_dot(r, tl.load(w_t + H * H_out, mask=w_inside, other=0.0), acc_f, PRECISION)
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
+    finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+                xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
 
+
+@triton.jit
+def finish_step(
+    acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+    xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+):
+    """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
+    the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj:
+    hpre[t] is stored for projection_tile). inside: (rows < B) & (units < H)."""
+    prev = t + reverse
+    new = t + 1 - reverse
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
     gi = tl.load(xg_here, mask=inside, other=0.0) + acc_i
     gf = tl.load(xg_here + H, mask=inside, other=0.0) + acc_f
@@ -249,20 +260,33 @@ def backward_h_tile(
     """
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
-    inside = (rows < B) & (units < H_out)
-    h_here = rows * H_out + units
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
-    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
         dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
-        acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0,
                         cache_modifier=SHARED)
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
+    finish_h_backward(acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
+                      dgates_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                      B, H, H_out)
+
+
+@triton.jit
+def finish_h_backward(
+    acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
+    dgates_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+):
+    """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update,
+    and the step's backward if `step`."""
+    inside = (rows < B) & (units < H_out)
+    h_here = rows * H_out + units
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
+    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    if has_next != 0:
         g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
     if step != 0:
         active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
@@ -383,6 +407,16 @@ def position(s, seq_len, reverse):
     return s + reverse * (seq_len - 1 - 2 * s)
 
 
+@triton.jit
+def backward_positions(back, seq_len, reverse):
+    """(t, t_next) of the back-th call of a backward through time: the step at position t, after the
+    recurrent gradient from position t_next (the step after it) is added. back = seq_len is the final
+    call that completes dL/dh0 from the first step's dgates."""
+    s = tl.maximum(tl.minimum(seq_len - 1 - back, seq_len - 1), 0)
+    t_next = position(tl.minimum(seq_len - back, seq_len - 1), seq_len, reverse)
+    return position(s, seq_len, reverse), t_next
+
+
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
     xg_ptr, w_ptr, w_hr_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
@@ -432,11 +466,7 @@ def backward_persistent_kernel(
     tiles_out = tl.cdiv(H_out, BLOCK_H)
     expected = 0
     for back in range(seq_len + 1):
-        # back = seq_len is the final call that completes dL/dh0 from the first step's dgates
-        s = tl.minimum(seq_len - 1 - back, seq_len - 1)
-        s = tl.maximum(s, 0)
-        t = position(s, seq_len, reverse)
-        t_next = position(tl.minimum(seq_len - back, seq_len - 1), seq_len, reverse)
+        t, t_next = backward_positions(back, seq_len, reverse)
         for tile in range(pid, tiles_b * tiles_out, programs):
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
@@ -456,3 +486,76 @@ def backward_persistent_kernel(
                     )
                 expected += programs
                 grid_barrier(arrivals_ptr, expected)
+
+
+# Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
+RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths", "B", "H", "H_out"]
+
+
+@triton.jit
+def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """[K_SIZE, N]: element (k, n) = ptr[n] + (K_START + k) * k_stride, 0 past K. Loaded before a program's
+    step loop and used only as a dot operand, it stays in the SM's shared memory for every step."""
+    ks = K_START + tl.arange(0, K_SIZE)[:, None]
+    return tl.load(ptr + ks * k_stride, mask=(ks < K) & n_inside, other=0.0)
+
+
+@triton.jit
+def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr):
+    """A [K, N] operand in two power-of-two slabs, K_MAIN + K_REST >= K (K_REST may be 0): a 768-deep
+    operand is 512 + 256, not 1024, of on-chip memory."""
+    main = resident_slab(ptr, k_stride, n_inside, K, 0, K_MAIN)
+    rest = main
+    if K_REST > 0:
+        rest = resident_slab(ptr, k_stride, n_inside, K, K_MAIN, K_REST)
+    return main, rest
+
+
+@triton.jit
+def resident_dot(a_ptr, rows, B, a_stride, K, main, rest, acc, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """acc + a [BB, K] @ (main; rest) [K, N], a's row b at a_ptr + b * a_stride."""
+    ks = tl.arange(0, K_MAIN)[None, :]
+    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
+    acc = tile_dot(a, main, acc, PRECISION)
+    if K_REST > 0:
+        ks = K_MAIN + tl.arange(0, K_REST)[None, :]
+        a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
+        acc = tile_dot(a, rest, acc, PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
+def forward_resident_kernel(
+    xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+):
+    """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns units
+    [p * BLOCK_H, ...) for every row and step, and loads their four gates' rows of W~ once, before the
+    first step. With synchronize, a grid barrier ends each step (the whole sequence in one launch);
+    without, the caller launches one step at a time."""
+    pid = tl.program_id(0)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+    # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
+    n = tl.arange(0, 4 * BLOCK_H)[None, :]
+    n_unit = pid * BLOCK_H + n // 4
+    w_main, w_rest = resident_weight(w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST)
+    expected = 0
+    for s in range(first, last):
+        t = position(s, seq_len, reverse)
+        r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
+        for row0 in range(0, B, BLOCK_B):
+            rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+            acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main, w_rest,
+                               tl.zeros([BLOCK_B, 4 * BLOCK_H], xg_ptr.dtype.element_ty), K_MAIN, K_REST, PRECISION)
+            # column u * 4 + 2 a + b as [BB, BH, a, b]: split on b gives gates (i, g) and (f, o), on a each one
+            even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
+            acc_i, acc_g = tl.split(even)
+            acc_f, acc_o = tl.split(odd)
+            finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, (rows < B) & (units < H), t, reverse, stream,
+                        has_lengths, 0, xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, out_ptr, lengths_ptr, ints_ptr,
+                        floats_ptr, B, H, H_out)
+        if synchronize != 0:
+            expected += tl.num_programs(0)
+            grid_barrier(arrivals_ptr, expected)

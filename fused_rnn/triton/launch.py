@@ -20,13 +20,14 @@ from .kernels import (
     backward_projection_cell_kernel,
     backward_step_kernel,
     forward_persistent_kernel,
+    forward_resident_kernel,
     forward_step_kernel,
     hidden_dropout_kernel,
     packed_dropout_kernel,
     projection_step_kernel,
 )
 
-RECURRENCE_MODES = ("auto", "steps", "persistent")
+RECURRENCE_MODES = ("auto", "steps", "persistent", "resident")
 
 ELEMENTWISE_BLOCK = 1024
 
@@ -139,28 +140,35 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_persistent_refused: list = []  # the first reason a persistent launch failed in this process, if one did
+# the first reason a launch of each kind failed in this process, if one did: that kind is not tried again
+_persistent_refused: list = []
+_resident_refused: list = []
 
 
-def _launch_persistent(kernel, programs: int, x: Tensor, *args, **constexprs) -> bool:
-    """Launch a persistent kernel; False (and one warning, and steps from then on) if the GPU refuses it.
+def _launch_persistent(kernel, programs: int, x: Tensor, *args, resident: bool = False, **constexprs) -> bool:
+    """Launch a persistent kernel; False (and one warning, and no more launches of its kind) if the GPU refuses it.
 
-    A refused cooperative launch never started, so the caller can run the same work one step at a time.
+    A refused launch never started, so the caller can run the same work another way.
     """
+    refusals = _resident_refused if resident else _persistent_refused
     try:
-        kernel[(programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype))
-    except RuntimeError as error:
+        kernel[(programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype, resident))
+    except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
             raise
-        _persistent_refused.append(f"{type(error).__name__}: {error}")
-        warnings.warn(f"fused_rnn: a persistent Triton launch failed ({error}); running one launch per step from now on")
+        refusals.append(f"{type(error).__name__}: {error}")
+        kind, fallback = ("resident", "persistent launches") if resident else ("persistent", "one launch per step")
+        warnings.warn(f"fused_rnn: a {kind} Triton launch failed ({error}); running {fallback} from now on")
         return False
     return True
 
 
-def refused_launch(error: RuntimeError) -> bool:
-    """Whether a launch error is the driver refusing a cooperative grid (raised before the kernel starts,
-    and not sticky), rather than, say, an earlier kernel's fault surfacing here."""
+def refused_launch(error: Exception) -> bool:
+    """Whether a launch error is the driver refusing a cooperative grid, or Triton finding the kernel needs
+    more shared memory than the GPU has (both raised before the kernel starts, and not sticky), rather
+    than, say, an earlier kernel's fault surfacing here."""
+    if isinstance(error, triton.runtime.errors.OutOfResources):
+        return True
     # CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED ("operation not supported", and
     # nothing after it: "... on global/shared address space" is a kernel's fault)
     reason = str(error).strip().lower()
@@ -180,23 +188,147 @@ def on_tensor_device(launcher):
     return on_device
 
 
+def recurrence_mode() -> str:
+    """FUSED_RNN_RECURRENCE: steps | persistent | resident | auto (default); see Plan."""
+    mode = os.environ.get("FUSED_RNN_RECURRENCE", "auto")
+    if mode not in RECURRENCE_MODES:
+        raise ValueError(f"FUSED_RNN_RECURRENCE must be one of {', '.join(RECURRENCE_MODES)}, got {mode!r}")
+    return mode
+
+
 def persistent_programs(device: torch.device, tiles: int) -> int:
     """Programs of a persistent launch (every step in one kernel, a grid barrier between them), or 0
-    for one launch per step. FUSED_RNN_RECURRENCE=steps|persistent|auto (default) chooses.
+    for one launch per step.
 
     A barrier needs every program resident: on a GPU at most one program per SM, in a cooperative
     launch; under the interpreter, which runs programs one after another, a single program.
     """
-    mode = os.environ.get("FUSED_RNN_RECURRENCE", "auto")
-    if mode not in RECURRENCE_MODES:
-        raise ValueError(f"FUSED_RNN_RECURRENCE must be one of {', '.join(RECURRENCE_MODES)}, got {mode!r}")
+    mode = recurrence_mode()
     if mode == "steps" or _persistent_refused:
         return 0
     if interpreted():
-        return 1 if mode == "persistent" else 0
+        return 1 if mode in ("persistent", "resident") else 0
     if device.type != "cuda":
         return 0
     return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a layer-direction's time loop runs, and its tiles.
+
+    "steps": a launch per step on a (row tiles, unit tiles) grid. "persistent": one launch; resident
+    programs share the step's tiles and read their slices of W~ from L2 at every step. "resident": a
+    program per tile of units, for every row; it loads its slices of W~ once, the compiler keeps them
+    in shared memory, and no step reads W~ from L2 again. Under the interpreter, which runs programs one
+    after another, a resident plan of several programs launches once per step (synchronize False).
+    """
+
+    kind: str
+    programs: int
+    block_b: int
+    block_h: int
+    block_k: int = 0  # steps, persistent: the depth of a product's K tile
+    k_main: int = 0  # resident: the depths of the two slabs of W~ (resident_weight)
+    k_rest: int = 0
+    synchronize: bool = True
+
+    @property
+    def resident_constexprs(self) -> dict:
+        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest)
+
+    @property
+    def tile_constexprs(self) -> dict:
+        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, BLOCK_K=self.block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuLimits:
+    sms: int
+    shared_bytes: int  # shared memory one block may opt in to
+
+
+def gpu_limits(device: torch.device) -> GpuLimits:
+    # Triton's own figure for shared memory, the one its launcher checks a kernel against
+    shared = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    return GpuLimits(torch.cuda.get_device_properties(device).multi_processor_count, shared)
+
+
+def resident_depths(depth: int) -> tuple[int, int]:
+    """(K_MAIN, K_REST) of resident_weight: K_MAIN the largest power of two within depth (at least 16,
+    tl.dot's least K), K_REST the power of two (0, or at least 16) that covers the remainder."""
+    main = max(16, 1 << (depth.bit_length() - 1))
+    rest = depth - main
+    return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+
+
+RESIDENT_BLOCK_H = (4, 8, 16, 32)
+RESIDENT_BLOCK_B = (16, 32, 64)
+# Shared memory a resident program needs besides its slabs and the product's left operand: the
+# compiler's layout conversions of the gate tiles and the cell's temporaries.
+RESIDENT_SHARED_MARGIN = 16 * 1024
+# Registers: the dot takes both operands into registers; with 8 warps of at most 255 registers, room
+# for them and the cell math.
+RESIDENT_OPERAND_BYTES = 128 * 1024
+
+
+def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int) -> Plan | None:
+    """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes),
+    or None where it does not fit the GPU: every unit tile needs an SM of its own, its slabs and the
+    product's float32 left operand [BLOCK_B, H] shared memory, the operands registers.
+
+    The smallest unit tile that fits in the SMs spreads the work widest; then the fewest row tiles
+    (each reads the slabs from shared memory again), the smaller of equal counts.
+    """
+    k_main, k_rest = resident_depths(hidden)
+    depth = k_main + k_rest
+    block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
+    if block_h is None:
+        return None
+    slab_bytes = 4 * block_h * depth * element_size
+    fitting = [
+        b for b in RESIDENT_BLOCK_B
+        if b <= max(16, triton.next_power_of_2(batch))
+        and slab_bytes + b * depth * 4 + RESIDENT_SHARED_MARGIN <= limits.shared_bytes
+        and (b + 4 * block_h) * k_main * element_size <= RESIDENT_OPERAND_BYTES
+    ]
+    if not fitting:
+        return None
+    block_b = min(fitting, key=lambda b: (triton.cdiv(batch, b), b))
+    return Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest)
+
+
+def recurrence_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
+                    real_hidden: int, forward: bool = True) -> Plan:
+    """The plan for a layer-direction's forward (or backward): FUSED_RNN_RECURRENCE=steps|persistent|resident|auto
+    chooses.
+
+    auto on a GPU: for a forward, resident where the layer has no projection and its slabs fit; else
+    persistent. The backward has no resident kernel (README.md, "The W~-resident forward").
+    IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
+    would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
+    auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
+    """
+    mode = recurrence_mode()
+    projected = real_hidden != hidden
+    resident = (forward and mode in ("auto", "resident") and not projected and not _resident_refused
+                and not _persistent_refused)
+    if interpreted():
+        if mode == "resident" and resident:
+            programs = triton.cdiv(hidden, 4)
+            k_main, k_rest = resident_depths(hidden)
+            block_b = max(16, triton.next_power_of_2(batch))
+            return Plan("resident", programs, block_b, 4, k_main=k_main, k_rest=k_rest, synchronize=programs == 1)
+    elif device.type == "cuda" and precision != "ieee" and resident:
+        plan = resident_plan(gpu_limits(device), element_size, batch, hidden)
+        if plan is not None:
+            return plan
+    block_b, block_h, block_k = tile_sizes(batch, persistent=True)
+    tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
+    programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
+    if programs:
+        return Plan("persistent", programs, block_b, block_h, block_k)
+    return Plan("steps", 0, *tile_sizes(batch, persistent=False))
 
 
 def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
@@ -246,25 +378,35 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
     ).squeeze(0)
 
 
-def persistent_options(device: torch.device, dtype: torch.dtype) -> dict:
+def persistent_options(device: torch.device, dtype: torch.dtype, resident: bool = False) -> dict:
     """GPU launch options of a persistent kernel: cooperative (the driver refuses the launch unless
     every program is resident), every register a thread may have (some ptxas releases otherwise trade
-    spills for occupancy that one program per SM cannot use), and for float32 tiles 8 warps."""
+    spills for occupancy that one program per SM cannot use), and 8 warps for float32 tiles and for
+    the resident kernels, whose products take whole slabs into registers."""
     if device.type != "cuda":
         return {}
-    return {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": 8 if dtype == torch.float32 else 4}
+    warps = 8 if resident or dtype == torch.float32 else 4
+    options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
+    if resident:
+        # no software pipelining: it would keep several steps' operands in flight, in shared memory
+        # the slabs need, and the loop's loads depend on the barrier before them anyway
+        options["num_stages"] = 1
+    return options
 
 
-def _recurrence_plan(device: torch.device, precision: str, batch: int, hidden: int, real_hidden: int):
-    """(programs of a persistent launch, or 0 for one launch per step; the tile sizes that go with it).
-
-    On a GPU, IEEE float32 and float64 products (no tensor cores) always step: their persistent phases
-    would not fit in registers, and they are chosen for accuracy, not speed.
-    """
-    block_b, block_h, _ = sizes = tile_sizes(batch, persistent=True)
-    tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
-    programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
-    return programs, sizes if programs else tile_sizes(batch, persistent=False)
+def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, buffers: tuple, runtime: tuple, precision: str) -> bool:
+    """A resident kernel over the sequence: one synchronized launch, or (a plan of several programs under
+    the interpreter) one launch per step. False if the GPU refused the launch."""
+    arrivals = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if plan.synchronize:
+        return _launch_persistent(
+            kernel, plan.programs, x, *buffers, arrivals, seq_len, 0, seq_len, 1, *runtime,
+            resident=True, PRECISION=precision, **plan.resident_constexprs,
+        )
+    for s in range(seq_len):
+        kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
+                                 **plan.resident_constexprs)
+    return True
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -298,31 +440,41 @@ def layer_forward(
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     has_proj = w_hr is not None
     precision = dot_precision(w.dtype, x.device)
-    programs, (block_b, block_h, block_k) = _recurrence_plan(x.device, precision, batch, hidden, real_hidden)
-    tiles_b, tiles_h, tiles_out = triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), triton.cdiv(real_hidden, block_h)
+    plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
     if flags.hidden:
-        hidden_dropout_kernel[(tiles_b, tiles_out)](
-            hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=block_b, BLOCK_H=block_h
+        hidden_dropout_kernel[(triton.cdiv(batch, 32), triton.cdiv(real_hidden, 64))](
+            hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=32, BLOCK_H=64
         )
-    persistent = programs and _launch_persistent(
-        forward_persistent_kernel, programs, x,
-        xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, lengths_arg, ints, floats,
-        torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
-        int(has_proj), batch, hidden, real_hidden,
-        PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-    )
-    if not persistent:
+    step_arguments = (lengths_arg, ints, floats)
+    sizes = (batch, hidden, real_hidden)
+    if plan.kind == "resident":
+        done = _run_resident(
+            forward_resident_kernel, plan, x, seq_len, (xg, w, hs, rs, cs, out, *step_arguments),
+            (int(reverse), stream, has_lengths, *sizes), precision,
+        )
+        if not done:
+            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    if plan.kind == "persistent":
+        done = _launch_persistent(
+            forward_persistent_kernel, plan.programs, x,
+            xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, *step_arguments,
+            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
+        )
+        if not done:
+            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    if plan.kind == "steps":
+        tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
+        tiles_out = triton.cdiv(real_hidden, plan.block_h)
         for t in _positions(seq_len, reverse):
             forward_step_kernel[(tiles_b, tiles_h)](
-                xg, w, hs, rs, cs, out, hpre, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-                int(has_proj), batch, hidden, real_hidden,
-                PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                xg, w, hs, rs, cs, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
+                int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
             )
             if has_proj:
                 projection_step_kernel[(tiles_b, tiles_out)](
-                    hpre, w_hr, hs, rs, out, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-                    batch, hidden, real_hidden,
-                    PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                    hpre, w_hr, hs, rs, out, *step_arguments, t, int(reverse), stream, has_lengths,
+                    *sizes, PRECISION=precision, **plan.tile_constexprs,
                 )
     return out, hs[last], cs[last], xg, rs, cs, hpre
 
@@ -351,31 +503,34 @@ def layer_backward(
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     precision = dot_precision(w.dtype, x.device)
-    programs, (block_b, block_h, block_k) = _recurrence_plan(x.device, precision, batch, hidden, real_hidden)
-    tiles_b, tiles_h, tiles_out = triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), triton.cdiv(real_hidden, block_h)
-    persistent = programs and _launch_persistent(
-        backward_persistent_kernel, programs, x,
-        dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, lengths_arg, ints, floats,
-        torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
-        int(has_proj), batch, hidden, real_hidden,
-        PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
-    )
-    if not persistent:
+    plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False)
+    step_arguments = (lengths_arg, ints, floats)
+    sizes = (batch, hidden, real_hidden)
+    if plan.kind == "persistent":
+        done = _launch_persistent(
+            backward_persistent_kernel, plan.programs, x,
+            dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
+            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
+        )
+        if not done:
+            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    if plan.kind == "steps":
+        tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
+        tiles_out = triton.cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
         order = list(_positions(seq_len, reverse))[::-1]
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
             backward_step_kernel[(tiles_b, tiles_out)](
-                dgates, xg, w, cs, d_out, gh, gc, dht, lengths_arg, ints, floats, t, order[index - 1] if index else t,
+                dgates, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
                 int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len),
-                batch, hidden, real_hidden,
-                PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                *sizes, PRECISION=precision, **plan.tile_constexprs,
             )
             if has_proj and index < seq_len:
                 backward_projection_cell_kernel[(tiles_b, tiles_h)](
-                    dgates, xg, w_hr, cs, gc, dht, lengths_arg, ints, floats, t, int(reverse), stream, has_lengths,
-                    batch, hidden, real_hidden,
-                    PRECISION=precision, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k,
+                    dgates, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream, has_lengths,
+                    *sizes, PRECISION=precision, **plan.tile_constexprs,
                 )
 
     # weight and input gradients: one GEMM each over the whole sequence
