@@ -217,11 +217,12 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
 class Plan:
     """How a layer-direction's time loop runs, and its tiles.
 
-    "steps": a launch per step on a (row tiles, unit tiles) grid. "persistent": one launch; resident
-    programs share the step's tiles and read their slices of W~ from L2 at every step. "resident": a
-    program per tile of units, for every row; it loads its slices of W~ once, the compiler keeps them
-    in shared memory, and no step reads W~ from L2 again. Under the interpreter, which runs programs one
-    after another, a resident plan of several programs launches once per step (synchronize False).
+    "steps": a launch per step on a (row tiles, unit tiles) grid. "persistent": one launch, whose
+    programs (all on the GPU at once) share the step's tiles and read their slices of W~ from L2 at
+    every step. "resident": a program per tile of units, for every row; it loads its slices of W~ once,
+    the compiler keeps them in shared memory, and no step reads W~ from L2 again. Under the interpreter,
+    which runs programs one after another, a resident plan of several programs launches once per step
+    (synchronize False).
     """
 
     kind: str
@@ -250,7 +251,8 @@ class GpuLimits:
 
 def gpu_limits(device: torch.device) -> GpuLimits:
     # Triton's own figure for shared memory, the one its launcher checks a kernel against
-    shared = triton.runtime.driver.active.utils.get_device_properties(device.index)["max_shared_mem"]
+    index = torch.cuda.current_device() if device.index is None else device.index
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return GpuLimits(torch.cuda.get_device_properties(device).multi_processor_count, shared)
 
 
@@ -304,7 +306,7 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     chooses.
 
     auto on a GPU: for a forward, resident where the layer has no projection and its slabs fit; else
-    persistent. The backward has no resident kernel (README.md, "The W~-resident forward").
+    persistent. The backward has no resident kernel (README.md, "Why there is no resident backward yet").
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
     would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
     auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
