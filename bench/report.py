@@ -83,6 +83,8 @@ def applied(info: dict) -> str:
 def runs_as(info: dict) -> str:
     if "backend" in info:
         text = info["backend"]
+        if "forward_loop" in info:
+            text += f" ({info['forward_loop']} forward)"
         if "fallback" in info:
             text += " **(auto fell back)**"
         return text
@@ -148,7 +150,7 @@ def group_table(name: str, group: list[dict]) -> list[str]:
         p.label for p in PROVIDERS_BY_NAME.values() if info["device_type"] in p.devices and p.name not in present
     ]
     if missing:
-        lines += ["", f"No result (failed, deselected or not reached): {', '.join(missing)}."]
+        lines += ["", f"No result (failed, skipped, deselected or not reached): {', '.join(missing)}."]
     fallbacks = {e["extra_info"]["fallback"] for e in group if "fallback" in e["extra_info"]}
     for reason in sorted(fallbacks):
         lines += ["", f"fused_rnn's auto backend fell back to the reference here: {reason}."]
