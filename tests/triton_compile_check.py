@@ -41,8 +41,12 @@ EVERY_REGULARIZER = Regularizers(
 )
 
 
-# what a resident plan is sized against, per architecture: the H100's and the A100's SMs and shared memory
-GPU_LIMITS = {80: launch.GpuLimits(108, 166912), 90: launch.GpuLimits(132, 232448)}
+# what resident plans are sized against, per architecture: SMs and shared memory of the A100; of the
+# H100 SXM and PCIe (132 and 114 SMs: a layer can need larger unit tiles on the smaller one)
+GPU_LIMITS = {
+    80: (launch.GpuLimits(108, 166912),),
+    90: (launch.GpuLimits(132, 232448), launch.GpuLimits(114, 232448)),
+}
 # the benchmarks' layers (batch, hidden): the resident kernels' slabs and operands at the sizes that matter
 BENCHMARK_LAYERS = ((80, 1150), (64, 512), (16, 768), (8, 256), (64, 1024))
 
@@ -60,7 +64,8 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
     launch.dot_precision = lambda dtype, device: gpu_precision(dtype, cuda)
     gpu_options = launch.persistent_options
     launch.persistent_options = lambda device, dtype, resident=False: gpu_options(cuda, dtype, resident)
-    launch.gpu_limits = lambda device: GPU_LIMITS[arch]
+    limits = list(GPU_LIMITS[arch])
+    launch.gpu_limits = lambda device: limits[0]
     gpu_plan = launch.recurrence_plan
     launch.recurrence_plan = lambda device, *sizes, **options: gpu_plan(cuda, *sizes, **options)
     seed = torch.tensor(1234, dtype=torch.int64)
@@ -76,8 +81,10 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
                         for packed in (False, True):
                             drive_layer(dtype, batch, 6, proj, packed, seed)
                 if mode == "resident":
-                    for batch, hidden in BENCHMARK_LAYERS:
-                        drive_layer(dtype, batch, hidden, 0, False, seed)
+                    for gpu in GPU_LIMITS[arch]:
+                        limits[0] = gpu
+                        for batch, hidden in BENCHMARK_LAYERS:
+                            drive_layer(dtype, batch, hidden, 0, False, seed)
         for locked in (False, True):
             launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
     return launches
@@ -156,6 +163,11 @@ def main(arch: int) -> int:
                 report["slabs_before_loop"] = slabs_before_loop(compiled.asm["ttgir"])
                 if report["slabs_before_loop"] < 1 + (kwargs["K_REST"] > 0):
                     problems.append("the resident slabs are not in shared memory before the step loop")
+                plan = launch.Plan("resident", 1, kwargs["BLOCK_B"], kwargs["BLOCK_H"], k_main=kwargs["K_MAIN"],
+                                   k_rest=kwargs["K_REST"])
+                planned = launch.resident_shared_bytes(plan, args[1].element_size())
+                if report["shared"] > planned:
+                    problems.append(f"shared memory {report['shared']} > the {planned} launch.resident_plan allowed")
             if report["spill_stores"] or report["spill_loads"]:
                 problems.append("register spills")
             if report["shared"] > SHARED_MEMORY_LIMIT[arch]:

@@ -264,7 +264,9 @@ def resident_depths(depth: int) -> tuple[int, int]:
     return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-RESIDENT_BLOCK_H = (4, 8, 16, 32)
+# Units a resident program owns: 16 would fit larger layers in the SMs, but its products spill
+# registers (tests/triton_compile_check.py compiles every benchmark layer's plan on 132 and 114 SMs).
+RESIDENT_BLOCK_H = (4, 8)
 RESIDENT_BLOCK_B = (16, 32, 64)
 # Shared memory a resident program needs besides its slabs and the product's left operand: the
 # compiler's layout conversions of the gate tiles and the cell's temporaries.
@@ -272,6 +274,13 @@ RESIDENT_SHARED_MARGIN = 16 * 1024
 # Registers: the dot takes both operands into registers; with 8 warps of at most 255 registers, room
 # for them and the cell math.
 RESIDENT_OPERAND_BYTES = 128 * 1024
+
+
+def resident_shared_bytes(plan: Plan, element_size: int) -> int:
+    """What resident_plan allows a plan's program of shared memory: its slabs, the product's float32 left
+    operand [BLOCK_B, K], and RESIDENT_SHARED_MARGIN."""
+    depth = plan.k_main + plan.k_rest
+    return 4 * plan.block_h * depth * element_size + plan.block_b * depth * 4 + RESIDENT_SHARED_MARGIN
 
 
 def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int) -> Plan | None:
@@ -283,21 +292,17 @@ def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int)
     (each reads the slabs from shared memory again), the smaller of equal counts.
     """
     k_main, k_rest = resident_depths(hidden)
-    depth = k_main + k_rest
     block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
-    slab_bytes = 4 * block_h * depth * element_size
-    fitting = [
-        b for b in RESIDENT_BLOCK_B
-        if b <= max(16, triton.next_power_of_2(batch))
-        and slab_bytes + b * depth * 4 + RESIDENT_SHARED_MARGIN <= limits.shared_bytes
-        and (b + 4 * block_h) * k_main * element_size <= RESIDENT_OPERAND_BYTES
+    plans = [
+        Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest)
+        for block_b in RESIDENT_BLOCK_B
+        if block_b <= max(16, triton.next_power_of_2(batch))
+        and (block_b + 4 * block_h) * k_main * element_size <= RESIDENT_OPERAND_BYTES
     ]
-    if not fitting:
-        return None
-    block_b = min(fitting, key=lambda b: (triton.cdiv(batch, b), b))
-    return Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest)
+    fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
+    return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
 
 
 def recurrence_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
@@ -516,7 +521,7 @@ def layer_backward(
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
-            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False)
     if plan.kind == "steps":
         tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
