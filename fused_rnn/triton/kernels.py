@@ -1,4 +1,6 @@
-"""Triton kernels of the LSTM recurrence, forward and backward through time, one launch per step.
+"""Triton kernels of the LSTM recurrence, forward and backward through time: one launch per step,
+persistent (every step in one launch), and the W~-resident forward (README.md, "Three ways to run the
+time loop").
 
 Buffers (time-major, rows in the caller's batch order, T positions):
   xg    [T, B, 4H]     the input projection plus biases; the forward overwrites it with the gate
@@ -8,8 +10,8 @@ Buffers (time-major, rows in the caller's batch order, T positions):
   cs    [T + 1, B, H]      c states, indexed as hs
   out   [T, B, H_out]  the layer's output: h_t, or 0 past a row's length
   hpre  [T, B, H]      o * tanh(c~) before the projection (proj_size > 0 only)
-A program owns rows [pid_b * BLOCK_B, ...) and units [pid_h * BLOCK_H, ...): the four gates of its
-units, so the cell math needs nothing from another program. Derivations: README.md.
+A tile is rows [pid_b * BLOCK_B, ...) and units [pid_h * BLOCK_H, ...) with the four gates of its
+units, so the cell math needs nothing from another tile. Derivations: README.md.
 """
 
 import triton
