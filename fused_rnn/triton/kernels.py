@@ -7,9 +7,15 @@ Buffers (time-major, rows in the caller's batch order, T positions):
                        activations i, f, g, o that the backward reads
   hs    [T + 1, B, H_out]  h states. Position t reads state t + reverse and writes t + 1 - reverse,
   rs    [T + 1, B, H_out]  so both directions walk one buffer; rs is hs after recurrent dropout
+  rn    [2, B, H_out]  state s of rs at s % 2, in the dtype the recurrent product converts its operand
+                       to: what the next step's product reads, half of rs' bytes in fp16/bf16
   cs    [T + 1, B, H]      c states, indexed as hs
   out   [T, B, H_out]  the layer's output: h_t, or 0 past a row's length
   hpre  [T, B, H]      o * tanh(c~) before the projection (proj_size > 0 only)
+Backward:
+  dgates [T, B, 4H]    dL/dgates, for the weight GEMMs after the loop (may be xg itself)
+  dgn   [2, B, 4H]     dL/dgates of position t at t % 2, in the dtype the recurrent product converts its
+                       operand to: what the next step's product reads, half of dgates' bytes in fp16/bf16
 A tile is rows [pid_b * BLOCK_B, ...) and units [pid_h * BLOCK_H, ...) with the four gates of its
 units, so the cell math needs nothing from another tile. Derivations: README.md.
 """
@@ -93,19 +99,22 @@ def row_is_active(lengths_ptr, rows, B, t, has_lengths):
 @triton.jit
 def finish_h(
     h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-    hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
+    hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
 ):
-    """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy and the output."""
+    """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy
+    (in rs with recurrent dropout, and in rn for the next step's product) and the output."""
     here = rows * H_out + units
     h_prev = tl.load(hs_ptr + prev.to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
     h_new = zoneout(h_prev, h_tilde, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE))
     h_state = tl.where(active, h_new, h_prev)
     tl.store(hs_ptr + new.to(tl.int64) * B * H_out + here, h_state, mask=inside)
     tl.store(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), mask=inside)
+    r = h_state
     if tl.load(ints_ptr + INT_HIDDEN_ON) != 0:
         # the mask is fixed for the sequence, so a frozen row's dropped copy stays what it was
         r = keep_scaled(h_state, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
         tl.store(rs_ptr + new.to(tl.int64) * B * H_out + here, r, mask=inside)
+    tl.store(rn_ptr + (new % 2).to(tl.int64) * B * H_out + here, r.to(rn_ptr.dtype.element_ty), mask=inside)
 
 
 # Runtime integers (not specialised, so one compiled kernel serves every step, shape and option).
@@ -120,7 +129,7 @@ SHARED: tl.constexpr = tl.constexpr(".cg")
 @triton.jit
 def forward_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
@@ -133,8 +142,8 @@ def forward_cell_tile(
     inside = (rows < B) & (units < H)
     dtype = xg_ptr.dtype.element_ty
 
-    # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T
-    r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
+    # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T, r_prev read from rn
+    r_prev_ptr = rn_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype)
@@ -150,13 +159,13 @@ def forward_cell_tile(
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
     finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-                xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+                xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
 
 
 @triton.jit
 def finish_step(
     acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+    xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
 ):
     """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
     the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj:
@@ -186,13 +195,13 @@ def finish_step(
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
         finish_h(h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-                 hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+                 hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
 @triton.jit
 def projection_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t, after forward_cell_tile: h~ = hpre[t] W_hr^T for my units of H_out, then finish_h.
@@ -212,15 +221,16 @@ def projection_tile(
     hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     finish_h(acc, hidden_keep, zone_h, rows, units, inside, active, t, t + reverse, t + 1 - reverse,
-             hs_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+             hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
 @triton.jit
 def backward_cell(
     d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, prev,
-    xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
+    xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
 ):
-    """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous state."""
+    """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
+    state. dL/dgates[t] also goes to dgn[t % 2] in the product's operand dtype (see the buffers above)."""
     c_here = rows * H + units
     g_c = tl.load(gc_ptr + c_here, mask=inside, other=0.0)
     d_c_new = tl.where(active, g_c, 0.0)
@@ -244,12 +254,18 @@ def backward_cell(
     tl.store(dg_here + H, d_gf, mask=inside)
     tl.store(dg_here + 2 * H, d_gg, mask=inside)
     tl.store(dg_here + 3 * H, d_go, mask=inside)
+    dgn_here = dgn_ptr + (t % 2).to(tl.int64) * B * 4 * H + rows * 4 * H + units
+    operand = dgn_ptr.dtype.element_ty
+    tl.store(dgn_here, d_gi.to(operand), mask=inside)
+    tl.store(dgn_here + H, d_gf.to(operand), mask=inside)
+    tl.store(dgn_here + 2 * H, d_gg.to(operand), mask=inside)
+    tl.store(dgn_here + 3 * H, d_go.to(operand), mask=inside)
 
 
 @triton.jit
 def backward_h_tile(
     pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
@@ -264,8 +280,8 @@ def backward_h_tile(
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
-        # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
-        dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
+        # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH], dgates[t_next] read from dgn
+        dg_next = dgn_ptr + (t_next % 2).to(tl.int64) * B * 4 * H
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0,
@@ -273,14 +289,14 @@ def backward_h_tile(
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-                      dgates_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                      dgates_ptr, dgn_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
                       B, H, H_out)
 
 
 @triton.jit
 def finish_h_backward(
     acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+    dgates_ptr, dgn_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update,
     and the step's backward if `step`."""
@@ -302,7 +318,7 @@ def finish_h_backward(
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
             backward_cell(d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                          xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+                          xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
@@ -310,7 +326,7 @@ def finish_h_backward(
 @triton.jit
 def backward_projection_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """With a projection, after backward_h_tile: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
@@ -328,61 +344,61 @@ def backward_projection_cell_tile(
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     backward_cell(acc, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                  xg_ptr, cs_ptr, dgates_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+                  xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def forward_step_kernel(
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: forward_cell_tile on a (row tiles, unit tiles) grid."""
     forward_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
-        xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def projection_step_kernel(
-    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after forward_step_kernel: projection_tile on a (row tiles, H_out tiles) grid."""
     projection_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
-        hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-        dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
-    dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
     backward_projection_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
-        dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
@@ -421,7 +437,7 @@ def backward_positions(back, seq_len, reverse):
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
-    xg_ptr, w_ptr, w_hr_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    xg_ptr, w_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -438,7 +454,7 @@ def forward_persistent_kernel(
         for tile in range(pid, tiles_b * tiles_h, programs):
             forward_cell_tile(
                 tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
-                xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
                 B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
@@ -447,7 +463,7 @@ def forward_persistent_kernel(
             for tile in range(pid, tiles_b * tiles_out, programs):
                 projection_tile(
                     tile // tiles_out, tile % tiles_out, t, reverse, stream, has_lengths,
-                    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
                     B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                 )
             expected += programs
@@ -456,7 +472,7 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    dgates_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -473,7 +489,7 @@ def backward_persistent_kernel(
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
                 back > 0, back < seq_len,
-                dgates_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+                dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
                 floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
@@ -483,7 +499,7 @@ def backward_persistent_kernel(
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
                         tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths,
-                        dgates_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                        dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                     )
                 expected += programs
@@ -529,7 +545,7 @@ def resident_dot(a_ptr, rows, B, a_stride, K, main, rest, acc, K_MAIN: tl.conste
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
 ):
@@ -546,7 +562,7 @@ def forward_resident_kernel(
     expected = 0
     for s in range(first, last):
         t = position(s, seq_len, reverse)
-        r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
+        r_prev_ptr = rn_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out
         for row0 in range(0, B, BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main, w_rest,
@@ -556,7 +572,7 @@ def forward_resident_kernel(
             acc_i, acc_g = tl.split(even)
             acc_f, acc_o = tl.split(odd)
             finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, (rows < B) & (units < H), t, reverse, stream,
-                        has_lengths, 0, xg_ptr, hs_ptr, rs_ptr, cs_ptr, out_ptr, out_ptr, lengths_ptr, ints_ptr,
+                        has_lengths, 0, xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, out_ptr, lengths_ptr, ints_ptr,
                         floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)

@@ -272,21 +272,23 @@ RESIDENT_BLOCK_B = (16, 32, 64)
 # compiler's layout conversions of the gate tiles and the cell's temporaries.
 RESIDENT_SHARED_MARGIN = 16 * 1024
 # Registers: the dot takes both operands into registers; with 8 warps of at most 255 registers, room
-# for them and the cell math.
+# for them and the cell math. The product tile [BLOCK_B, 4 BLOCK_H] is capped too: 64 x 32 spilled on
+# Triton 3.6 where 32 x 32 and 64 x 16 did not.
 RESIDENT_OPERAND_BYTES = 128 * 1024
+RESIDENT_TILE_ELEMENTS = 1024
 
 
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
-    """What resident_plan allows a plan's program of shared memory: its slabs, the product's float32 left
-    operand [BLOCK_B, K], and RESIDENT_SHARED_MARGIN."""
+    """What resident_plan allows a plan's program of shared memory: its slabs, the product's left operand
+    [BLOCK_B, K] (rn, in W~'s dtype), and RESIDENT_SHARED_MARGIN."""
     depth = plan.k_main + plan.k_rest
-    return 4 * plan.block_h * depth * element_size + plan.block_b * depth * 4 + RESIDENT_SHARED_MARGIN
+    return (4 * plan.block_h + plan.block_b) * depth * element_size + RESIDENT_SHARED_MARGIN
 
 
 def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int) -> Plan | None:
     """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes),
     or None where it does not fit the GPU: every unit tile needs an SM of its own, its slabs and the
-    product's float32 left operand [BLOCK_B, H] shared memory, the operands registers.
+    product's left operand [BLOCK_B, H] shared memory, the operands registers.
 
     The smallest unit tile that fits in the SMs spreads the work widest; then the fewest row tiles
     (each reads the slabs from shared memory again), the smaller of equal counts.
@@ -300,6 +302,7 @@ def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
         and (block_b + 4 * block_h) * k_main * element_size <= RESIDENT_OPERAND_BYTES
+        and block_b * 4 * block_h <= RESIDENT_TILE_ELEMENTS
     ]
     fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
     return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
@@ -452,11 +455,15 @@ def layer_forward(
         hidden_dropout_kernel[(triton.cdiv(batch, 32), triton.cdiv(real_hidden, 64))](
             hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=32, BLOCK_H=64
         )
+    # [2, B, H_out]: the last two states of rs as the recurrent product takes them (tile_dot), in W~'s
+    # dtype for tensor-core products: every program reads the whole state at every step
+    rn = torch.empty(2, batch, real_hidden, dtype=dtype if precision == "ieee" else w.dtype, device=x.device)
+    rn[first % 2] = rs[first]
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
     if plan.kind == "resident":
         done = _run_resident(
-            forward_resident_kernel, plan, x, seq_len, (xg, w, hs, rs, cs, out, *step_arguments),
+            forward_resident_kernel, plan, x, seq_len, (xg, w, hs, rs, rn, cs, out, *step_arguments),
             (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
@@ -464,7 +471,7 @@ def layer_forward(
     if plan.kind == "persistent":
         done = _launch_persistent(
             forward_persistent_kernel, plan.programs, x,
-            xg, w, w if w_hr is None else w_hr, hs, rs, cs, out, hpre, *step_arguments,
+            xg, w, w if w_hr is None else w_hr, hs, rs, rn, cs, out, hpre, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
@@ -475,12 +482,12 @@ def layer_forward(
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
         for t in _positions(seq_len, reverse):
             forward_step_kernel[(tiles_b, tiles_h)](
-                xg, w, hs, rs, cs, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
+                xg, w, hs, rs, rn, cs, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
                 int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
             )
             if has_proj:
                 projection_step_kernel[(tiles_b, tiles_out)](
-                    hpre, w_hr, hs, rs, out, *step_arguments, t, int(reverse), stream, has_lengths,
+                    hpre, w_hr, hs, rs, rn, out, *step_arguments, t, int(reverse), stream, has_lengths,
                     *sizes, PRECISION=precision, **plan.tile_constexprs,
                 )
     return out, hs[last], cs[last], xg, rs, cs, hpre
@@ -513,10 +520,13 @@ def layer_backward(
     plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False)
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
+    # [2, B, 4H]: the last two positions' dgates as the recurrent product takes them (tile_dot): in W~'s
+    # dtype for tensor-core products, so every program reads half the bytes of dgates in fp16/bf16
+    dgn = torch.empty(2, batch, 4 * hidden, dtype=dtype if precision == "ieee" else w.dtype, device=x.device)
     if plan.kind == "persistent":
         done = _launch_persistent(
             backward_persistent_kernel, plan.programs, x,
-            dgates, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
+            dgates, dgn, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
@@ -530,13 +540,13 @@ def layer_backward(
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
             backward_step_kernel[(tiles_b, tiles_out)](
-                dgates, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
+                dgates, dgn, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
                 int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len),
                 *sizes, PRECISION=precision, **plan.tile_constexprs,
             )
             if has_proj and index < seq_len:
                 backward_projection_cell_kernel[(tiles_b, tiles_h)](
-                    dgates, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream, has_lengths,
+                    dgates, dgn, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream, has_lengths,
                     *sizes, PRECISION=precision, **plan.tile_constexprs,
                 )
 
