@@ -339,8 +339,8 @@ def test_resident_slabs_cover_the_depth_in_two_powers_of_two(depth, expected):
     [
         (16, 768, 2, (96, 16, 8, 512, 256)),  # T=1024 B=16 H=768: 96 programs of 8 units
         (64, 512, 2, (128, 64, 4, 512, 0)),  # 128 programs of 4 units, every row in one tile
-        (64, 1024, 2, (128, 32, 8, 1024, 0)),  # shared memory allows rows in tiles of 32, not 64
-        (80, 1150, 2, None),  # the AWD-LSTM layer: 147 KB of slabs a program, with its operand too much
+        (64, 1024, 2, (128, 32, 8, 1024, 0)),  # product tiles of 32 rows, not 64 (RESIDENT_TILE_ELEMENTS)
+        (80, 1150, 2, None),  # the AWD-LSTM layer: 144 tiles of 8 units, more than the SMs
         (16, 1100, 2, None),  # more tiles of 8 units than SMs: 16-unit tiles would spill registers
     ],
 )
