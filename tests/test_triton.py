@@ -274,14 +274,18 @@ def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch)
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
-def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, monkeypatch):
-    """The W~-resident forward where it tiles rows and slabs: B=80 is two row tiles of 64, H=300 slabs of
-    256 + 64 (launch.resident_plan), 75 programs."""
+@pytest.mark.parametrize("batch, hidden", [(80, 300), (24, 1100)])
+def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, batch, hidden, monkeypatch):
+    """The W~-resident forward where it tiles rows and slabs (launch.resident_plan): H=300 is slabs of
+    256 + 64 in 75 programs of 4 units; H=1100 (16-bit) 1024 + 128 in programs of 16 units, as the PTB layer."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
     limits = launch.gpu_limits(torch.device("cuda"))
-    plan = launch.resident_plan(limits, 4 if dtype == "tf32" else 2, 80, 300)
-    assert plan is not None and plan.k_rest > 0 and triton.cdiv(80, plan.block_b) > 1
-    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(40, 300, 12, 80), layers=1, bidirectional=True)
+    plan = launch.resident_plan(limits, 4 if dtype == "tf32" else 2, batch, hidden)
+    if plan is None:
+        pytest.skip(f"no resident plan for B={batch} H={hidden} in {dtype} on this GPU")
+    assert plan.k_rest > 0 and triton.cdiv(batch, plan.block_b) > 1, "several row tiles and a second slab"
+    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(40, hidden, 8, batch), layers=1,
+                                         bidirectional=True)
 
 
 def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layers, bidirectional):
@@ -339,9 +343,11 @@ def test_resident_slabs_cover_the_depth_in_two_powers_of_two(depth, expected):
     [
         (16, 768, 2, (96, 16, 8, 512, 256)),  # T=1024 B=16 H=768: 96 programs of 8 units
         (64, 512, 2, (128, 64, 4, 512, 0)),  # 128 programs of 4 units, every row in one tile
-        (64, 1024, 2, (128, 32, 8, 1024, 0)),  # product tiles of 32 rows, not 64 (RESIDENT_TILE_ELEMENTS)
-        (80, 1150, 2, None),  # the AWD-LSTM layer: 144 tiles of 8 units, more than the SMs
-        (16, 1100, 2, None),  # more tiles of 8 units than SMs: 16-unit tiles would spill registers
+        (64, 1024, 2, (128, 32, 8, 1024, 0)),  # product tiles of 32 rows, not 64 (RESIDENT_TILE_BYTES)
+        (80, 1150, 2, (72, 16, 16, 1024, 128)),  # the AWD-LSTM layer: 72 programs of 16 units, 5 row tiles
+        (80, 1150, 4, None),  # in fp32 its 295 KB of slab a program is more than an SM's shared memory
+        (64, 512, 4, (128, 32, 4, 512, 0)),  # fp32 products: tiles of 2 KB (RESIDENT_TILE_BYTES)
+        (16, 2200, 2, None),  # more tiles of 16 units than SMs
     ],
 )
 def test_resident_plan_fits_the_gpu(batch, hidden, element_size, expected):

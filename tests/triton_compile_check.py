@@ -4,7 +4,8 @@ Run as a script, in a process without TRITON_INTERPRET: `python tests/triton_com
 The launchers run on CPU tensors with each kernel's launch replaced by a recorder, across every
 dtype, precision, tile size and structural option they can choose; each distinct specialization the
 JIT would compile is then compiled for GPUTarget("cuda", arch, 32) and checked by ptxas: no register
-spills, shared memory within the architecture's limit. Prints one JSON object per line.
+spills inside a loop (a spill before a persistent kernel's step loop runs once a launch), shared
+memory within the architecture's limit. Prints one JSON object per line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -131,6 +133,30 @@ def ptxas_report(log: str) -> dict:
     }
 
 
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def spills_in_loops(cubin: bytes) -> int:
+    """Spill instructions (STL, LDL) inside a loop of the kernel's SASS: between a backward branch and its
+    target. Those run at every step or K tile; spills outside every loop (a persistent kernel's prologue,
+    staging its slabs into shared memory) run once a launch."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", file.name], capture_output=True, text=True, check=True).stdout
+    instructions = [(int(address, 16), text.strip()) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [
+        (int(target, 16), address)
+        for address, text in instructions
+        for target in re.findall(r"BRA\s+0x([0-9a-f]+)", text)
+        if int(target, 16) <= address
+    ]
+    return sum(
+        1 for address, text in instructions
+        if re.match(r"(@!?U?P[T0-9]+\s+)?(STL|LDL)\b", text) and any(start <= address <= end for start, end in loops)
+    )
+
+
 def slabs_before_loop(ttgir: str) -> int:
     """Tensors the compiled kernel copies into shared memory before its first loop: a resident kernel's
     slabs of W~, loaded once and kept there for every step (no step reads them from global memory)."""
@@ -169,7 +195,9 @@ def main(arch: int) -> int:
                 if report["shared"] > planned:
                     problems.append(f"shared memory {report['shared']} > the {planned} launch.resident_plan allowed")
             if report["spill_stores"] or report["spill_loads"]:
-                problems.append("register spills")
+                report["spills_in_loops"] = spills_in_loops(compiled.asm["cubin"])
+                if report["spills_in_loops"]:
+                    problems.append("register spills inside a loop")
             if report["shared"] > SHARED_MEMORY_LIMIT[arch]:
                 problems.append(f"shared memory {report['shared']} > {SHARED_MEMORY_LIMIT[arch]}")
             config.update(report, ok=not problems, problems=problems)

@@ -264,18 +264,16 @@ def resident_depths(depth: int) -> tuple[int, int]:
     return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
 
 
-# Units a resident program owns: 16 would fit larger layers in the SMs, but its products spill
-# registers (tests/triton_compile_check.py compiles every benchmark layer's plan on 132 and 114 SMs).
-RESIDENT_BLOCK_H = (4, 8)
+# Units a resident program owns (tests/triton_compile_check.py compiles every benchmark layer's plan
+# on 132, 114 and 108 SMs).
+RESIDENT_BLOCK_H = (4, 8, 16)
 RESIDENT_BLOCK_B = (16, 32, 64)
 # Shared memory a resident program needs besides its slabs and the product's left operand: the
 # compiler's layout conversions of the gate tiles and the cell's temporaries.
 RESIDENT_SHARED_MARGIN = 16 * 1024
-# Registers: the dot takes both operands into registers; with 8 warps of at most 255 registers, room
-# for them and the cell math. The product tile [BLOCK_B, 4 BLOCK_H] is capped too: 64 x 32 spilled on
-# Triton 3.6 where 32 x 32 and 64 x 16 did not.
-RESIDENT_OPERAND_BYTES = 128 * 1024
-RESIDENT_TILE_ELEMENTS = 1024
+# Registers: the product tile [BLOCK_B, 4 BLOCK_H], counted in W~'s bytes, is capped: 64 x 32 in fp16
+# and 64 x 16 in fp32 spilled inside the step loop on Triton 3.6; the tiles of 2 KB did not.
+RESIDENT_TILE_BYTES = 2048
 
 
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
@@ -288,7 +286,7 @@ def resident_shared_bytes(plan: Plan, element_size: int) -> int:
 def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int) -> Plan | None:
     """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes),
     or None where it does not fit the GPU: every unit tile needs an SM of its own, its slabs and the
-    product's left operand [BLOCK_B, H] shared memory, the operands registers.
+    product's left operand [BLOCK_B, H] shared memory.
 
     The smallest unit tile that fits in the SMs spreads the work widest; then the fewest row tiles
     (each reads the slabs from shared memory again), the smaller of equal counts.
@@ -301,8 +299,7 @@ def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int)
         Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
-        and (block_b + 4 * block_h) * k_main * element_size <= RESIDENT_OPERAND_BYTES
-        and block_b * 4 * block_h <= RESIDENT_TILE_ELEMENTS
+        and block_b * 4 * block_h * element_size <= RESIDENT_TILE_BYTES
     ]
     fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
     return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
