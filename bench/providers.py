@@ -245,8 +245,9 @@ def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, tor
         )
         used = backends.resolve(backend, device, dtype)
         info = {"backend": used}
-        if backend == "auto" and forward_loop(shape, dtype, device):
-            info["forward_loop"] = forward_loop(shape, dtype, device)
+        loop = forward_loop(shape, dtype, device) if backend == "auto" else None
+        if loop:
+            info["forward_loop"] = loop
         if backend == "auto" and used == "reference":
             wanted = "triton" if device.type == "cuda" else "cpp"
             info["fallback"] = backends.unavailable_reason(wanted, device, dtype) or "auto chose the reference"

@@ -492,6 +492,7 @@ def test_dropout_one_drops_inf_and_nan_to_zero(backend, kind, cfg):
         assert not finite or torch.isfinite(value).all(), f"{name} is not finite"
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-10, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_zoneout_one_freezes_the_state_over_nan_input(backend, training):

@@ -136,6 +136,12 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "default"
 
 
+def operand_dtype(precision: str, weight_dtype: torch.dtype, compute: torch.dtype) -> torch.dtype:
+    """The dtype cell.tile_dot converts a product's left operand to: the compute dtype for IEEE products,
+    else the weights' (what rn and dgn hold, so the conversion is done once, where they are written)."""
+    return compute if precision == "ieee" else weight_dtype
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -447,14 +453,16 @@ def layer_forward(
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     has_proj = w_hr is not None
     precision = dot_precision(w.dtype, x.device)
-    plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    # called again after a refused launch, which rules that kind out
+    replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    plan = replan()
     if flags.hidden:
         hidden_dropout_kernel[(triton.cdiv(batch, 32), triton.cdiv(real_hidden, 64))](
             hs, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=32, BLOCK_H=64
         )
     # [2, B, H_out]: the last two states of rs as the recurrent product takes them (tile_dot), in W~'s
     # dtype for tensor-core products: every program reads the whole state at every step
-    rn = torch.empty(2, batch, real_hidden, dtype=dtype if precision == "ieee" else w.dtype, device=x.device)
+    rn = torch.empty(2, batch, real_hidden, dtype=operand_dtype(precision, w.dtype, dtype), device=x.device)
     rn[first % 2] = rs[first]
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
@@ -464,7 +472,7 @@ def layer_forward(
             (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
-            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+            plan = replan()
     if plan.kind == "persistent":
         done = _launch_persistent(
             forward_persistent_kernel, plan.programs, x,
@@ -473,7 +481,7 @@ def layer_forward(
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
-            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden)
+            plan = replan()
     if plan.kind == "steps":
         tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
@@ -514,12 +522,15 @@ def layer_backward(
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     precision = dot_precision(w.dtype, x.device)
-    plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False)
+    replan = functools.partial(
+        recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False
+    )
+    plan = replan()
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
     # [2, B, 4H]: the last two positions' dgates as the recurrent product takes them (tile_dot): in W~'s
     # dtype for tensor-core products, so every program reads half the bytes of dgates in fp16/bf16
-    dgn = torch.empty(2, batch, 4 * hidden, dtype=dtype if precision == "ieee" else w.dtype, device=x.device)
+    dgn = torch.empty(2, batch, 4 * hidden, dtype=operand_dtype(precision, w.dtype, dtype), device=x.device)
     if plan.kind == "persistent":
         done = _launch_persistent(
             backward_persistent_kernel, plan.programs, x,
@@ -528,7 +539,7 @@ def layer_backward(
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
-            plan = recurrence_plan(x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False)
+            plan = replan()
     if plan.kind == "steps":
         tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
