@@ -342,7 +342,7 @@ def test_resident_slabs_cover_the_depth_in_two_powers_of_two(depth, expected):
     "batch, hidden, element_size, expected",
     [
         (16, 768, 2, (96, 16, 8, 512, 256)),  # T=1024 B=16 H=768: 96 programs of 8 units
-        (64, 512, 2, (128, 64, 4, 512, 0)),  # 128 programs of 4 units, every row in one tile
+        (64, 512, 2, (128, 32, 4, 512, 0)),  # 128 programs of 4 units, two row tiles (RESIDENT_BLOCK_B)
         (64, 1024, 2, (128, 32, 8, 1024, 0)),  # product tiles of 32 rows, not 64 (RESIDENT_TILE_BYTES)
         (80, 1150, 2, (72, 16, 16, 1024, 128)),  # the AWD-LSTM layer: 72 programs of 16 units, 5 row tiles
         (80, 1150, 4, None),  # in fp32 its 295 KB of slab a program is more than an SM's shared memory
@@ -494,6 +494,56 @@ def test_a_freed_graphs_backward_overwrites_the_reserve_in_place(monkeypatch):
     monkeypatch.setattr(ops, "lstm_layer_backward", copying)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_reserve_is_kept_in_the_layers_dtype(dtype):
+    """What a layer keeps for its backward (gate activations, every dropped h state, every c state) is in the
+    input's dtype, as cuDNN keeps its reserve: half the bytes of the float32 recurrence in fp16/bf16."""
+    device = require_backend("triton", dtype)
+    seq_len, batch, inputs, hidden = 4, 3, 5, 6
+    model = fused_rnn.LSTM(inputs, hidden, backend="triton", dtype=dtype, device=device, **EVERY)
+    weights = [getattr(model, name) for name in model._flat_weights_names]
+    x = torch.randn(seq_len, batch, inputs, dtype=dtype, device=device)
+    h0 = torch.zeros(batch, hidden, dtype=dtype, device=device)
+    probabilities, modes = model.regularizers.recurrence_arguments()
+    out, h_n, c_n, xg, rs, cs, hpre = ops.lstm_layer(
+        x, h0, h0, weights[0], weights[1], weights[2] + weights[3], None, None, seed_tensor(3), 0, False, True,
+        probabilities, modes,
+    )
+    reserve = {"xg": (xg, (seq_len, batch, 4 * hidden)), "rs": (rs, (seq_len + 1, batch, hidden)),
+               "cs": (cs, (seq_len + 1, batch, hidden))}
+    for name, (tensor, shape) in reserve.items():
+        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, f"{name}: {tensor.dtype} {tuple(tensor.shape)}"
+    assert hpre.numel() == 0
+    assert out.dtype == h_n.dtype == c_n.dtype == dtype
+
+
+def test_a_backward_fills_no_zero_gradients_for_the_reserve():
+    """The op's reserve outputs (xg, rs, cs) get no gradient: autograd would otherwise fill buffers of zeros the
+    size of the reserve at every layer's backward, most of the peak memory of a training step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device = require_backend("triton", torch.float32)
+    seq_len, batch, hidden = 4, 3, 6
+    model = fused_rnn.LSTM(5, hidden, 2, backend="triton", device=device, **EVERY)
+    out, _ = model(torch.randn(seq_len, batch, 5, device=device), seed=2)
+    zeros = {torch.ops.aten.zeros.default, torch.ops.aten.zeros_like.default, torch.ops.aten.new_zeros.default}
+
+    class ZeroFills(TorchDispatchMode):
+        shapes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func in zeros:
+                self.shapes.append(tuple(result.shape))
+            return result
+
+    with ZeroFills() as fills:
+        out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    big = [shape for shape in fills.shapes if len(shape) == 3 and shape[0] >= seq_len]
+    assert not big, f"the backward filled zeros of shapes {big}"
 
 
 def test_batched_gradients_match_the_reference():

@@ -4,6 +4,8 @@ the cell's pointwise math forward and backward, zoneout, and the tile products.
 Derivations: README.md beside this file. Counter layout: docs/randomness.md.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -28,8 +30,7 @@ INT_STEP_DRAWS = tl.constexpr(8)  # 1 when a kind-5 draw is needed (zoneout mask
 INT_UPDATE_MODE = tl.constexpr(9)  # UPDATE_*
 INT_ZONEOUT_H_MODE = tl.constexpr(10)  # ZONEOUT_*
 INT_ZONEOUT_C_MODE = tl.constexpr(11)
-INT_HIDDEN_ON = tl.constexpr(12)  # 1 when rs is a buffer of its own
-INT_SLOTS = tl.constexpr(13)
+INT_SLOTS = tl.constexpr(12)
 FLOAT_HIDDEN = tl.constexpr(0)
 FLOAT_UPDATE = tl.constexpr(1)
 FLOAT_CELL = tl.constexpr(2)
@@ -37,6 +38,9 @@ FLOAT_ZONEOUT_H = tl.constexpr(3)
 FLOAT_ZONEOUT_C = tl.constexpr(4)
 FLOAT_WEIGHT = tl.constexpr(5)
 FLOAT_SLOTS = tl.constexpr(6)
+
+# set before import, as the tests do: kernels then run as Python on CPU tensors
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 ZONEOUT_OFF = tl.constexpr(0)
 ZONEOUT_MASK = tl.constexpr(1)  # training: a Philox mask
@@ -175,3 +179,17 @@ def tile_dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a.to(b.dtype), b, acc, out_dtype=acc.dtype)
     else:
         return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask):
+    """Store x in ptr's dtype, rounded to the nearest (ties to even), as a compiled kernel converts. The
+    interpreter truncates float32 -> bfloat16 instead, which would double the error of every activation
+    kept in bf16 in the CPU tests; there the bits are rounded first, so the truncation is exact."""
+    dtype = ptr.dtype.element_ty
+    if INTERPRETED:
+        if dtype == tl.bfloat16 and x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+    tl.store(ptr, x.to(dtype), mask=mask)

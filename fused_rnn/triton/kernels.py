@@ -2,20 +2,24 @@
 persistent (every step in one launch), and the W~-resident forward (README.md, "Three ways to run the
 time loop").
 
-Buffers (time-major, rows in the caller's batch order, T positions):
-  xg    [T, B, 4H]     the input projection plus biases; the forward overwrites it with the gate
-                       activations i, f, g, o that the backward reads
-  hs    [T + 1, B, H_out]  h states. Position t reads state t + reverse and writes t + 1 - reverse,
-  rs    [T + 1, B, H_out]  so both directions walk one buffer; rs is hs after recurrent dropout
-  rn    [2, B, H_out]  state s of rs at s % 2, in the dtype the recurrent product converts its operand
-                       to: what the next step's product reads, half of rs' bytes in fp16/bf16
-  cs    [T + 1, B, H]      c states, indexed as hs
-  out   [T, B, H_out]  the layer's output: h_t, or 0 past a row's length
-  hpre  [T, B, H]      o * tanh(c~) before the projection (proj_size > 0 only)
+Buffers (time-major, rows in the caller's batch order, T positions). Position t reads state
+t + reverse and writes state t + 1 - reverse, so both directions walk the same buffers. "Stored" is the
+layer's own dtype (x's), what the backward keeps, as cuDNN keeps its reserve; "compute" is float32
+(float64 for float64), what the recurrence carries from step to step.
+  xg      [T, B, 4H]      stored: the input projection plus biases; the forward overwrites it with the
+                          gate activations i, f, g, o that the backward reads
+  h_carry [2, B, H_out]   compute: h state s at s % 2
+  c_carry [2, B, H]       compute: c state s at s % 2
+  rs      [T + 1, B, H_out]  stored: every h state after recurrent dropout, the next step's product
+                          operand (W~'s dtype, for tensor-core products) and dL/dW_hh's
+  cs      [T + 1, B, H]      stored: every c state, for the backward
+  out     [T, B, H_out]   stored: the layer's output, h_t, or 0 past a row's length
+  hpre    [T, B, H]       compute: o * tanh(c~) before the projection (proj_size > 0 only)
 Backward:
-  dgates [T, B, 4H]    dL/dgates, for the weight GEMMs after the loop (may be xg itself)
-  dgn   [2, B, 4H]     dL/dgates of position t at t % 2, in the dtype the recurrent product converts its
-                       operand to: what the next step's product reads, half of dgates' bytes in fp16/bf16
+  dgates [T, B, 4H]    stored: dL/dgates, the next step's product operand and the weight GEMMs' after
+                       the loop (may be xg itself)
+  db    [cdiv(B, BLOCK_B), 4H]  compute: dL/dbias summed over the rows of each row tile and every step,
+                       from the unrounded dL/dgates (each element belongs to one tile: no atomics)
 A tile is rows [pid_b * BLOCK_B, ...) and units [pid_h * BLOCK_H, ...) with the four gates of its
 units, so the cell math needs nothing from another tile. Derivations: README.md.
 """
@@ -29,7 +33,6 @@ from .cell import (
     FLOAT_UPDATE,
     FLOAT_ZONEOUT_C,
     FLOAT_ZONEOUT_H,
-    INT_HIDDEN_ON,
     INT_SEED,
     INT_ZONEOUT_C_MODE,
     INT_ZONEOUT_H_MODE,
@@ -37,6 +40,7 @@ from .cell import (
     cell_forward,
     keep_scaled,
     not_fires,
+    store_rounded,
     tile_dot,
     unit_masks,
     zoneout,
@@ -69,22 +73,24 @@ def packed_dropout_kernel(
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
     y = keep_scaled(x, keep, tl.load(floats_ptr + scale_slot))
-    tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=inside)
+    store_rounded(y_ptr + offset, y, inside)
 
 
 @triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
 def hidden_dropout_kernel(
-    hs_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
+    h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """rs[state] = recurrent dropout of hs[state]: the initial state's dropped copy, before the first step."""
+    """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
+    copy where recurrent dropout is off)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
     hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream)
-    offset = state.to(tl.int64) * B * H_out + rows * H_out + units
-    h = tl.load(hs_ptr + offset, mask=inside, other=0.0)
-    tl.store(rs_ptr + offset, keep_scaled(h, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN)), mask=inside)
+    here = rows * H_out + units
+    h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
+    r = keep_scaled(h, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
+    store_rounded(rs_ptr + state.to(tl.int64) * B * H_out + here, r, inside)
 
 
 @triton.jit
@@ -99,22 +105,20 @@ def row_is_active(lengths_ptr, rows, B, t, has_lengths):
 @triton.jit
 def finish_h(
     h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-    hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
+    h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
 ):
     """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy
-    (in rs with recurrent dropout, and in rn for the next step's product) and the output."""
+    (in rs, for the next step's product) and the output."""
     here = rows * H_out + units
-    h_prev = tl.load(hs_ptr + prev.to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
+    h_prev = tl.load(h_carry_ptr + (prev % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
     h_new = zoneout(h_prev, h_tilde, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE))
     h_state = tl.where(active, h_new, h_prev)
-    tl.store(hs_ptr + new.to(tl.int64) * B * H_out + here, h_state, mask=inside)
-    tl.store(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), mask=inside)
-    r = h_state
-    if tl.load(ints_ptr + INT_HIDDEN_ON) != 0:
-        # the mask is fixed for the sequence, so a frozen row's dropped copy stays what it was
-        r = keep_scaled(h_state, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
-        tl.store(rs_ptr + new.to(tl.int64) * B * H_out + here, r, mask=inside)
-    tl.store(rn_ptr + (new % 2).to(tl.int64) * B * H_out + here, r.to(rn_ptr.dtype.element_ty), mask=inside)
+    tl.store(h_carry_ptr + (new % 2).to(tl.int64) * B * H_out + here, h_state, mask=inside)
+    store_rounded(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), inside)
+    # without recurrent dropout every unit is kept at scale 1, exactly h; the mask is fixed for the
+    # sequence, so a frozen row's dropped copy stays what it was
+    r = keep_scaled(h_state, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
+    store_rounded(rs_ptr + new.to(tl.int64) * B * H_out + here, r, inside)
 
 
 # Runtime integers (not specialised, so one compiled kernel serves every step, shape and option).
@@ -129,8 +133,9 @@ SHARED: tl.constexpr = tl.constexpr(".cg")
 @triton.jit
 def forward_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    floats_ptr, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
     projection follows (has_proj: hpre[t] is stored and projection_tile finishes h).
@@ -140,10 +145,10 @@ def forward_cell_tile(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     inside = (rows < B) & (units < H)
-    dtype = xg_ptr.dtype.element_ty
+    dtype = c_carry_ptr.dtype.element_ty
 
-    # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T, r_prev read from rn
-    r_prev_ptr = rn_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out
+    # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T
+    r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_f = tl.zeros([BLOCK_B, BLOCK_H], dtype)
     acc_g = tl.zeros([BLOCK_B, BLOCK_H], dtype)
@@ -159,13 +164,15 @@ def forward_cell_tile(
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
     finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-                xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+                xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+                floats_ptr, B, H, H_out)
 
 
 @triton.jit
 def finish_step(
     acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+    xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    B, H, H_out,
 ):
     """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
     the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj:
@@ -173,35 +180,38 @@ def finish_step(
     prev = t + reverse
     new = t + 1 - reverse
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    gi = tl.load(xg_here, mask=inside, other=0.0) + acc_i
-    gf = tl.load(xg_here + H, mask=inside, other=0.0) + acc_f
-    gg = tl.load(xg_here + 2 * H, mask=inside, other=0.0) + acc_g
-    go = tl.load(xg_here + 3 * H, mask=inside, other=0.0) + acc_o
+    gi = tl.load(xg_here, mask=inside, other=0.0).to(acc_i.dtype) + acc_i
+    gf = tl.load(xg_here + H, mask=inside, other=0.0).to(acc_f.dtype) + acc_f
+    gg = tl.load(xg_here + 2 * H, mask=inside, other=0.0).to(acc_g.dtype) + acc_g
+    go = tl.load(xg_here + 3 * H, mask=inside, other=0.0).to(acc_o.dtype) + acc_o
     c_here = rows * H + units
-    c_prev = tl.load(cs_ptr + prev.to(tl.int64) * B * H + c_here, mask=inside, other=0.0)
+    c_prev = tl.load(c_carry_ptr + (prev % 2).to(tl.int64) * B * H + c_here, mask=inside, other=0.0)
     hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     i, f, g, o, c_tilde, h_tilde = cell_forward(
         gi, gf, gg, go, c_prev, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep, tl.load(floats_ptr + FLOAT_CELL)
     )
-    tl.store(xg_here, i, mask=inside)
-    tl.store(xg_here + H, f, mask=inside)
-    tl.store(xg_here + 2 * H, g, mask=inside)
-    tl.store(xg_here + 3 * H, o, mask=inside)
-
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     c_new = zoneout(c_prev, c_tilde, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE))
-    tl.store(cs_ptr + new.to(tl.int64) * B * H + c_here, tl.where(active, c_new, c_prev), mask=inside)
+    c_state = tl.where(active, c_new, c_prev)
+    tl.store(c_carry_ptr + (new % 2).to(tl.int64) * B * H + c_here, c_state, mask=inside)
+    store_rounded(cs_ptr + new.to(tl.int64) * B * H + c_here, c_state, inside)
+    # (stored here rather than straight after the cell: at the 32 x 16 half-precision step tile, ptxas
+    # of Triton 3.6 spilled with them earlier)
+    store_rounded(xg_here, i, inside)
+    store_rounded(xg_here + H, f, inside)
+    store_rounded(xg_here + 2 * H, g, inside)
+    store_rounded(xg_here + 3 * H, o, inside)
     if has_proj != 0:
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
         finish_h(h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-                 hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+                 h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
 @triton.jit
 def projection_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t, after forward_cell_tile: h~ = hpre[t] W_hr^T for my units of H_out, then finish_h.
@@ -212,7 +222,7 @@ def projection_tile(
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H_out
     inside = (rows < B) & (units < H_out)
     hpre_t = hpre_ptr + t.to(tl.int64) * B * H
-    acc = tl.zeros([BLOCK_B, BLOCK_H], hpre_ptr.dtype.element_ty)
+    acc = tl.zeros([BLOCK_B, BLOCK_H], h_carry_ptr.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0, cache_modifier=SHARED)
@@ -221,25 +231,27 @@ def projection_tile(
     hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     finish_h(acc, hidden_keep, zone_h, rows, units, inside, active, t, t + reverse, t + 1 - reverse,
-             hs_ptr, rs_ptr, rn_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+             h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
 
 
 @triton.jit
 def backward_cell(
-    d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, prev,
-    xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
+    d_h_tilde, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, prev,
+    xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
 ):
     """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
-    state. dL/dgates[t] also goes to dgn[t % 2] in the product's operand dtype (see the buffers above)."""
+    state, and my tile's share of dL/dbias."""
     c_here = rows * H + units
     g_c = tl.load(gc_ptr + c_here, mask=inside, other=0.0)
     d_c_new = tl.where(active, g_c, 0.0)
-    c_prev = tl.load(cs_ptr + prev.to(tl.int64) * B * H + c_here, mask=inside, other=0.0)
+    # the stored activations and state, in the compute dtype
+    compute = gc_ptr.dtype.element_ty
+    c_prev = tl.load(cs_ptr + prev.to(tl.int64) * B * H + c_here, mask=inside, other=0.0).to(compute)
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    i = tl.load(xg_here, mask=inside, other=0.0)
-    f = tl.load(xg_here + H, mask=inside, other=0.0)
-    g = tl.load(xg_here + 2 * H, mask=inside, other=0.0)
-    o = tl.load(xg_here + 3 * H, mask=inside, other=0.0)
+    i = tl.load(xg_here, mask=inside, other=0.0).to(compute)
+    f = tl.load(xg_here + H, mask=inside, other=0.0).to(compute)
+    g = tl.load(xg_here + 2 * H, mask=inside, other=0.0).to(compute)
+    o = tl.load(xg_here + 3 * H, mask=inside, other=0.0).to(compute)
     g_c_prev, d_c_tilde = zoneout_backward(
         d_c_new, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE)
     )
@@ -250,22 +262,28 @@ def backward_cell(
     # rows past their length pass the gradient of their frozen state straight through
     tl.store(gc_ptr + c_here, g_c_prev + d_c_prev + tl.where(active, 0.0, g_c), mask=inside)
     dg_here = dgates_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    tl.store(dg_here, d_gi, mask=inside)
-    tl.store(dg_here + H, d_gf, mask=inside)
-    tl.store(dg_here + 2 * H, d_gg, mask=inside)
-    tl.store(dg_here + 3 * H, d_go, mask=inside)
-    dgn_here = dgn_ptr + (t % 2).to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    operand = dgn_ptr.dtype.element_ty
-    tl.store(dgn_here, d_gi.to(operand), mask=inside)
-    tl.store(dgn_here + H, d_gf.to(operand), mask=inside)
-    tl.store(dgn_here + 2 * H, d_gg.to(operand), mask=inside)
-    tl.store(dgn_here + 3 * H, d_go.to(operand), mask=inside)
+    store_rounded(dg_here, d_gi, inside)
+    store_rounded(dg_here + H, d_gf, inside)
+    store_rounded(dg_here + 2 * H, d_gg, inside)
+    store_rounded(dg_here + 3 * H, d_go, inside)
+    db_here = db_ptr + pid_b * 4 * H + units
+    add_row_sum(db_here, d_gi, inside, units < H)
+    add_row_sum(db_here + H, d_gf, inside, units < H)
+    add_row_sum(db_here + 2 * H, d_gg, inside, units < H)
+    add_row_sum(db_here + 3 * H, d_go, inside, units < H)
+
+
+@triton.jit
+def add_row_sum(ptr, x, inside, units_inside):
+    """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer."""
+    total = tl.sum(tl.where(inside, x, 0.0), axis=0, keep_dims=True)
+    tl.store(ptr, tl.load(ptr, mask=units_inside, other=0.0) + total, mask=units_inside)
 
 
 @triton.jit
 def backward_h_tile(
     pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
@@ -280,23 +298,23 @@ def backward_h_tile(
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
-        # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH], dgates[t_next] read from dgn
-        dg_next = dgn_ptr + (t_next % 2).to(tl.int64) * B * 4 * H
+        # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
+        dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
         for k0 in range(0, 4 * H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0,
                         cache_modifier=SHARED)
             w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
-    finish_h_backward(acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-                      dgates_ptr, dgn_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    finish_h_backward(acc, pid_b, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
+                      dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
                       B, H, H_out)
 
 
 @triton.jit
 def finish_h_backward(
-    acc, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, dgn_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+    acc, pid_b, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
+    dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update,
     and the step's backward if `step`."""
@@ -308,7 +326,7 @@ def finish_h_backward(
         g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
     if step != 0:
         active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-        d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0)
+        d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
         d_h_new = tl.where(active, d_out + g_h, 0.0)
         g_h_prev, d_h_tilde = zoneout_backward(
             d_h_new, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE)
@@ -317,8 +335,8 @@ def finish_h_backward(
         if has_proj != 0:
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
-            backward_cell(d_h_tilde, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                          xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+            backward_cell(d_h_tilde, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
+                          xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
@@ -326,7 +344,7 @@ def finish_h_backward(
 @triton.jit
 def backward_projection_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """With a projection, after backward_h_tile: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
@@ -343,62 +361,62 @@ def backward_projection_cell_tile(
         acc = tile_dot(a, w, acc, PRECISION)
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    backward_cell(acc, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                  xg_ptr, cs_ptr, dgates_ptr, dgn_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+    backward_cell(acc, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
+                  xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def forward_step_kernel(
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    floats_ptr, t, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: forward_cell_tile on a (row tiles, unit tiles) grid."""
     forward_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
-        xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+        xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+        floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def projection_step_kernel(
-    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after forward_step_kernel: projection_tile on a (row tiles, H_out tiles) grid."""
     projection_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
-        hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-        dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
-    dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
     backward_projection_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
-        dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
@@ -437,8 +455,8 @@ def backward_positions(back, seq_len, reverse):
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
-    xg_ptr, w_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
@@ -454,8 +472,8 @@ def forward_persistent_kernel(
         for tile in range(pid, tiles_b * tiles_h, programs):
             forward_cell_tile(
                 tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
-                xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-                B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
+                ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
         grid_barrier(arrivals_ptr, expected)
@@ -463,7 +481,7 @@ def forward_persistent_kernel(
             for tile in range(pid, tiles_b * tiles_out, programs):
                 projection_tile(
                     tile // tiles_out, tile % tiles_out, t, reverse, stream, has_lengths,
-                    hpre_ptr, w_hr_ptr, hs_ptr, rs_ptr, rn_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
                     B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                 )
             expected += programs
@@ -472,7 +490,7 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    dgates_ptr, dgn_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -489,7 +507,7 @@ def backward_persistent_kernel(
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
                 back > 0, back < seq_len,
-                dgates_ptr, dgn_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+                dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
                 floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
@@ -499,7 +517,7 @@ def backward_persistent_kernel(
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
                         tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths,
-                        dgates_ptr, dgn_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+                        dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                     )
                 expected += programs
@@ -545,7 +563,7 @@ def resident_dot(a_ptr, rows, B, a_stride, K, main, rest, acc, K_MAIN: tl.conste
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
-    xg_ptr, w_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
 ):
@@ -562,18 +580,19 @@ def forward_resident_kernel(
     expected = 0
     for s in range(first, last):
         t = position(s, seq_len, reverse)
-        r_prev_ptr = rn_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out
+        r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
         for row0 in range(0, B, BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main, w_rest,
-                               tl.zeros([BLOCK_B, 4 * BLOCK_H], xg_ptr.dtype.element_ty), K_MAIN, K_REST, PRECISION)
+                               tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
+                               PRECISION)
             # column u * 4 + 2 a + b as [BB, BH, a, b]: split on b gives gates (i, g) and (f, o), on a each one
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
             acc_f, acc_o = tl.split(odd)
             finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, (rows < B) & (units < H), t, reverse, stream,
-                        has_lengths, 0, xg_ptr, hs_ptr, rs_ptr, rn_ptr, cs_ptr, out_ptr, out_ptr, lengths_ptr, ints_ptr,
-                        floats_ptr, B, H, H_out)
+                        has_lengths, 0, xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr,
+                        lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected)

@@ -47,9 +47,9 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
         empty(seq_len, batch, real_hidden, dtype=x.dtype),
         empty(batch, real_hidden, dtype=x.dtype),
         empty(batch, hidden, dtype=x.dtype),
-        empty(seq_len, batch, 4 * hidden),
-        empty(seq_len + 1, batch, real_hidden),
-        empty(seq_len + 1, batch, hidden),
+        empty(seq_len, batch, 4 * hidden, dtype=x.dtype),
+        empty(seq_len + 1, batch, real_hidden, dtype=x.dtype),
+        empty(seq_len + 1, batch, hidden, dtype=x.dtype),
         empty(seq_len, batch, hidden) if w_hr is not None else empty(0),
     )
 
@@ -100,6 +100,9 @@ def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes = inputs
     _, _, _, xg, rs, cs, hpre = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre)
+    # unused outputs' gradients stay None: autograd would otherwise fill [T, B, 4H] of zeros for the
+    # reserve outputs (xg, rs, cs, hpre), which no backward reads
+    ctx.set_materialize_grads(False)
     ctx.arguments = (stream, reverse, training, probabilities, modes)
     ctx.xg_output = weakref.ref(xg)  # dead once the caller has dropped it
     ctx.reserve_overwritten = False
