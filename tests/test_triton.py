@@ -351,7 +351,26 @@ def test_resident_slabs_cover_the_depth_in_two_powers_of_two(depth, expected):
     ],
 )
 def test_resident_plan_fits_the_gpu(batch, hidden, element_size, expected):
-    plan = launch.resident_plan(H100, element_size, batch, hidden)
+    _assert_resident_plan(launch.resident_plan(H100, element_size, batch, hidden), element_size, expected)
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, element_size, expected",
+    [
+        (16, 768, 2, (96, 16, 8, 2048, 1024)),  # T=1024 B=16 H=768: a [3072, 8] slab of W~'s columns a program
+        (64, 512, 2, (128, 32, 4, 2048, 0)),  # two row tiles of 32
+        (80, 1150, 2, None),  # the AWD-LSTM layer: 4600 deep, 272 KB of slab and operand a program
+        (16, 768, 4, None),  # fp32: 3072 deep in 4 bytes is more than an SM's shared memory
+    ],
+)
+def test_resident_backward_plan_fits_the_gpu(batch, hidden, element_size, expected):
+    """The backward's product is dgates[t_next] [BB, 4H] @ W~[:, units] [4H, BH]: slabs 4H deep."""
+    plan = launch.resident_plan(H100, element_size, batch, hidden, forward=False)
+    _assert_resident_plan(plan, element_size, expected)
+    assert plan is None or not plan.forward
+
+
+def _assert_resident_plan(plan, element_size, expected):
     if expected is None:
         assert plan is None
         return
@@ -360,28 +379,34 @@ def test_resident_plan_fits_the_gpu(batch, hidden, element_size, expected):
     assert launch.resident_shared_bytes(plan, element_size) <= H100.shared_bytes, "slabs and operand fit in shared memory"
 
 
-def test_resident_plan_is_for_forwards_without_projection(monkeypatch):
+def test_resident_plan_is_for_layers_without_projection(monkeypatch):
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
     monkeypatch.setattr(launch, "interpreted", lambda: True)
     cpu = torch.device("cpu")
     assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6).kind == "resident"
-    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6, forward=False).kind == "persistent"
+    backward = launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6, forward=False)
+    assert backward.kind == "resident" and not backward.forward and backward.k_main + backward.k_rest >= 24
     assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 4).kind == "persistent"
+    assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 4, forward=False).kind == "persistent"
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
     assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6).kind == "steps", "the interpreter steps unless asked"
 
 
 @pytest.mark.parametrize("hidden, launches", [(4, 1), (6, 5)])
-def test_resident_mode_runs_the_resident_kernel(hidden, launches, monkeypatch):
-    """Under the interpreter: one synchronized launch where one program owns every unit, else a launch a step."""
+def test_resident_mode_runs_the_resident_kernels(hidden, launches, monkeypatch):
+    """Under the interpreter: one synchronized launch where one program owns every unit, else a launch a step
+    (seq_len + 1 calls backward: the last completes dL/dh0)."""
     device = require_backend("triton", torch.float64)
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
-    runs = []
-    kernel = launch.forward_resident_kernel
-    monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, **kwargs: runs.append(kwargs["grid"]) or _run(*args, **kwargs))
+    runs = {"forward": [], "backward": []}
+    for name in runs:
+        kernel = getattr(launch, f"{name}_resident_kernel")
+        monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, _runs=runs[name], **kwargs:
+                            _runs.append(kwargs["grid"]) or _run(*args, **kwargs))
     _compare_with_reference(device, torch.float64, 1e-12, seq_len=5, batch=3, inputs=3, hidden=hidden, proj=0, layers=1,
                             bidirectional=False, packed=False, training=True, reg=EVERY)
-    assert len(runs) == launches and all(grid == (triton.cdiv(hidden, 4),) for grid in runs)
+    assert len(runs["forward"]) == launches and len(runs["backward"]) == (1 if launches == 1 else 6)
+    assert all(grid == (triton.cdiv(hidden, 4),) for grid in runs["forward"] + runs["backward"])
 
 
 class FailingLaunch:

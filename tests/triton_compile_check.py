@@ -195,8 +195,9 @@ def main(arch: int) -> int:
                 if report["slabs_before_loop"] < 1 + (kwargs["K_REST"] > 0):
                     problems.append("the resident slabs are not in shared memory before the step loop")
                 plan = launch.Plan("resident", 1, kwargs["BLOCK_B"], kwargs["BLOCK_H"], k_main=kwargs["K_MAIN"],
-                                   k_rest=kwargs["K_REST"])
-                planned = launch.resident_shared_bytes(plan, args[1].element_size())
+                                   k_rest=kwargs["K_REST"], forward=kernel.__name__.startswith("forward"))
+                w = args[kernel.arg_names.index("w_ptr")]
+                planned = launch.resident_shared_bytes(plan, w.element_size())
                 if report["shared"] > planned:
                     problems.append(f"shared memory {report['shared']} > the {planned} launch.resident_plan allowed")
             if report["spill_stores"] or report["spill_loads"]:

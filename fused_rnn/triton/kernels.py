@@ -1,6 +1,5 @@
 """Triton kernels of the LSTM recurrence, forward and backward through time: one launch per step,
-persistent (every step in one launch), and the W~-resident forward (README.md, "Three ways to run the
-time loop").
+persistent (every step in one launch), and W~-resident (README.md, "Three ways to run the time loop").
 
 Buffers (time-major, rows in the caller's batch order, T positions). Position t reads state
 t + reverse and writes state t + 1 - reverse, so both directions walk the same buffers. "Stored" is the
@@ -593,6 +592,36 @@ def forward_resident_kernel(
             finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, (rows < B) & (units < H), t, reverse, stream,
                         has_lengths, 0, xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr,
                         lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+        if synchronize != 0:
+            expected += tl.num_programs(0)
+            grid_barrier(arrivals_ptr, expected)
+
+
+@triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
+def backward_resident_kernel(
+    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+):
+    """Calls [first, last) of the backward through time of a layer-direction without projection (the
+    seq_len + 1 calls of backward_positions), W~ on chip: program p owns units [p * BLOCK_H, ...) for
+    every row, and loads W~'s columns for them, a [4H, BLOCK_H] slab, once. Each call, per row tile:
+    dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and launches as the forward's."""
+    pid = tl.program_id(0)
+    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+    w_main, w_rest = resident_weight(w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST)
+    expected = 0
+    for back in range(first, last):
+        t, t_next = backward_positions(back, seq_len, reverse)
+        for row0 in range(0, B, BLOCK_B):
+            rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+            acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
+            if back > 0:
+                acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main,
+                                   w_rest, acc, K_MAIN, K_REST, PRECISION)
+            finish_h_backward(acc, row0 // BLOCK_B, rows, units, t, reverse, stream, has_lengths, 0, back > 0,
+                              back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dout_ptr,
+                              lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected)

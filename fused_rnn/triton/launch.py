@@ -18,6 +18,7 @@ from . import cell
 from .kernels import (
     backward_persistent_kernel,
     backward_projection_cell_kernel,
+    backward_resident_kernel,
     backward_step_kernel,
     forward_persistent_kernel,
     forward_resident_kernel,
@@ -231,6 +232,7 @@ class Plan:
     k_main: int = 0  # resident: the depths of the two slabs of W~ (resident_weight)
     k_rest: int = 0
     synchronize: bool = True
+    forward: bool = True  # resident: the forward's slab of W~'s rows, or the backward's of its columns
 
     @property
     def resident_constexprs(self) -> dict:
@@ -278,29 +280,36 @@ RESIDENT_TILE_BYTES = 2048
 
 
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
-    """What resident_plan allows a plan's program of shared memory: its slabs, the product's left operand
-    [BLOCK_B, K] (rs, in W~'s dtype), and RESIDENT_SHARED_MARGIN."""
+    """What resident_plan allows a plan's program of shared memory: its slabs (forward: [H_out, 4 BLOCK_H],
+    the four gates' rows of its units; backward: [4H, BLOCK_H], W~'s columns for them), the product's left
+    operand [BLOCK_B, depth] (rs or dgates, in W~'s dtype), and RESIDENT_SHARED_MARGIN."""
     depth = plan.k_main + plan.k_rest
-    return (4 * plan.block_h + plan.block_b) * depth * element_size + RESIDENT_SHARED_MARGIN
+    columns = 4 * plan.block_h if plan.forward else plan.block_h
+    return (columns + plan.block_b) * depth * element_size + RESIDENT_SHARED_MARGIN
 
 
-def resident_plan(limits: GpuLimits, element_size: int, batch: int, hidden: int) -> Plan | None:
-    """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes),
-    or None where it does not fit the GPU: every unit tile needs an SM of its own, its slabs and the
-    product's left operand [BLOCK_B, H] shared memory.
+def resident_plan(
+    limits: GpuLimits, element_size: int, batch: int, hidden: int, forward: bool = True
+) -> Plan | None:
+    """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes), its
+    forward or its backward, or None where it does not fit the GPU: every unit tile needs an SM of its
+    own, its slabs and the product's left operand [BLOCK_B, depth] shared memory (depth H forward, 4H
+    backward).
 
     The smallest unit tile that fits in the SMs spreads the work widest; then the fewest row tiles
     (each reads the slabs from shared memory again), the smaller of equal counts.
     """
-    k_main, k_rest = resident_depths(hidden)
+    k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
     block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
+    gates = 4 if forward else 1  # the product tile's columns per unit
     plans = [
-        Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest)
+        Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
+             forward=forward)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
-        and block_b * 4 * block_h * element_size <= RESIDENT_TILE_BYTES
+        and block_b * gates * block_h * element_size <= RESIDENT_TILE_BYTES
     ]
     fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
     return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
@@ -311,24 +320,24 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     """The plan for a layer-direction's forward (or backward): FUSED_RNN_RECURRENCE=steps|persistent|resident|auto
     chooses.
 
-    auto on a GPU: for a forward, resident where the layer has no projection and its slabs fit; else
-    persistent. The backward has no resident kernel (README.md, "Why there is no resident backward yet").
+    auto on a GPU: resident where the layer has no projection and its slabs fit (the forward's and the
+    backward's plans apart: the backward's slab is 4H deep); else persistent.
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
     would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
     auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
     """
     mode = recurrence_mode()
     projected = real_hidden != hidden
-    resident = (forward and mode in ("auto", "resident") and not projected and not _resident_refused
-                and not _persistent_refused)
+    resident = mode in ("auto", "resident") and not projected and not _resident_refused and not _persistent_refused
     if interpreted():
         if mode == "resident" and resident:
             programs = triton.cdiv(hidden, 4)
-            k_main, k_rest = resident_depths(hidden)
+            k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
             block_b = max(16, triton.next_power_of_2(batch))
-            return Plan("resident", programs, block_b, 4, k_main=k_main, k_rest=k_rest, synchronize=programs == 1)
+            return Plan("resident", programs, block_b, 4, k_main=k_main, k_rest=k_rest, synchronize=programs == 1,
+                        forward=forward)
     elif device.type == "cuda" and precision != "ieee" and resident:
-        plan = resident_plan(gpu_limits(device), element_size, batch, hidden)
+        plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward)
         if plan is not None:
             return plan
     block_b, block_h, block_k = tile_sizes(batch, persistent=True)
@@ -402,16 +411,17 @@ def persistent_options(device: torch.device, dtype: torch.dtype, resident: bool 
     return options
 
 
-def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, buffers: tuple, runtime: tuple, precision: str) -> bool:
-    """A resident kernel over the sequence: one synchronized launch, or (a plan of several programs under
-    the interpreter) one launch per step. False if the GPU refused the launch."""
+def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, runtime: tuple,
+                  precision: str) -> bool:
+    """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
+    (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it."""
     arrivals = torch.zeros(1, dtype=torch.int32, device=x.device)
     if plan.synchronize:
         return _launch_persistent(
-            kernel, plan.programs, x, *buffers, arrivals, seq_len, 0, seq_len, 1, *runtime,
+            kernel, plan.programs, x, *buffers, arrivals, seq_len, 0, steps, 1, *runtime,
             resident=True, PRECISION=precision, **plan.resident_constexprs,
         )
-    for s in range(seq_len):
+    for s in range(steps):
         kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
                                  **plan.resident_constexprs)
     return True
@@ -462,7 +472,7 @@ def layer_forward(
     sizes = (batch, hidden, real_hidden)
     if plan.kind == "resident":
         done = _run_resident(
-            forward_resident_kernel, plan, x, seq_len, (xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
+            forward_resident_kernel, plan, x, seq_len, seq_len, (xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
             (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
@@ -526,6 +536,15 @@ def layer_backward(
         """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates"""
         return torch.zeros(triton.cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
 
+    if plan.kind == "resident":
+        db = bias_partials()
+        done = _run_resident(
+            backward_resident_kernel, plan, x, seq_len, seq_len + 1,
+            (dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments), (int(reverse), stream, has_lengths, *sizes),
+            precision,
+        )
+        if not done:
+            plan = replan()
     if plan.kind == "persistent":
         db = bias_partials()
         done = _launch_persistent(
