@@ -245,9 +245,9 @@ def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, tor
         )
         used = backends.resolve(backend, device, dtype)
         info = {"backend": used}
-        loop = forward_loop(shape, dtype, device) if backend == "auto" else None
-        if loop:
-            info["forward_loop"] = loop
+        if backend == "auto" and forward_loop(shape, dtype, device):
+            info["forward_loop"] = forward_loop(shape, dtype, device)
+            info["backward_loop"] = forward_loop(shape, dtype, device, forward=False)
         if backend == "auto" and used == "reference":
             wanted = "triton" if device.type == "cuda" else "cpp"
             info["fallback"] = backends.unavailable_reason(wanted, device, dtype) or "auto chose the reference"
@@ -256,16 +256,17 @@ def _fused(backend: str, regularized: bool) -> Callable[[Shape, torch.dtype, tor
     return build
 
 
-def forward_loop(shape: Shape, dtype: torch.dtype, device: torch.device) -> str | None:
-    """How the Triton backend runs this shape's forward time loop on the GPU by default: "resident" (W_hh
-    kept in shared memory) or "persistent" (W_hh read from L2 every step); None off the Triton backend."""
+def forward_loop(shape: Shape, dtype: torch.dtype, device: torch.device, forward: bool = True) -> str | None:
+    """How the Triton backend runs this shape's forward (or backward) time loop on the GPU by default:
+    "resident" (W_hh kept in shared memory) or "persistent" (W_hh read from L2 every step); None off the
+    Triton backend."""
     if device.type != "cuda" or backends.resolve("auto", device, dtype) != "triton":
         return None
     from fused_rnn.triton import launch
 
     precision = launch.dot_precision(dtype, device)
     plan = launch.recurrence_plan(device, precision, torch.finfo(dtype).bits // 8, shape.batch, shape.hidden_size,
-                                  shape.hidden_size)
+                                  shape.hidden_size, forward=forward)
     return plan.kind
 
 

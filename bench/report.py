@@ -84,7 +84,10 @@ def runs_as(info: dict) -> str:
     if "backend" in info:
         text = info["backend"]
         if "forward_loop" in info:
-            text += f" ({info['forward_loop']} forward)"
+            loops = [f"{info['forward_loop']} forward"]
+            if info.get("mode") == "fwdbwd" and "backward_loop" in info:
+                loops.append(f"{info['backward_loop']} backward")
+            text += f" ({', '.join(loops)})"
         if "fallback" in info:
             text += " **(auto fell back)**"
         return text
