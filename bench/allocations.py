@@ -87,11 +87,15 @@ def kernels_skipped():
 
 
 def training_step_peak(model: torch.nn.Module, x: torch.Tensor) -> StorageCounter:
-    """The StorageCounter of one forward + backward of model on x (after one uncounted warm-up step)."""
-    grad = torch.randn(x.shape[:-1] + (model.hidden_size * (2 if model.bidirectional else 1),), dtype=x.dtype)
+    """The StorageCounter of one forward + backward of model on x (after one uncounted warm-up step, which
+    also makes the output gradient)."""
+    grad = None
 
     def step():
+        nonlocal grad
         out, _ = model(x, seed=1)
+        if grad is None:
+            grad = torch.randn_like(out)
         out.backward(grad)
         model.zero_grad(set_to_none=True)
         x.grad = None

@@ -4,10 +4,10 @@ the cell's pointwise math forward and backward, zoneout, and the tile products.
 Derivations: README.md beside this file. Counter layout: docs/randomness.md.
 """
 
-import os
-
 import triton
 import triton.language as tl
+
+from ..backends import triton_interpreted
 
 # docs/randomness.md: counter word c3
 KIND_INPUT = tl.constexpr(1)
@@ -39,8 +39,8 @@ FLOAT_ZONEOUT_C = tl.constexpr(4)
 FLOAT_WEIGHT = tl.constexpr(5)
 FLOAT_SLOTS = tl.constexpr(6)
 
-# set before import, as the tests do: kernels then run as Python on CPU tensors
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+# TRITON_INTERPRET, set before import as the tests do: kernels then run as Python on CPU tensors
+INTERPRETED = tl.constexpr(triton_interpreted())
 
 ZONEOUT_OFF = tl.constexpr(0)
 ZONEOUT_MASK = tl.constexpr(1)  # training: a Philox mask

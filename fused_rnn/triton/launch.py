@@ -13,6 +13,7 @@ import triton
 from torch import Tensor
 
 from .. import philox
+from ..backends import triton_interpreted as interpreted
 from ..regularizers import Regularizers
 from . import cell
 from .kernels import (
@@ -133,10 +134,6 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float32:
         return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
     return "default"
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # the first reason a launch of each kind failed in this process, if one did: that kind is not tried again
@@ -532,8 +529,9 @@ def layer_backward(
     plan = replan()
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
+
     def bias_partials() -> Tensor:
-        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates"""
+        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates."""
         return torch.zeros(triton.cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
 
     if plan.kind == "resident":
