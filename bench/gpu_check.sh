@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_check.sh
 #
-# Environment: GPU_CHECK_BUDGET_S (whole script, default 540), GPU_CHECK_TESTS_S (tests, default 200),
+# Environment: GPU_CHECK_BUDGET_S (whole script, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
+# 0 skips it), GPU_CHECK_TESTS_S (tests, default 160),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
 # seconds per benchmark, default 0.25), BENCH_COMMIT (the commit measured, where the tree has no .git).
@@ -17,7 +18,8 @@ ROOT=$PWD
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-TESTS_S=${GPU_CHECK_TESTS_S:-200}
+TUNE_S=${GPU_CHECK_TUNE_S:-75}
+TESTS_S=${GPU_CHECK_TESTS_S:-160}
 SELECT=${GPU_CHECK_BENCH_SELECT:-}
 MAX_TIME=${GPU_CHECK_MAX_TIME:-0.25}
 REPORT_RESERVE_S=30
@@ -76,6 +78,19 @@ elif [[ $failed == *resident* ]]; then
     export FUSED_RNN_RECURRENCE=persistent
 fi
 [ -n "${FUSED_RNN_RECURRENCE:-}" ] && note "tests and benchmarks run with FUSED_RNN_RECURRENCE=$FUSED_RNN_RECURRENCE"
+
+# 0b. Tuning data: one layer's forward and backward loops in each mode that passed its smoke step, by
+# warps, beside cuDNN and a barrier-only launch (bench/tune.py). Its table goes into the summary.
+if (( TUNE_S > 0 )); then
+    modes=steps
+    for mode in persistent resident; do
+        [[ $failed == *$mode* ]] || modes="$modes,$mode"
+    done
+    note "tune (one layer, fp16, every recurrence regularizer; limit ${TUNE_S}s):"
+    timeout -k 5 "$TUNE_S" "$PYTHON" -m bench.tune --modes "$modes" 2>> "$RUN_DIR/tests.log" | tee -a "$SUMMARY"
+    rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || note "tune: stopped (exit code $rc; 124: the ${TUNE_S}s limit, what it measured is above)"
+fi
 
 # 1. CUDA tests. Exit code 5: no test carries the cuda marker yet, which is not a failure. Four
 # processes share the GPU where pytest-xdist is installed: most of the time goes to compiling kernels.

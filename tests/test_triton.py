@@ -13,7 +13,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
-from fused_rnn import masks, philox
+from fused_rnn import backends, masks, philox
 from fused_rnn.reference import lstm_naive
 from fused_rnn.regularizers import Regularizers
 from fused_rnn.stack import split_flat_weights
@@ -583,6 +583,23 @@ def test_a_half_precision_training_step_allocates_about_half_of_a_float32_one():
         model = fused_rnn.LSTM(5, 8, 2, backend="triton", dtype=dtype, **EVERY)
         peaks[dtype] = training_step_peak(model, torch.randn(6, 4, 5, dtype=dtype, requires_grad=True)).peak
     assert peaks[torch.float16] <= 0.55 * peaks[torch.float32], peaks
+
+
+def test_the_tuning_script_times_every_loop_kind(capsys):
+    """bench/tune.py, which the GPU check runs, on its tiny CPU shape: a row per loop kind and warp count,
+    each with the plan that ran and a positive forward and backward time."""
+    if not backends.triton_interpreted():
+        pytest.skip("bench.tune tests itself on CPU only under Triton's interpreter")
+    from bench import tune
+
+    assert tune.main(["--reps", "1", "--device", "cpu"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
+    assert set(cells) == {"barrier", *(name for name, _, _ in tune.VARIANTS)}, cells
+    for name, mode, _ in tune.VARIANTS:
+        plan, forward_ms, backward_ms = cells[name][2], float(cells[name][3]), float(cells[name][5])
+        assert plan.startswith(mode) and f"/ {mode}" in plan, cells[name]
+        assert forward_ms > 0 and backward_ms > 0, cells[name]
 
 
 def test_batched_gradients_match_the_reference():

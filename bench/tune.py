@@ -1,0 +1,253 @@
+"""Time one layer's forward and backward loops of the Triton backend in each way it can run them, beside
+cuDNN's, to choose the defaults with: GPU time per step, by loop kind and warps, at the benchmark shapes.
+
+    python -m bench.tune [--shapes long_h768,h512,ptb_awd] [--dtype fp16] [--modes steps,persistent,resident]
+                         [--reps 5] [--jsonl FILE]
+
+Each line printed is one measurement (also appended to --jsonl as it is made, so a time limit keeps what
+ran). The variants:
+- cudnn: nn.LSTM, one layer, no regularizer; "backward" is its forward + backward minus its forward.
+- steps / persistent / resident (FUSED_RNN_RECURRENCE) with 4 or 8 warps for the persistent and
+  resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
+  on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
+- barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
+  the floor under a persistent step.
+The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
+and unit tile. On CPU (under TRITON_INTERPRET=1) the script runs the tiny shape only, to test itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_rnn.regularizers import Regularizers
+from fused_rnn.triton import launch
+from fused_rnn.triton.kernels import grid_barrier
+
+from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
+
+TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
+RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
+# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: the default)
+VARIANTS = (
+    ("steps", "steps", None),
+    ("persistent", "persistent", None),
+    ("persistent w8", "persistent", 8),
+    ("resident", "resident", None),
+    ("resident w4", "resident", 4),
+)
+
+
+@triton.jit(do_not_specialize=["steps"])
+def barrier_loop_kernel(arrivals_ptr, steps):
+    expected = 0
+    for _ in range(steps):
+        expected += tl.num_programs(0)
+        grid_barrier(arrivals_ptr, expected)
+
+
+@contextlib.contextmanager
+def recurrence(mode: str, warps: int | None):
+    """FUSED_RNN_RECURRENCE=mode, and persistent launches with `warps` warps, for the duration."""
+    saved_mode, saved_options = os.environ.get("FUSED_RNN_RECURRENCE"), launch.persistent_options
+    os.environ["FUSED_RNN_RECURRENCE"] = mode
+
+    def options(device, dtype, resident=False):
+        chosen = saved_options(device, dtype, resident)
+        if warps is not None and chosen:
+            chosen = {**chosen, "num_warps": warps}
+        return chosen
+
+    launch.persistent_options = options
+    # a refusal rules a kind out for the process: each variant starts afresh
+    launch._persistent_refused.clear()
+    launch._resident_refused.clear()
+    try:
+        yield
+    finally:
+        launch.persistent_options = saved_options
+        if saved_mode is None:
+            os.environ.pop("FUSED_RNN_RECURRENCE", None)
+        else:
+            os.environ["FUSED_RNN_RECURRENCE"] = saved_mode
+
+
+def timed(fn, prepare, reps: int, device: torch.device) -> float:
+    """Median seconds of fn() over reps calls after one warm-up, prepare() run untimed before each."""
+    prepare()
+    fn()
+    times = []
+    for _ in range(reps):
+        prepare()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class Layer:
+    """One layer of a shape (its first: input_size -> hidden_size), every tensor launch.layer_forward and
+    launch.layer_backward take, and a fixed output gradient."""
+
+    def __init__(self, shape: Shape, dtype: torch.dtype, device: torch.device):
+        generator = torch.Generator().manual_seed(0)
+        T, B, I, H = shape.seq_len, shape.batch, shape.input_size, shape.hidden_size
+
+        def uniform(*size):
+            return ((torch.rand(size, generator=generator) * 2 - 1) / math.sqrt(H)).to(device, dtype)
+
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.x = torch.randn(T, B, I, generator=generator).to(device, dtype)
+        self.w_ih, self.w_hh, self.bias = uniform(4 * H, I), uniform(4 * H, H), uniform(4 * H)
+        self.h0 = torch.zeros(B, H, device=device, dtype=dtype)
+        self.c0 = torch.zeros(B, H, device=device, dtype=dtype)
+        self.d_out = torch.randn(T, B, H, generator=generator).to(device, dtype)
+        self.d_h_n, self.d_c_n = torch.zeros_like(self.h0), torch.zeros_like(self.c0)
+        seed = torch.tensor(12345, dtype=torch.int64)
+        self.ints, self.floats = launch.step_parameters(RECURRENCE, True, seed, device, dtype)
+        self.flags = launch.Recurrence.of(RECURRENCE, True)
+
+    def forward(self):
+        return launch.layer_forward(self.x, self.h0, self.c0, self.w_ih, self.w_hh, self.bias, None, None,
+                                    self.ints, self.floats, self.flags, 0, False)
+
+    def plans(self) -> str:
+        """The forward's and the backward's loop as the launcher would choose them now."""
+        precision = launch.dot_precision(self.dtype, self.device)
+        shape = self.shape
+        chosen = []
+        for forward in (True, False):
+            plan = launch.recurrence_plan(self.device, precision, self.x.element_size(), shape.batch,
+                                          shape.hidden_size, shape.hidden_size, forward)
+            chosen.append(f"{plan.kind} {plan.programs}x{plan.block_b}x{plan.block_h}")
+        return " / ".join(chosen)
+
+    def measure(self, reps: int) -> tuple[float, float]:
+        """Seconds of the forward and of the backward (with a fresh reserve before each)."""
+        forward_time = timed(self.forward, lambda: None, reps, self.device)
+        out, h_n, c_n, xg, rs, cs, hpre = self.forward()
+        saved_xg = xg.clone()
+        dgates = torch.empty_like(xg)
+
+        def backward():
+            launch.layer_backward(self.d_out, self.d_h_n, self.d_c_n, self.x, self.w_ih, self.w_hh, None, None,
+                                  self.ints, self.floats, self.flags, 0, False, xg, rs, cs, hpre, dgates)
+
+        backward_time = timed(backward, lambda: xg.copy_(saved_xg), reps, self.device)
+        return forward_time, backward_time
+
+
+def cudnn_times(layer: Layer, reps: int) -> tuple[float, float]:
+    shape = layer.shape
+    lstm = torch.nn.LSTM(shape.input_size, shape.hidden_size, device=layer.device, dtype=layer.dtype)
+    x = layer.x.detach().requires_grad_()
+
+    def forward():
+        return lstm(x)
+
+    def forward_backward():
+        out, _ = lstm(x)
+        out.backward(layer.d_out)
+
+    forward_time = timed(forward, lambda: None, reps, layer.device)
+    total = timed(forward_backward, lambda: None, reps, layer.device)
+    return forward_time, total - forward_time
+
+
+def barrier_time(layer: Layer, reps: int) -> tuple[float, int]:
+    """Seconds of seq_len grid barriers among the resident forward's programs (or one program)."""
+    plan = launch.resident_plan(launch.gpu_limits(layer.device), layer.x.element_size(), layer.shape.batch,
+                                layer.shape.hidden_size) if layer.device.type == "cuda" else None
+    programs = plan.programs if plan is not None else 1
+    arrivals = torch.zeros(1, dtype=torch.int32, device=layer.device)
+    options = {"launch_cooperative_grid": True} if layer.device.type == "cuda" else {}
+
+    def run():
+        barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, **options)
+
+    return timed(run, arrivals.zero_, reps, layer.device), programs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="long_h768,h512,ptb_awd")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--modes", default="steps,persistent,resident",
+                        help="the loop kinds to time (the GPU check leaves out one whose smoke step failed)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--jsonl", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    shapes = [SHAPES_BY_NAME[name] for name in args.shapes.split(",")] if device.type == "cuda" else [TINY]
+    if device.type != "cuda":
+        dtype = torch.float32  # the interpreter computes half precision wrongly; this run tests the script
+    sink = open(args.jsonl, "a") if args.jsonl else None
+    print(f"bench.tune: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}, "
+          f"torch {torch.__version__}, Triton {triton.__version__}, {dtype}, median of {args.reps}", flush=True)
+    print("| shape | variant | plan (forward / backward) | forward ms | us/step | backward ms | us/step |", flush=True)
+    print("|---|---|---|---:|---:|---:|---:|", flush=True)
+
+    def report(shape: Shape, variant: str, plan: str, forward_s: float, backward_s: float | None):
+        steps = shape.seq_len
+        backward = "- | -" if backward_s is None else f"{backward_s * 1e3:.3f} | {backward_s * 1e6 / (steps + 1):.2f}"
+        print(f"| {shape.name} | {variant} | {plan} | {forward_s * 1e3:.3f} | {forward_s * 1e6 / steps:.2f} | "
+              f"{backward} |", flush=True)
+        if sink is not None:
+            sink.write(json.dumps(dict(shape=shape.name, dtype=str(dtype), variant=variant, plan=plan,
+                                       forward_s=forward_s, backward_s=backward_s, seq_len=steps,
+                                       device=str(device))) + "\n")
+            sink.flush()
+
+    def attempt(shape: Shape, variant: str, measure) -> None:
+        """Report measure()'s (plan, forward, backward); a variant that fails is reported, and the next one tried."""
+        try:
+            plan, forward_s, backward_s = measure()
+        except Exception as error:
+            print(f"| {shape.name} | {variant} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | |", flush=True)
+            return
+        report(shape, variant, plan, forward_s, backward_s)
+
+    def fused(layer: Layer, mode: str, warps: int | None):
+        with recurrence(mode, warps), torch.no_grad():
+            forward_s, backward_s = layer.measure(args.reps)
+            # the plans after the run: a refused launch has ruled its kind out
+            return layer.plans(), forward_s, backward_s
+
+    def barrier(layer: Layer):
+        seconds, programs = barrier_time(layer, args.reps)
+        return f"{programs} programs", seconds, None
+
+    for shape in shapes:
+        layer = Layer(shape, dtype, device)
+        if device.type == "cuda":
+            attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
+        if "resident" in args.modes.split(","):
+            attempt(shape, "barrier", lambda: barrier(layer))
+        for name, mode, warps in VARIANTS:
+            if mode not in args.modes.split(","):
+                continue
+            attempt(shape, name, lambda: fused(layer, mode, warps))
+    if sink is not None:
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
