@@ -89,6 +89,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         if reason is not None:
             raise RuntimeError(f"fused_rnn: backend={backend!r} is not available here: {reason}")
         return backend
+    if device.type not in ("cpu", "cuda"):
+        # no fused backend exists for other devices (meta, mps, ...): nothing is missing, so no warning
+        return "reference"
     wanted = "triton" if device.type == "cuda" else "cpp"
     if device.type == "cpu" and dtype not in _CPP_DTYPES:
         return "reference"

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
@@ -62,6 +63,25 @@ def _packed_index(batch_sizes: Tensor, sorted_indices: Tensor | None, device) ->
         return time_index, sorted_row, lengths_sorted
     lengths = torch.empty_like(lengths_sorted).index_put_((sorted_indices,), lengths_sorted)
     return time_index, sorted_indices[sorted_row], lengths
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know, such as meta
+        return False
+
+
+def _transformed(*tensors: Tensor) -> bool:
+    """Whether a torch.func transform (grad, jvp, vmap, ...) is active, or a tensor carries a forward-mode
+    tangent. The fused ops have reverse-mode derivatives only (reference/higher_order.py), and a transform
+    or forward-mode AD would see them as constants; the reference's torch ops, with the same masks, are
+    understood by every transform."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -194,22 +214,30 @@ def lstm(
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
     batched = packed or data.dim() == 3
     if hx is not None:
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(h, Tensor) for h in hx):
+        if not isinstance(hx, (tuple, list)) or not all(isinstance(h, Tensor) for h in hx):
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
+        if len(hx) > 2:
+            raise RuntimeError("lstm expects two hidden states")  # nn.LSTM's kernel's words
+        if len(hx) < 2:
+            # nn.LSTM fails with an IndexError reaching for hx[1]
+            raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)}")
         h0, c0 = hx
         want = 3 if batched else 2
         if h0.dim() != want or c0.dim() != want:
             form = "batched 3-D" if batched else "unbatched 2-D"
-            raise RuntimeError(
+            # nn.LSTM checks this for padded input; packed, it fails with an IndexError permuting hx
+            error = IndexError if packed else RuntimeError
+            raise error(
                 f"For {form} input, hx and cx should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
             )
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-    autocast = torch.is_autocast_enabled(data.device.type)
+    autocast = _autocast_enabled(data.device.type)
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
-        raise ValueError(
+        # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)
+        raise (RuntimeError if packed else ValueError)(
             f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight_dtype}). "
             f"Convert input: input.to({weight_dtype}), or convert model: model.to({data.dtype})"
         )
@@ -280,6 +308,8 @@ def lstm(
     else:
         h0, c0 = h0.to(dtype), c0.to(dtype)
 
+    if chosen != "reference" and _transformed(x, h0, c0, *weights):
+        chosen = "reference"
     out, h_n, c_n = backends.module(chosen).run(
         x,
         h0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 from torch import nn
 
@@ -79,7 +80,20 @@ class LSTM(nn.RNNBase):
     @property
     def regularizers(self) -> Regularizers:
         """The current probabilities and modes (attributes may be changed between calls, as nn.LSTM's dropout)."""
-        return Regularizers(dropout=self.dropout, **{name: getattr(self, name) for name in _REGULARIZER_FIELDS})
+        return self._regularizers(self.dropout)
+
+    def _regularizers(self, dropout) -> Regularizers:
+        return Regularizers(dropout=dropout, **{name: getattr(self, name) for name in _REGULARIZER_FIELDS})
+
+    def _forward_regularizers(self) -> Regularizers:
+        """The regularizers of a forward. An out-of-range `dropout` set after construction is what nn.LSTM
+        checks only where it applies (training, 2+ layers), with its RuntimeError; elsewhere it is unused."""
+        dropout = self.dropout
+        if isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and not 0 <= dropout <= 1:
+            if self.training and self.num_layers > 1:
+                raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(dropout):g}")
+            dropout = 0.0
+        return self._regularizers(dropout)
 
     def forward(self, input, hx=None, *, seed: int | None = None):
         return functional.lstm(
@@ -91,7 +105,7 @@ class LSTM(nn.RNNBase):
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
             training=self.training,
-            regularizers=self.regularizers,
+            regularizers=self._forward_regularizers(),
             seed=seed,
             backend=self.backend,
             input_size=self.input_size,
@@ -122,8 +136,11 @@ class LSTM(nn.RNNBase):
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        for name, value in self.regularizers.changes().items():
-            s += f", {name}={value!r}"
+        # not through Regularizers: nn.LSTM's repr shows an out-of-range dropout set after construction
+        for name in _REGULARIZER_FIELDS:
+            value = getattr(self, name)
+            if value != getattr(Regularizers, name):
+                s += f", {name}={value!r}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -133,4 +150,3 @@ class LSTM(nn.RNNBase):
         for name in _REGULARIZER_FIELDS:
             self.__dict__.setdefault(name, getattr(Regularizers, name))
         self.__dict__.setdefault("backend", "auto")
-

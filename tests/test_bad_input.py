@@ -190,11 +190,33 @@ def test_parameters_on_another_device():
 
 
 def test_hx_must_be_a_pair_of_tensors():
-    _, lstm = make_pair(Cfg())
+    ref, lstm = make_pair(Cfg())
     x = randn(T_, B_, I)
     h0, c0 = states(Cfg())
-    for hx in (h0, (h0,), (h0, c0, c0), (h0, None), [h0.tolist(), c0]):
+    for hx in (h0, (h0, None), [h0.tolist(), c0]):
         rejects(lstm, lambda hx=hx: lstm(x, hx), TypeError, r"hx must be a tuple \(h_0, c_0\)", x, h0, c0)
+    # the lengths nn.LSTM rejects: its IndexError reaching for hx[1], its kernel's RuntimeError for three
+    for hx, exc, pattern in (((h0,), IndexError, r"hx must be a tuple \(h_0, c_0\) of two tensors, got 1"),
+                             ((h0, c0, c0), RuntimeError, r"^lstm expects two hidden states$")):
+        assert isinstance(exception_of(lambda hx=hx: ref(x, hx)), exc)
+        rejects(lstm, lambda hx=hx: lstm(x, hx), exc, pattern, x, h0, c0)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_packed_input_faults_have_nn_lstms_types(enforce_sorted):
+    """nn.LSTM checks neither the dtype nor hx's dimensions of packed input in Python: its kernel raises a
+    RuntimeError for the one, permuting hx an IndexError for the other. Same types, clearer words."""
+    ref, lstm = make_pair(Cfg())
+    lengths = [4, 3] if enforce_sorted else [3, 4]
+    data = torch.nn.utils.rnn.pack_padded_sequence(randn(T_, B_, I), lengths, enforce_sorted=enforce_sorted)
+    single = torch.nn.utils.rnn.pack_padded_sequence(randn(T_, B_, I, dtype=torch.float32), lengths,
+                                                     enforce_sorted=enforce_sorted)
+    hx_2d = states(Cfg(), batch=())
+    assert isinstance(exception_of(lambda: ref(single)), RuntimeError)
+    rejects(lstm, lambda: lstm(single), RuntimeError, r"RNN input dtype \(torch.float32\) does not match", single.data)
+    assert isinstance(exception_of(lambda: ref(data, hx_2d)), IndexError)
+    rejects(lstm, lambda: lstm(data, hx_2d), IndexError, r"hx and cx should also be 3-D but got \(2-D, 2-D\)",
+            data.data, *hx_2d)
 
 
 def packed(batch_sizes, features=I, rows=None, extra_dims=()):
@@ -293,7 +315,7 @@ def test_bad_fused_only_probability_says_what_was_given(name):
     assert str(error.value).endswith(", got 1.5")
 
 
-@pytest.mark.parametrize("name", PROBABILITY_NAMES)
+@pytest.mark.parametrize("name", [name for name in PROBABILITY_NAMES if name != "dropout"])
 def test_bad_probability_set_later_is_rejected_at_the_call(name):
     _, lstm = make_pair(BIG_CFG)
     setattr(lstm, name, 1.5)
@@ -301,6 +323,36 @@ def test_bad_probability_set_later_is_rejected_at_the_call(name):
     rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} should be a number in range \[0, 1\]", x)
     lstm.eval()  # eval uses no mask, but the setting is still wrong
     rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} should be a number", x)
+
+
+@pytest.mark.parametrize("value", [-0.5, 2.0, float("nan")], ids=repr)
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bad_dropout_set_later_is_what_nn_lstm_makes_of_it(value, num_layers, training):
+    """nn.LSTM checks the `dropout` attribute only where it applies, between layers in training, with a
+    RuntimeError; elsewhere a forward runs and the value is unused."""
+    ref, lstm = make_pair(Cfg(num_layers=num_layers))
+    for module in (ref, lstm):
+        module.dropout = value
+        module.train(training)
+    x = randn(T_, B_, I)
+    expected = exception_of(lambda: ref(x))
+    if expected is None:
+        torch.testing.assert_close(lstm(x)[0], ref(x)[0])
+    else:
+        assert isinstance(expected, RuntimeError)
+        rejects(lstm, lambda: lstm(x), RuntimeError, f"^{re.escape(str(expected))}$", x)
+    assert f"dropout={value!r}" in repr(lstm)
+
+
+@pytest.mark.parametrize("value", [None, "abc", [0.5], 1 + 0j, torch.tensor(0.5)], ids=repr)
+def test_a_dropout_that_is_not_a_number_fails_as_in_nn_lstm(value):
+    """nn.LSTM's float(dropout) raises a TypeError for None, a ValueError for a string; SPEC.md asks for a
+    ValueError: an argument that is not a number at all gets an exception of both types."""
+    expected = exception_of(lambda: torch.nn.LSTM(I, H, num_layers=2, dropout=value))
+    with pytest.raises(ValueError, match="^dropout should be a number in range") as error:
+        fused_rnn.LSTM(I, H, num_layers=2, dropout=value)
+    assert isinstance(error.value, type(expected)), (type(expected), type(error.value))
 
 
 MODES = {

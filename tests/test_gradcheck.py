@@ -185,3 +185,47 @@ def test_third_derivative_equals_the_reference(backend):
         results.append(torch.autograd.grad(sum((t**2).sum() for t in gg), [x, h0, c0, *weights]))
     for i, (r, o) in enumerate(zip(*results)):
         assert_close(f"third-order gradient {i}", r.cpu(), o.cpu(), 1e-10)
+
+
+def test_torch_func_transforms_and_forward_mode_equal_the_reference(backend):
+    """jvp, jacfwd, forward-mode dual tensors, torch.func.grad, jacrev and vmap through the module equal the
+    reference's (and the jvp a central difference): under a transform the fused ops hand the layer to the
+    reference's torch ops, which every transform understands, instead of passing as constants."""
+    from torch.autograd import forward_ad
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+    device = setup_backend(backend)
+    modules = {}
+    for name in dict.fromkeys(("reference", backend)):
+        torch.manual_seed(0)
+        modules[name] = fused_rnn.LSTM(GC_I, GC_H, proj_size=1, dtype=torch.float64, device=device, backend=name,
+                                       **dict(ALL_ON, dropout=0.0))
+    g = torch.Generator().manual_seed(2)
+    x, v = (torch.randn(GC_T, GC_B, GC_I, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    batch = torch.randn(3, GC_T, GC_B, GC_I, generator=g, dtype=torch.float64).to(device)
+    results = {}
+    for name, lstm in modules.items():
+        def out(t, lstm=lstm):
+            return lstm(t, seed=SEED)[0]
+
+        with forward_ad.dual_level():
+            dual_tangent = forward_ad.unpack_dual(out(forward_ad.make_dual(x, v))).tangent
+        params = dict(lstm.named_parameters())
+        results[name] = {
+            "jvp": jvp(out, (x,), (v,))[1],
+            "jacfwd": jacfwd(out)(x),
+            "dual": dual_tangent,
+            "grad": grad(lambda t: out(t).sum())(x),
+            "jacrev": jacrev(out)(x),
+            "vmap": vmap(out)(batch),
+            "parameter grad": grad(lambda p: (functional_call(lstm, p, (x,), dict(seed=SEED))[0] ** 2).sum())(params)[
+                "weight_hh_l0"
+            ],
+        }
+    eps = 1e-6
+    reference = modules["reference"]
+    difference = (reference(x + eps * v, seed=SEED)[0] - reference(x - eps * v, seed=SEED)[0]) / (2 * eps)
+    assert_close("jvp vs central difference", difference.cpu(), results["reference"]["jvp"].cpu(), 1e-6)
+    assert results[backend]["jvp"].abs().max() > 0
+    for key, expected in results["reference"].items():
+        assert_close(key, expected.cpu(), results[backend][key].cpu(), 1e-12)

@@ -30,6 +30,8 @@ from _cases import (
     make_inputs,
     make_pair,
     run_with_grads,
+    make_lstm,
+    setup_backend,
 )
 
 CONSTRUCTIONS = [
@@ -189,6 +191,37 @@ def test_empty_batch_like_nn_lstm():
     x = torch.randn(T, 0, I, dtype=torch.float64)
     (out, (h, c)), (ref_out, (ref_h, ref_c)) = lstm(x), ref(x)
     assert out.shape == ref_out.shape and h.shape == ref_h.shape and c.shape == ref_c.shape
+
+
+def test_empty_batch_backward_like_nn_lstm(backend):
+    """A batch of 0 runs backward too: every gradient is zero, in nn.LSTM's shapes."""
+    device = setup_backend(backend)
+    ref, lstm = make_pair(BIG_CFG, backend=backend, device=device, zoneout_h=0.2, recurrent_dropout=0.1)
+    grads = []
+    for module, dev in ((ref, "cpu"), (lstm, device)):
+        x = torch.randn(T, 0, I, dtype=torch.float64, device=dev, requires_grad=True)
+        out, (h, c) = module(x)
+        (out.sum() + h.sum() + c.sum()).backward()
+        grads.append([x.grad] + [p.grad for p in module.parameters()])
+    for expected, got in zip(*grads):
+        assert got.shape == expected.shape and not got.any()
+
+
+def test_meta_tensors_like_nn_lstm():
+    """On the meta device, where nn.LSTM computes shapes: the same shapes, every regularizer on (auto picks the
+    reference there, with no warning: no fused backend exists for it); and nn.LSTM's error for mixed devices."""
+    ref = torch.nn.LSTM(I, H, **BIG_CFG.kwargs(), device="meta")
+    lstm = make_lstm(BIG_CFG, device="meta", dtype=torch.float32, backend="auto", **ALL_ON)
+    x = torch.randn(T, 3, I, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, (h, c) = lstm(x)
+    ref_out, (ref_h, ref_c) = ref(x)
+    assert out.device.type == "meta"
+    assert (out.shape, h.shape, c.shape) == (ref_out.shape, ref_h.shape, ref_c.shape)
+    cpu_lstm = make_lstm(BIG_CFG)
+    with pytest.raises(RuntimeError, match="Input and parameter tensors are not at the same device, found input tensor at meta"):
+        cpu_lstm(torch.randn(T, 3, I, dtype=torch.float64, device="meta"))
 
 
 def test_batch_first_output_is_contiguous_and_transposed():

@@ -580,7 +580,7 @@ def layer_backward(
     if flags.weight:
         dw_hh = dropped_weight(dw_hh, ints, floats, stream, flags.weight_rows)
     dx = (dg @ w_ih).reshape(x.shape)
-    dw_ih = dg.t() @ x.reshape(seq_len * batch, -1)
+    dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
     dbias = db.sum(0)
     dw_hr = None
     if has_proj:
