@@ -10,7 +10,10 @@ Three layers of checks:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -28,9 +31,11 @@ from _cases import (
     PROBABILITY_NAMES,
     BIG_CFG,
     TIGHT,
+    B,
     Cfg,
     H,
     I,
+    P,
     T,
     compare_results,
     drop_packed_indices,
@@ -575,3 +580,54 @@ def test_recurrence_arguments_round_trip():
     assert probabilities == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6] and modes == [1, 0]
     back = Regularizers.of_recurrence_arguments(probabilities, modes)
     assert back == Regularizers(**{**reg.__dict__, "dropout": 0.0, "input_dropout": 0.0})
+
+
+@pytest.mark.parametrize("reg", [ALL_ON, ALL_ON_OTHER_MODES], ids=["modes", "other_modes"])
+def test_no_mask_is_kept_between_forward_and_backward(backend, reg):
+    """SPEC.md section 4 on every backend: the autograd graph of a training forward holds no mask (no bool
+    tensor; the kernels regenerate theirs, the reference's graph saves where to draw each again), and the
+    backward that draws them again gives the gradients the C++ and Triton kernels give."""
+    device = setup_backend(backend)
+    saved = []
+
+    def record(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    lstm = fused_rnn.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=torch.float64, device=device,
+                          backend=backend, **reg)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device, requires_grad=True)
+    gradients = []
+    for hooks in (False, True):
+        context = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t) if hooks else contextlib.nullcontext()
+        with context:
+            out, (h_n, c_n) = lstm(x, seed=11)
+        grads = torch.autograd.grad((out**2).sum() + h_n.sum() + c_n.sum(), [x, *lstm.parameters()])
+        gradients.append(grads)
+    assert saved, "the recording hook saw nothing saved"
+    masks = [shape for dtype, shape in saved if dtype == torch.bool]
+    assert not masks, f"bool tensors saved for the backward: {masks}"
+    for name, a, b in zip(["x", *dict(lstm.named_parameters())], *gradients):
+        assert torch.equal(a, b), name
+
+
+def test_the_reference_frees_its_masks_after_the_forward(monkeypatch):
+    """Every mask the reference draws for a training forward is freed when the forward returns."""
+    from fused_rnn import reference
+
+    drawn = []
+
+    def sample_and_watch(*args, **kwargs):
+        masks = fused_rnn.masks.sample_masks(*args, **kwargs)
+        drawn.extend(weakref.ref(m) for v in masks.values() for m in (v if isinstance(v, list) else [v]) if m is not None)
+        return masks
+
+    monkeypatch.setattr(reference, "sample_masks", sample_and_watch)
+    lstm = fused_rnn.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=torch.float64, backend="reference", **ALL_ON)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    out, (h_n, c_n) = lstm(x, seed=11)
+    gc.collect()
+    forward_masks = len(drawn)
+    assert forward_masks > 10 and all(ref() is None for ref in drawn), sum(ref() is not None for ref in drawn)
+    (out**2).sum().backward()
+    assert len(drawn) == 2 * forward_masks, "the backward draws every mask again, once"

@@ -1,6 +1,8 @@
-"""The reference backend: masks drawn by fused_rnn.masks, recurrence by lstm_naive."""
+"""The reference backend: masks drawn by fused_rnn.masks (and drawn again by the backward), recurrence by lstm_naive."""
 
 from __future__ import annotations
+
+import functools
 
 from torch import Tensor
 
@@ -8,6 +10,7 @@ from ..masks import sample_masks
 from ..regularizers import Regularizers
 from ..stack import LayerWeights
 from .naive import apply_keep, apply_zoneout, lstm_layer_naive, lstm_naive
+from .regenerated import masks_regenerated_in_backward
 
 __all__ = ["apply_keep", "apply_zoneout", "lstm_layer_naive", "lstm_naive", "run"]
 
@@ -25,19 +28,22 @@ def run(
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""
-    masks = None
-    if training:
-        first = weights[0]
-        masks = sample_masks(
-            reg,
-            num_layers=len(weights) // num_directions,
-            num_directions=num_directions,
-            input_size=first.w_ih.shape[1],
-            hidden_size=first.w_hh.shape[0] // 4,
-            proj_size=0 if first.w_hr is None else first.w_hr.shape[0],
-            seq_len=x.shape[0],
-            batch_size=x.shape[1],
-            seed=seed,
-            device=x.device,
+    first = weights[0]
+    draw = functools.partial(
+        sample_masks,
+        reg,
+        num_layers=len(weights) // num_directions,
+        num_directions=num_directions,
+        input_size=first.w_ih.shape[1],
+        hidden_size=first.w_hh.shape[0] // 4,
+        proj_size=0 if first.w_hr is None else first.w_hr.shape[0],
+        seq_len=x.shape[0],
+        batch_size=x.shape[1],
+        seed=seed,
+        device=x.device,
+    )
+    masks = draw() if training else None
+    with masks_regenerated_in_backward(masks, draw):
+        return lstm_naive(
+            x, h0, c0, weights, num_directions=num_directions, reg=reg, masks=masks, training=training, lengths=lengths
         )
-    return lstm_naive(x, h0, c0, weights, num_directions=num_directions, reg=reg, masks=masks, training=training, lengths=lengths)

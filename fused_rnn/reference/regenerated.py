@@ -1,0 +1,86 @@
+"""Masks the reference's autograd graph does not keep: SPEC.md section 4 (no mask is stored between forward
+and backward), the way the kernels do it, for a backend built of torch ops.
+
+While the reference runs a training forward, a saved-tensor hook replaces each mask the graph would save
+(the condition of a torch.where, say) by where to find it again: its place in the masks dict and its view.
+The first backward step that needs one draws the masks again from the seed; they live until the graph is
+freed, as the kernels' regenerated masks live for their backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MaskKey = tuple  # (name,) or (name, index): where a mask sits in sample_masks's dict
+
+
+def _masks_by_key(masks: dict) -> dict:
+    found = {}
+    for name, value in masks.items():
+        for index, mask in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            if mask is not None:
+                found[(name,) if index is None else (name, index)] = mask
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class _SavedMask:
+    """A view of a mask, standing for it in the graph."""
+
+    masks: "_Regenerator"
+    key: MaskKey
+    offset: int
+    shape: tuple
+    stride: tuple
+
+
+class _Regenerator:
+    def __init__(self, masks: dict, draw: Callable[[], dict], outer: tuple | None):
+        # storages of this forward's masks (alive while the forward runs, when packing happens)
+        self.keys = {m.untyped_storage().data_ptr(): k for k, m in _masks_by_key(masks).items() if m.numel()}
+        self.draw = draw
+        self.drawn: dict | None = None
+        # hooks already in place (checkpoint, save_on_cpu, a test's): every tensor but a mask goes through them
+        self.outer_pack, self.outer_unpack = outer if outer is not None else (None, None)
+
+    def pack(self, t: Tensor):
+        key = self.keys.get(t.untyped_storage().data_ptr()) if t.dtype == torch.bool and t.numel() else None
+        if key is not None:
+            return _SavedMask(self, key, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        return t if self.outer_pack is None else self.outer_pack(t)
+
+    def unpack(self, saved):
+        if not isinstance(saved, _SavedMask):
+            return saved if self.outer_unpack is None else self.outer_unpack(saved)
+        if self.drawn is None:
+            self.drawn = _masks_by_key(self.draw())
+        return self.drawn[saved.key].as_strided(saved.shape, saved.stride, saved.offset)
+
+
+def _hooks_apply() -> bool:
+    """Whether this forward builds an eager autograd graph that runs saved-tensor hooks: not under a
+    torch.func transform or the compiler's tracing, nor where hooks are disabled."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    return enabled is None or enabled()
+
+
+@contextlib.contextmanager
+def masks_regenerated_in_backward(masks: dict | None, draw: Callable[[], dict]):
+    """Within this context, the autograd graph saves where each of `masks` (sample_masks's dict, which
+    draw() returns again) is found rather than the mask; other tensors are saved as before."""
+    if masks is None or not _hooks_apply():
+        yield
+        return
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    regenerator = _Regenerator(masks, draw, None if top is None else top(False))
+    with torch.autograd.graph.saved_tensors_hooks(regenerator.pack, regenerator.unpack):
+        yield
