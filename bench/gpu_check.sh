@@ -95,6 +95,7 @@ fi
 # 1. CUDA tests. Exit code 5: no test carries the cuda marker yet, which is not a failure. Four
 # processes share the GPU where pytest-xdist is installed: most of the time goes to compiling kernels.
 workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
+tests_start=$(date +%s)
 timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda $workers -q -p no:cacheprovider \
     --continue-on-collection-errors --tb=short >> "$RUN_DIR/tests.log" 2>&1
 rc=$?
@@ -104,7 +105,7 @@ case $rc in
     124 | 137) status="TIMED OUT after ${TESTS_S}s" ;;
     *) status="FAILED (pytest exit code $rc)" ;;
 esac
-note "tests (-m cuda): $status in $(elapsed)s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
+note "tests (-m cuda): $status in $(( $(date +%s) - tests_start ))s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
 grep -E "^(FAILED|ERROR)" "$RUN_DIR/tests.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
 
 # 2. Benchmarks: results are appended to the .jsonl as each one finishes, so a time limit keeps what ran.

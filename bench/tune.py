@@ -38,12 +38,13 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
-# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: the default)
+# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: per-step launches)
+# Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident 8.
 VARIANTS = (
     ("steps", "steps", None),
-    ("persistent", "persistent", None),
+    ("persistent w4", "persistent", 4),
     ("persistent w8", "persistent", 8),
-    ("resident", "resident", None),
+    ("resident w8", "resident", 8),
     ("resident w4", "resident", 4),
 )
 
@@ -198,13 +199,20 @@ def main(argv=None) -> int:
     shapes = [SHAPES_BY_NAME[name] for name in args.shapes.split(",")] if device.type == "cuda" else [TINY]
     if device.type != "cuda":
         dtype = torch.float32  # the interpreter computes half precision wrongly; this run tests the script
-    sink = open(args.jsonl, "a") if args.jsonl else None
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(open(args.jsonl, "a")) if args.jsonl else None
+        run(args, device, dtype, shapes, sink)
+    return 0
+
+
+def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> None:
     print(f"bench.tune: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}, "
           f"torch {torch.__version__}, Triton {triton.__version__}, {dtype}, median of {args.reps}", flush=True)
     print("| shape | variant | plan (forward / backward) | forward ms | us/step | backward ms | us/step |", flush=True)
     print("|---|---|---|---:|---:|---:|---:|", flush=True)
 
     def report(shape: Shape, variant: str, plan: str, forward_s: float, backward_s: float | None):
+        # the backward makes seq_len + 1 calls: the last completes dL/dh0 (kernels.backward_positions)
         steps = shape.seq_len
         backward = "- | -" if backward_s is None else f"{backward_s * 1e3:.3f} | {backward_s * 1e6 / (steps + 1):.2f}"
         print(f"| {shape.name} | {variant} | {plan} | {forward_s * 1e3:.3f} | {forward_s * 1e6 / steps:.2f} | "
@@ -244,9 +252,6 @@ def main(argv=None) -> int:
             if mode not in args.modes.split(","):
                 continue
             attempt(shape, name, lambda: fused(layer, mode, warps))
-    if sink is not None:
-        sink.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,11 @@ def _cpp_module():
     return _loaded["cpp"]
 
 
+def torch_func_transform_active() -> bool:
+    """Whether a torch.func transform (grad, jvp, vmap, ...) is running the calling code."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -78,8 +78,9 @@ def _transformed(*tensors: Tensor) -> bool:
     or forward-mode AD would see them as constants; the reference's torch ops, with the same masks, are
     understood by every transform."""
     if torch.compiler.is_compiling():
+        # traced graphs hold the fused ops as they are (a transform inside a compiled function meets them too)
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if backends.torch_func_transform_active():
         return True
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
@@ -216,12 +217,10 @@ def lstm(
     if hx is not None:
         if not isinstance(hx, (tuple, list)) or not all(isinstance(h, Tensor) for h in hx):
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
-        if len(hx) > 2:
-            raise RuntimeError("lstm expects two hidden states")  # nn.LSTM's kernel's words
         if len(hx) < 2:
             # nn.LSTM fails with an IndexError reaching for hx[1]
             raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)}")
-        h0, c0 = hx
+        h0, c0 = hx[0], hx[1]
         want = 3 if batched else 2
         if h0.dim() != want or c0.dim() != want:
             form = "batched 3-D" if batched else "unbatched 2-D"
@@ -230,6 +229,8 @@ def lstm(
             raise error(
                 f"For {form} input, hx and cx should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
             )
+        if len(hx) > 2:
+            raise RuntimeError("lstm expects two hidden states")  # nn.LSTM's kernel's words, after its dims check
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 

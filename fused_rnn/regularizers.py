@@ -38,8 +38,13 @@ def check_probability(name: str, value) -> float:
         message = f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}"
         # nn.LSTM's exact words for its own argument; ours also say what was given
         message = message if name == "dropout" else f"{message}, got {value!r}"
-        not_a_number = not isinstance(value, (numbers.Number, str)) and not hasattr(value, "__float__")
-        raise (ProbabilityTypeError if not_a_number or isinstance(value, complex) else ValueError)(message)
+        try:
+            float(value)
+        except TypeError:  # what nn.LSTM's float(dropout) raises for it
+            raise ProbabilityTypeError(message) from None
+        except (ValueError, RuntimeError):  # a string, a tensor of several elements
+            pass
+        raise ValueError(message)
     return float(value)
 
 

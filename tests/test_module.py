@@ -28,9 +28,9 @@ from _cases import (
     T,
     compare_results,
     make_inputs,
+    make_lstm,
     make_pair,
     run_with_grads,
-    make_lstm,
     setup_backend,
 )
 

@@ -583,10 +583,13 @@ def test_recurrence_arguments_round_trip():
 
 
 @pytest.mark.parametrize("reg", [ALL_ON, ALL_ON_OTHER_MODES], ids=["modes", "other_modes"])
-def test_no_mask_is_kept_between_forward_and_backward(backend, reg):
+def test_no_mask_is_kept_between_forward_and_backward(backend, reg, monkeypatch):
     """SPEC.md section 4 on every backend: the autograd graph of a training forward holds no mask (no bool
-    tensor; the kernels regenerate theirs, the reference's graph saves where to draw each again), and the
-    backward that draws them again gives the gradients the C++ and Triton kernels give."""
+    tensor; the kernels regenerate theirs, the reference's graph saves where to draw each again), also when
+    the caller has saved-tensor hooks of its own; and the reference's backward, drawing the masks again,
+    gives exactly the gradients of one that kept them."""
+    from fused_rnn import reference
+
     device = setup_backend(backend)
     saved = []
 
@@ -597,18 +600,24 @@ def test_no_mask_is_kept_between_forward_and_backward(backend, reg):
     lstm = fused_rnn.LSTM(I, H, 2, bidirectional=True, proj_size=P, dtype=torch.float64, device=device,
                           backend=backend, **reg)
     x = torch.randn(T, B, I, dtype=torch.float64, device=device, requires_grad=True)
-    gradients = []
-    for hooks in (False, True):
+
+    def gradients(hooks: bool):
         context = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t) if hooks else contextlib.nullcontext()
         with context:
             out, (h_n, c_n) = lstm(x, seed=11)
-        grads = torch.autograd.grad((out**2).sum() + h_n.sum() + c_n.sum(), [x, *lstm.parameters()])
-        gradients.append(grads)
+        return torch.autograd.grad((out**2).sum() + h_n.sum() + c_n.sum(), [x, *lstm.parameters()])
+
+    runs = {"plain": gradients(False), "under a recording hook": gradients(True)}
     assert saved, "the recording hook saw nothing saved"
     masks = [shape for dtype, shape in saved if dtype == torch.bool]
     assert not masks, f"bool tensors saved for the backward: {masks}"
-    for name, a, b in zip(["x", *dict(lstm.named_parameters())], *gradients):
-        assert torch.equal(a, b), name
+    if backend == "reference":
+        monkeypatch.setattr(reference, "masks_regenerated_in_backward", lambda *args: contextlib.nullcontext())
+        runs["with the masks kept"] = gradients(False)
+    names = ["x", *dict(lstm.named_parameters())]
+    for run, grads in runs.items():
+        for name, expected, got in zip(names, runs["plain"], grads):
+            assert torch.equal(expected, got), f"{name} {run}"
 
 
 def test_the_reference_frees_its_masks_after_the_forward(monkeypatch):

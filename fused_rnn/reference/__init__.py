@@ -43,7 +43,7 @@ def run(
         device=x.device,
     )
     masks = draw() if training else None
-    with masks_regenerated_in_backward(masks, draw):
+    with masks_regenerated_in_backward(masks, draw, x.device):
         return lstm_naive(
             x, h0, c0, weights, num_directions=num_directions, reg=reg, masks=masks, training=training, lengths=lengths
         )

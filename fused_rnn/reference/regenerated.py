@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .. import backends
+
 MaskKey = tuple  # (name,) or (name, index): where a mask sits in sample_masks's dict
 
 
@@ -32,7 +34,7 @@ def _masks_by_key(masks: dict) -> dict:
 class _SavedMask:
     """A view of a mask, standing for it in the graph."""
 
-    masks: "_Regenerator"
+    regenerator: "_Regenerator"
     key: MaskKey
     offset: int
     shape: tuple
@@ -41,8 +43,9 @@ class _SavedMask:
 
 class _Regenerator:
     def __init__(self, masks: dict, draw: Callable[[], dict], outer: tuple | None):
-        # storages of this forward's masks (alive while the forward runs, when packing happens)
+        # storages of this forward's masks (alive while the forward runs, when packing happens), on one device
         self.keys = {m.untyped_storage().data_ptr(): k for k, m in _masks_by_key(masks).items() if m.numel()}
+        assert len(self.keys) == sum(m.numel() > 0 for m in _masks_by_key(masks).values()), "masks share storage"
         self.draw = draw
         self.drawn: dict | None = None
         # hooks already in place (checkpoint, save_on_cpu, a test's): every tensor but a mask goes through them
@@ -62,25 +65,34 @@ class _Regenerator:
         return self.drawn[saved.key].as_strided(saved.shape, saved.stride, saved.offset)
 
 
-def _hooks_apply() -> bool:
-    """Whether this forward builds an eager autograd graph that runs saved-tensor hooks: not under a
-    torch.func transform or the compiler's tracing, nor where hooks are disabled."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+def _outer_hooks() -> tuple | None:
+    """The saved-tensor hooks already in place, if any, or False where ours cannot compose with them:
+    a torch whose private autograd API lacks what this needs."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return False if top is None else top(False)
+
+
+def _hooks_apply(device: torch.device) -> bool:
+    """Whether this forward builds an eager autograd graph whose saves the hook sees: tensors with storage
+    of their own (CPU, CUDA), not under a torch.func transform or the compiler's tracing (which run no
+    such hooks), and hooks enabled."""
+    if device.type not in ("cpu", "cuda") or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
+    if backends.torch_func_transform_active():
         return False
     enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
-    return enabled is None or enabled()
+    return enabled is not None and enabled()
 
 
 @contextlib.contextmanager
-def masks_regenerated_in_backward(masks: dict | None, draw: Callable[[], dict]):
-    """Within this context, the autograd graph saves where each of `masks` (sample_masks's dict, which
-    draw() returns again) is found rather than the mask; other tensors are saved as before."""
-    if masks is None or not _hooks_apply():
+def masks_regenerated_in_backward(masks: dict | None, draw: Callable[[], dict], device: torch.device):
+    """Within this context, the autograd graph saves where each of `masks` (sample_masks's dict on `device`,
+    which draw() returns again) is found rather than the mask; other tensors are saved as before. Where the
+    hook cannot apply, the graph keeps the masks, as autograd would."""
+    outer = _outer_hooks() if masks is not None and _hooks_apply(device) else False
+    if outer is False:
         yield
         return
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    regenerator = _Regenerator(masks, draw, None if top is None else top(False))
+    regenerator = _Regenerator(masks, draw, outer)
     with torch.autograd.graph.saved_tensors_hooks(regenerator.pack, regenerator.unpack):
         yield
