@@ -36,6 +36,8 @@ def set_up(requirements: str) -> str:
         run(*pip, TORCH)
     run(*pip, "-r", f"requirements/{requirements}.txt")
     run(*pip, "--no-deps", "-e", ".")
+    # the system's torch, where there is one, is kept: say which one the run uses
+    run(python, "-c", "import torch; print('torch', torch.__version__)")
     return python
 
 

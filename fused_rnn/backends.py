@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import torch
@@ -25,7 +26,10 @@ def _triton_module():
         try:
             import triton  # noqa: F401
         except ImportError as error:
-            _loaded["triton"] = f"Triton is not installed ({error}); install it with `pip install triton`"
+            if error.name == "triton":
+                _loaded["triton"] = f"Triton is not installed ({error}); install it with `pip install triton`"
+            else:  # Triton is there, something it imports is not (its interpreter needs numpy)
+                _loaded["triton"] = f"Triton failed to import ({type(error).__name__}: {error})"
         else:
             from . import triton as triton_backend
 
@@ -84,7 +88,20 @@ def _warn_fallback(wanted: str, reason: str) -> None:
     """One warning per (backend, reason) and process."""
     if (wanted, reason) not in _warned:
         _warned.add((wanted, reason))
-        warnings.warn(f"fused_rnn: the {wanted} backend is unavailable ({reason}); using the reference backend", stacklevel=4)
+        warnings.warn(
+            f"fused_rnn: the {wanted} backend is unavailable ({reason}); using the reference backend",
+            stacklevel=_caller_stacklevel(),
+        )
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of a warnings.warn called here that names the caller's line: the first frame outside
+    this package and torch (nn.Module's call machinery), counted from the function that warns."""
+    skipped = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:

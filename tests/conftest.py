@@ -21,7 +21,13 @@ def backend_device(name: str) -> torch.device:
 
 
 def require_backend(name: str, dtype: torch.dtype = torch.float64) -> torch.device:
+    """The backend's device; a skip where it cannot run this dtype, a failure where it cannot run at all
+    and FUSED_RNN_REQUIRE_BACKENDS (comma-separated names; CI sets it) says it must."""
     device = backend_device(name)
+    required = name in os.environ.get("FUSED_RNN_REQUIRE_BACKENDS", "").split(",")
+    missing = backends.unavailable_reason(name, device, torch.float64)
+    if required and missing is not None:
+        pytest.fail(f"the {name} backend is required here (FUSED_RNN_REQUIRE_BACKENDS) but unavailable: {missing}")
     reason = backends.unavailable_reason(name, device, dtype)
     if reason is not None:
         pytest.skip(f"the {name} backend is unavailable here: {reason}")

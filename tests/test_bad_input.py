@@ -406,6 +406,32 @@ def test_unavailable_backend_names_the_reason(name):
     rejects(lstm, lambda: lstm(x), RuntimeError, rf"backend='{name}' is not available here: {re.escape(reason)}", x)
 
 
+@pytest.mark.parametrize("missing", ["triton", "numpy"])
+def test_a_triton_that_fails_to_import_says_which_module_is_missing(missing, monkeypatch):
+    """"Triton is not installed" only when it is Triton that is missing (its interpreter imports numpy)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "triton":
+            raise ImportError(f"No module named '{missing}'", name=missing)
+        return real_import(name, *args, **kwargs)
+
+    loaded = dict(backends._loaded)
+    backends._loaded.pop("triton", None)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        reason = backends.unavailable_reason("triton", torch.device("cpu"), torch.float64)
+    finally:
+        monkeypatch.undo()
+        backends._loaded.clear()
+        backends._loaded.update(loaded)
+    expected = "Triton is not installed" if missing == "triton" else "Triton failed to import (ImportError: No module named 'numpy')"
+    assert reason.startswith(expected), reason
+
+
 def test_errors_come_before_any_randomness():
     """A rejected call draws no seed: the global RNG is as it was."""
     _, lstm = make_pair(Cfg(), zoneout_h=0.5)

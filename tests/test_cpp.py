@@ -433,6 +433,7 @@ FALLBACK_SCRIPT = textwrap.dedent(
     fallback = [w for w in caught if "fused_rnn" in str(w.message)]
     assert len(fallback) == 1, [str(w.message) for w in caught]
     message = str(fallback[0].message)
+    assert fallback[0].filename == "<string>", fallback[0].filename  # the caller's line, not the package's
     assert "cpp backend is unavailable" in message and "CXX='/nonexistent'" in message and "reference" in message, message
     lstm.backend = "reference"
     assert torch.equal(out_auto, lstm(x, seed=7)[0])
