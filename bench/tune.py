@@ -176,7 +176,8 @@ def barrier_time(layer: Layer, reps: int) -> tuple[float, int]:
                                 layer.shape.hidden_size) if layer.device.type == "cuda" else None
     programs = plan.programs if plan is not None else 1
     arrivals = torch.zeros(1, dtype=torch.int32, device=layer.device)
-    options = {"launch_cooperative_grid": True} if layer.device.type == "cuda" else {}
+    # launched as the resident kernels are (launch.persistent_options)
+    options = launch.persistent_options(layer.device, layer.dtype, resident=True)
 
     def run():
         barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, **options)

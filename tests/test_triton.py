@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
 from fused_rnn import backends, masks, philox
@@ -228,11 +228,11 @@ def test_recurrence_mode_is_validated(monkeypatch):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("mode", RECURRENCE_MODES)
 @pytest.mark.parametrize("dtype, ratio", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("proj", [0, 100])
-def test_gpu_matches_the_reference(mode, dtype, ratio, proj, monkeypatch):
-    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+def test_gpu_matches_the_reference(dtype, ratio, proj, monkeypatch):
+    """IEEE products (float64, float32 without TF32) on the GPU, which always run one launch per step
+    (launch.recurrence_plan); the persistent and resident loops are held to the low-precision rule below."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     # many programs and tiles: B=40 spans row tiles, H=300 unit tiles
@@ -240,12 +240,16 @@ def test_gpu_matches_the_reference(mode, dtype, ratio, proj, monkeypatch):
                             layers=2, bidirectional=True, packed=True, training=True, reg=EVERY)
 
 
-def _low_precision_run(model, x, h0, c0, seed, *, reference_dtype=None):
-    """Outputs and gradients of the module (reference_dtype None) or of the reference math run in reference_dtype."""
+def _low_precision_run(model, x, h0, c0, seed, *, reference_dtype=None, lengths=None):
+    """Outputs and gradients of the module (reference_dtype None) or of the reference math run in reference_dtype;
+    with lengths, of packed input, the output padded with zeros."""
     leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
     weights = [p for p in model.parameters()]
     if reference_dtype is None:
-        out, (h_n, c_n) = model(leaves[0], (leaves[1], leaves[2]), seed=seed)
+        inp = leaves[0] if lengths is None else pack_padded_sequence(leaves[0], lengths, enforce_sorted=False)
+        out, (h_n, c_n) = model(inp, (leaves[1], leaves[2]), seed=seed)
+        if lengths is not None:
+            out, _ = pad_packed_sequence(out, total_length=x.shape[0])
     else:
         sampled = model.sample_masks(x.shape[0], x.shape[1], seed)
         out, h_n, c_n = lstm_naive(
@@ -253,7 +257,7 @@ def _low_precision_run(model, x, h0, c0, seed, *, reference_dtype=None):
             split_flat_weights([getattr(model, n) for n in model._flat_weights_names], model.num_layers,
                                2 if model.bidirectional else 1, model.bias, model.proj_size > 0),
             num_directions=2 if model.bidirectional else 1, reg=model.regularizers, masks=sampled, training=True,
-            compute_dtype=reference_dtype,
+            lengths=None if lengths is None else lengths.to(x.device), compute_dtype=reference_dtype,
         )
     cotangents = torch.Generator().manual_seed(1)
     loss = sum((t.float() * torch.randn(t.shape, generator=cotangents).to(t.device)).sum() for t in (out, h_n, c_n))
@@ -288,7 +292,20 @@ def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, batch, hidd
                                          bidirectional=True)
 
 
-def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layers, bidirectional):
+@gpu
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
+def test_low_precision_projection_and_packed_input(dtype, mode, monkeypatch):
+    """The same rule with a projection (on a GPU, persistent loops with two barriers a step: the resident
+    plan is for layers without one) and packed input of several lengths (rows frozen past their end)."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(64, 128, 30, 24), layers=2, bidirectional=True,
+                                         proj=(48, 4), packed=True)
+
+
+def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layers, bidirectional, proj=(0, 0),
+                                         packed=False):
+    """proj: proj_size on a GPU and in the interpreter; packed: input of random lengths, the longest T."""
     tf32 = dtype == "tf32"
     low = torch.float32 if tf32 else getattr(torch, dtype)
     device = require_backend("triton", low)
@@ -297,18 +314,23 @@ def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layer
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
     inputs, hidden, seq_len, batch = gpu_sizes if device.type == "cuda" else (5, 6, 4, 3)
+    proj_size = proj[0] if device.type == "cuda" else proj[1]
     states = layers * (2 if bidirectional else 1)
     torch.manual_seed(0)
-    exact = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, device=device, dtype=torch.float64,
-                           backend="reference", **EVERY)
-    model = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, device=device, dtype=low,
-                           backend="triton", **EVERY)
+    lengths = None
+    if packed:
+        lengths = torch.randint(1, seq_len + 1, (batch,))
+        lengths[0] = seq_len
+    kwargs = dict(bidirectional=bidirectional, proj_size=proj_size, device=device, **EVERY)
+    exact = fused_rnn.LSTM(inputs, hidden, layers, dtype=torch.float64, backend="reference", **kwargs)
+    model = fused_rnn.LSTM(inputs, hidden, layers, dtype=low, backend="triton", **kwargs)
     model.load_state_dict(exact.state_dict())
     x = torch.randn(seq_len, batch, inputs, device=device)
-    h0, c0 = torch.randn(states, batch, hidden, device=device), torch.randn(states, batch, hidden, device=device)
-    truth = _low_precision_run(exact, x.double(), h0.double(), c0.double(), 7)
-    kernel = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7)
-    pytorch = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7, reference_dtype=low)
+    h0 = torch.randn(states, batch, proj_size or hidden, device=device)
+    c0 = torch.randn(states, batch, hidden, device=device)
+    truth = _low_precision_run(exact, x.double(), h0.double(), c0.double(), 7, lengths=lengths)
+    kernel = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7, lengths=lengths)
+    pytorch = _low_precision_run(model, x.to(low), h0.to(low), c0.to(low), 7, reference_dtype=low, lengths=lengths)
     for index, (t, k, p) in enumerate(zip(truth, kernel, pytorch)):
         assert error_ratio(t, k) <= 2 * error_ratio(t, p), f"result {index}: kernel {error_ratio(t, k):.3g} vs PyTorch {error_ratio(t, p):.3g}"
 

@@ -124,15 +124,23 @@ def host_to_device(values: Tensor, device: torch.device) -> Tensor:
     return values.pin_memory().to(device, non_blocking=True)
 
 
+def cudnn_rnn_allows_tf32() -> bool:
+    """nn.LSTM's switch for TF32 on cuDNN: torch.backends.cudnn.rnn.fp32_precision where torch has it (what
+    the old allow_tf32 sets too; reading allow_tf32 raises once conv and rnn were set apart), else allow_tf32."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    precision = getattr(rnn, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cudnn.allow_tf32)
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    """fp32 products use TF32 where cuDNN would (torch.backends.cudnn.allow_tf32, nn.LSTM's switch).
+    """fp32 products use TF32 where cuDNN would (cudnn_rnn_allows_tf32).
 
     The interpreter's products are IEEE float32 for every dtype: it computes bfloat16 wrongly.
     """
     if dtype == torch.float64 or interpreted():
         return "ieee"
     if dtype == torch.float32:
-        return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
+        return "tf32" if device.type == "cuda" and cudnn_rnn_allows_tf32() else "ieee"
     return "default"
 
 
