@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check, one command: the CUDA tests, the benchmarks, the report, on a machine with torch,
+# The GPU check, one command: smoke steps, bench.tune, the CUDA tests, the benchmarks, the report, on a machine with torch,
 # Triton, pytest and pytest-benchmark already installed and no network. Installs nothing; runs from
 # the source tree (PYTHONPATH). Every phase has a time limit; a failing phase is reported and the
 # next ones still run. Writes everything to ${OUT:-bench/results}/<date>-<device>-<commit>/.
 #
 #   bash bench/gpu_check.sh
 #
-# Environment: GPU_CHECK_BUDGET_S (whole script, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
+# Environment: GPU_CHECK_BUDGET_S (what the benchmarks get is what is left of it, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
 # 0 skips it), GPU_CHECK_TESTS_S (tests, default 160),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
@@ -56,7 +56,7 @@ grep -E "^(python|triton|pytest|matplotlib|cuda)" "$RUN_DIR/environment.txt" | s
 
 # 0. Smoke: one small training step per time-loop mode, each under a time limit. A grid barrier that
 # never completes hangs its process; the tests and benchmarks that follow then run without that mode
-# (the tests that name a mode still try it, within their own limit).
+# (the tests that name it are left out).
 failed=""
 : > "$RUN_DIR/tests.log"
 for mode in steps persistent resident; do

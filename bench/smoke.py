@@ -4,9 +4,10 @@
 
 A persistent or resident kernel whose grid barrier never completes hangs its process; bench/gpu_check.sh
 runs this under a time limit per mode, and runs its tests and benchmarks without a mode that hung or
-failed. Prints one line: the mode, the forward loop the launcher chose, seconds, and the largest
+failed. Prints one line: the mode, the forward and backward loops that ran, seconds, and the largest
 difference from the reference (float64, the same masks) relative to the reference's largest value.
-Exit code 0 when the step ran and its results are finite and within 1e-2 of the reference's scale.
+Exit code 0 when the step ran in that mode (no launch fell back to another loop) and its results are
+finite and within 1e-2 of the reference's scale.
 """
 
 from __future__ import annotations

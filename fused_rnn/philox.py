@@ -1,7 +1,7 @@
 """Philox4x32-10 in PyTorch integer ops, and the counter layout every backend follows.
 
-The layout is documented in docs/randomness.md; csrc/philox.h and fused_rnn/triton/philox.py follow
-it bit for bit. Values are carried in int64 tensors holding uint32 numbers in [0, 2**32), so every
+The layout is documented in docs/randomness.md; csrc/philox.h and the Triton kernels (fused_rnn/triton/cell.py, and
+kernels.packed_dropout_kernel for the bulk masks) follow it bit for bit. Values are carried in int64 tensors holding uint32 numbers in [0, 2**32), so every
 operation is exact on any device and under autograd-free tracing.
 """
 
