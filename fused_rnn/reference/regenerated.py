@@ -44,8 +44,9 @@ class _SavedMask:
 class _Regenerator:
     def __init__(self, masks: dict, draw: Callable[[], dict], outer: tuple | None):
         # storages of this forward's masks (alive while the forward runs, when packing happens), on one device
-        self.keys = {m.untyped_storage().data_ptr(): k for k, m in _masks_by_key(masks).items() if m.numel()}
-        assert len(self.keys) == sum(m.numel() > 0 for m in _masks_by_key(masks).values()), "masks share storage"
+        stored = {k: m for k, m in _masks_by_key(masks).items() if m.numel()}
+        self.keys = {m.untyped_storage().data_ptr(): k for k, m in stored.items()}
+        assert len(self.keys) == len(stored), "masks share storage"
         self.draw = draw
         self.drawn: dict | None = None
         # hooks already in place (checkpoint, save_on_cpu, a test's): every tensor but a mask goes through them
@@ -65,9 +66,9 @@ class _Regenerator:
         return self.drawn[saved.key].as_strided(saved.shape, saved.stride, saved.offset)
 
 
-def _outer_hooks() -> tuple | None:
-    """The saved-tensor hooks already in place, if any, or False where ours cannot compose with them:
-    a torch whose private autograd API lacks what this needs."""
+def _outer_hooks() -> tuple | None | bool:
+    """The saved-tensor hooks already in place (a pair), None if there are none, or False where ours cannot
+    compose with them: a torch whose private autograd API lacks what this needs."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return False if top is None else top(False)
 

@@ -240,6 +240,11 @@ class Plan:
     forward: bool = True  # resident: the forward's slab of W~'s rows, or the backward's of its columns
 
     @property
+    def product_columns(self) -> int:
+        """resident: the product tile's (and the slab's) columns, four gates a unit forward, one backward."""
+        return 4 * self.block_h if self.forward else self.block_h
+
+    @property
     def resident_constexprs(self) -> dict:
         return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest)
 
@@ -289,8 +294,7 @@ def resident_shared_bytes(plan: Plan, element_size: int) -> int:
     the four gates' rows of its units; backward: [4H, BLOCK_H], W~'s columns for them), the product's left
     operand [BLOCK_B, depth] (rs or dgates, in W~'s dtype), and RESIDENT_SHARED_MARGIN."""
     depth = plan.k_main + plan.k_rest
-    columns = 4 * plan.block_h if plan.forward else plan.block_h
-    return (columns + plan.block_b) * depth * element_size + RESIDENT_SHARED_MARGIN
+    return (plan.product_columns + plan.block_b) * depth * element_size + RESIDENT_SHARED_MARGIN
 
 
 def resident_plan(
@@ -308,14 +312,13 @@ def resident_plan(
     block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
-    gates = 4 if forward else 1  # the product tile's columns per unit
     plans = [
         Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
              forward=forward)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
-        and block_b * gates * block_h * element_size <= RESIDENT_TILE_BYTES
     ]
+    plans = [plan for plan in plans if plan.block_b * plan.product_columns * element_size <= RESIDENT_TILE_BYTES]
     fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
     return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
 
