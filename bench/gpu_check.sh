@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh
 #
 # Environment: GPU_CHECK_BUDGET_S (what the benchmarks get is what is left of it, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
-# 0 skips it), GPU_CHECK_TESTS_S (tests, default 160),
+# 0 skips it), GPU_CHECK_TESTS_S (tests, default 160), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
+# CUDA tests, default all),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
 # seconds per benchmark, default 0.25), BENCH_COMMIT (the commit measured, where the tree has no .git).
@@ -20,6 +21,7 @@ PYTHON=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 TUNE_S=${GPU_CHECK_TUNE_S:-75}
 TESTS_S=${GPU_CHECK_TESTS_S:-160}
+TESTS_SELECT=${GPU_CHECK_TESTS_SELECT:-}
 SELECT=${GPU_CHECK_BENCH_SELECT:-}
 MAX_TIME=${GPU_CHECK_MAX_TIME:-0.25}
 REPORT_RESERVE_S=30
@@ -96,13 +98,13 @@ fi
 # processes share the GPU where pytest-xdist is installed: most of the time goes to compiling kernels.
 workers=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
 # the cases that name a mode whose smoke step failed would hang or fail the same way: left out
-deselect=""
+tests_k=${TESTS_SELECT:+($TESTS_SELECT)}
 for mode in $failed; do
-    deselect="${deselect:+$deselect and }not $mode"
+    tests_k="${tests_k:+$tests_k and }not $mode"
 done
-[ -n "$deselect" ] && note "tests leave out: $deselect"
+[ -n "$tests_k" ] && note "tests: -k \"$tests_k\""
 tests_start=$(date +%s)
-timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda $workers -q -p no:cacheprovider ${deselect:+-k "$deselect"} \
+timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda $workers -q -p no:cacheprovider ${tests_k:+-k "$tests_k"} \
     --continue-on-collection-errors --tb=short >> "$RUN_DIR/tests.log" 2>&1
 rc=$?
 case $rc in

@@ -39,7 +39,8 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
 # (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: per-step launches)
-# Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident 8.
+# Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident forwards 4 below
+# 64 product columns, else 8; resident backwards 8.
 VARIANTS = (
     ("steps", "steps", None),
     ("persistent w4", "persistent", 4),
@@ -63,8 +64,8 @@ def recurrence(mode: str, warps: int | None):
     saved_mode, saved_options = os.environ.get("FUSED_RNN_RECURRENCE"), launch.persistent_options
     os.environ["FUSED_RNN_RECURRENCE"] = mode
 
-    def options(device, dtype, resident=False):
-        chosen = saved_options(device, dtype, resident)
+    def options(device, dtype, plan):
+        chosen = saved_options(device, dtype, plan)
         if warps is not None and chosen:
             chosen = {**chosen, "num_warps": warps}
         return chosen
@@ -177,7 +178,7 @@ def barrier_time(layer: Layer, reps: int) -> tuple[float, int]:
     programs = plan.programs if plan is not None else 1
     arrivals = torch.zeros(1, dtype=torch.int32, device=layer.device)
     # launched as the resident kernels are (launch.persistent_options)
-    options = launch.persistent_options(layer.device, layer.dtype, resident=True)
+    options = launch.persistent_options(layer.device, layer.dtype, plan) if plan is not None else {}
 
     def run():
         barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, **options)

@@ -111,6 +111,44 @@ def test_unit_masks_are_the_references(seed, reg):
             assert torch.equal(got[name][:, : mask.shape[1]], mask), f"{name} at t={t}"
 
 
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offsets, cell.round_to_tf32(tl.load(x_ptr + offsets, mask=offsets < N)), mask=offsets < N)
+
+
+def _nearest_tf32_ties_away(x: torch.Tensor) -> torch.Tensor:
+    """The TF32 neighbours below and above |x|, in float64 (a TF32 unit apart: 2^-10 of the binade, 2^-136
+    below the normal range), the nearer chosen, a tie away from zero; x's sign put back."""
+    bits = x.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    low = (bits & ~0x1FFF).to(torch.int32).view(torch.float32).double()
+    exponent = (bits >> 23).double()
+    high = low + torch.where(exponent > 0, 2.0 ** (exponent - 127 - 10), 2.0**-136)
+    magnitude = x.abs().double()
+    chosen = torch.where(magnitude - low < high - magnitude, low, high)
+    return torch.copysign(chosen.float(), x).where(x.isfinite(), x)
+
+
+def test_tf32_operands_round_to_nearest_ties_away_as_cublas_does():
+    """What tile_dot feeds TF32 tensor cores, against TF32 rounding computed another way: random values,
+    exact ties, a carry into the exponent, subnormals, signed zeros, the largest float, infinities, NaN."""
+    device = require_backend("triton", torch.float32)
+    torch.manual_seed(0)
+    ties = torch.tensor([0x3F801000, 0x3F803000, 0x3F7FF000, 0x00001000, 0x00000FFF], dtype=torch.int32)
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.5, 1e-40, -3e-39, 3.4028235e38, float("inf"), -float("inf")])
+    x = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)), ties.view(torch.float32), -ties.view(torch.float32), specials])
+    out = torch.empty_like(x)
+    _round_to_tf32_kernel[(1,)](x.to(device), out.to(device) if device.type != "cpu" else out, x.numel(), BLOCK=512)
+    expected = _nearest_tf32_ties_away(x)
+    assert torch.equal(out.view(torch.int32) & 0x1FFF, torch.zeros_like(out.view(torch.int32))), "13 low bits cleared"
+    assert torch.equal(out, expected)
+    assert out[x.numel() - 3] == float("inf"), "the largest float rounds up past TF32's largest"
+    nan = torch.tensor([float("nan")])
+    nan_out = torch.empty_like(nan)
+    _round_to_tf32_kernel[(1,)](nan, nan_out, 1, BLOCK=16)
+    assert nan_out.isnan().all()
+
+
 def _compare_with_reference(device, dtype, ratio, *, seq_len, batch, inputs, hidden, proj, layers, bidirectional,
                             packed, training, reg):
     model = fused_rnn.LSTM(inputs, hidden, layers, bidirectional=bidirectional, proj_size=proj, backend="triton",
@@ -472,7 +510,7 @@ def test_a_resident_launch_short_of_shared_memory_falls_back_to_persistent(monke
             return launch_error
 
     monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, *args: launch._launch_persistent(
-        ShortOfSharedMemory(), plan.programs, x, resident=True))
+        ShortOfSharedMemory(), plan, x))
     with pytest.warns(UserWarning, match="resident Triton launch failed"):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=0, layers=1,
                                 bidirectional=True, packed=False, training=True, reg=EVERY)

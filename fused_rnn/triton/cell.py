@@ -169,12 +169,28 @@ def cell_backward(i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, update_
 
 
 @triton.jit
+def round_to_tf32(x):
+    """float32 x rounded to TF32's 10 mantissa bits, to nearest with ties away from zero (cvt.rna, as
+    cuBLAS and cuDNN round): half a TF32 unit added to the magnitude's bits, the 13 bits below cleared.
+    NaN stays NaN; a carry into the exponent is the correct rounding, up to infinity past the largest."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
 def tile_dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a [M, K] @ b [K, N]. "ieee": both operands in acc's float type, exact products; otherwise
     the product in b's dtype (tensor cores for half weights, TF32 for float32 with "tf32")."""
     # out_dtype spelled out: Triton 3.6 defaults it to float32, even for a float64 accumulator
     if PRECISION == "ieee":
         return tl.dot(a.to(acc.dtype), b.to(acc.dtype), acc, input_precision="ieee", out_dtype=acc.dtype)
+    elif PRECISION == "tf32":
+        # TF32 tensor cores drop an operand's 13 low mantissa bits (truncation), about twice the error of
+        # cuBLAS's and cuDNN's rounding to nearest, which nn.LSTM gets (H100: 2.1-2.9x PyTorch's in the
+        # TF32 error tests at a77d610): round first
+        return tl.dot(round_to_tf32(a.to(tl.float32)), round_to_tf32(b), acc, input_precision="tf32",
+                      out_dtype=acc.dtype)
     elif PRECISION == "default":
         return tl.dot(a.to(b.dtype), b, acc, out_dtype=acc.dtype)
     else:

@@ -120,9 +120,12 @@ def finish_h(
     store_rounded(rs_ptr + new.to(tl.int64) * B * H_out + here, r, inside)
 
 
-# Runtime integers (not specialised, so one compiled kernel serves every step, shape and option).
+# Runtime integers (not specialised, so one compiled kernel serves every step and option). In the
+# persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
+# 16: rows of r_prev, xg and the states then load as vectors rather than an element at a time, for at
+# most eight kernels per configuration. A launch per step is bound by the launch, not its loads.
 STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
-PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj", "B", "H", "H_out"]
+PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj"]
 
 # Loads of what other programs wrote in this launch ask for L2 (a hint; the barrier's acquire, which
 # invalidates L1, is what makes those stores visible).
@@ -524,7 +527,7 @@ def backward_persistent_kernel(
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
-RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths", "B", "H", "H_out"]
+RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
 @triton.jit

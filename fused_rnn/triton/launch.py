@@ -149,14 +149,15 @@ _persistent_refused: list = []
 _resident_refused: list = []
 
 
-def _launch_persistent(kernel, programs: int, x: Tensor, *args, resident: bool = False, **constexprs) -> bool:
+def _launch_persistent(kernel, plan: "Plan", x: Tensor, *args, **constexprs) -> bool:
     """Launch a persistent kernel; False (and one warning, and no more launches of its kind) if the GPU refuses it.
 
     A refused launch never started, so the caller can run the same work another way.
     """
+    resident = plan.kind == "resident"
     refusals = _resident_refused if resident else _persistent_refused
     try:
-        kernel[(programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype, resident))
+        kernel[(plan.programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype, plan))
     except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
             raise
@@ -214,7 +215,12 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
         return 1 if mode in ("persistent", "resident") else 0
     if device.type != "cuda":
         return 0
-    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if mode == "auto" and tiles > sms:
+        # a program that takes several tiles a step, reading each one's W~ slice from L2, is slower than a
+        # launch per step (H100, the PTB layer's backward: 360 tiles on 132 SMs, 146 us a step against 70)
+        return 0
+    return min(tiles, sms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +335,8 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     chooses.
 
     auto on a GPU: resident where the layer has no projection and its slabs fit (the forward's and the
-    backward's plans apart: the backward's slab is 4H deep); else persistent.
+    backward's plans apart: the backward's slab is 4H deep; no TF32 backward); else persistent where each
+    program has one tile, else steps.
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
     would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
     auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
@@ -344,7 +351,9 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
             block_b = max(16, triton.next_power_of_2(batch))
             return Plan("resident", programs, block_b, 4, k_main=k_main, k_rest=k_rest, synchronize=programs == 1,
                         forward=forward)
-    elif device.type == "cuda" and precision != "ieee" and resident:
+    elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
+        # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
+        # step loop at every size the compile check tries: it runs persistent)
         plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward)
         if plan is not None:
             return plan
@@ -403,14 +412,21 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
     ).squeeze(0)
 
 
-def persistent_options(device: torch.device, dtype: torch.dtype, resident: bool = False) -> dict:
-    """GPU launch options of a persistent kernel: cooperative (the driver refuses the launch unless
-    every program is resident), every register a thread may have (some ptxas releases otherwise trade
-    spills for occupancy that one program per SM cannot use), and 8 warps for float32 tiles and for
-    the resident kernels, whose products take whole slabs into registers."""
+def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> dict:
+    """GPU launch options of a persistent or resident kernel: cooperative (the driver refuses the launch
+    unless every program is resident), every register a thread may have (some ptxas releases otherwise
+    trade spills for occupancy that one program per SM cannot use); 4 warps for the resident forwards of
+    fewer than 64 product columns and for 16-bit persistent tiles, else 8."""
     if device.type != "cuda":
         return {}
-    warps = 8 if resident or dtype == torch.float32 else 4
+    resident = plan.kind == "resident"
+    if resident:
+        # bench.tune on the H100 (fp16, a77d610): the resident forwards of 16 and 32 columns (H=512, 768)
+        # ran 9% and 8% faster with 4 warps, the PTB forward's 64 columns 12% slower. The backwards ran
+        # faster too, but at 4 warps their [BLOCK_B, 4H] operand spills registers inside the step loop
+        warps = 4 if plan.forward and plan.product_columns < 64 else 8
+    else:
+        warps = 8 if dtype == torch.float32 else 4
     options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
     if resident:
         # no software pipelining: it would keep several steps' operands in flight, in shared memory
@@ -426,8 +442,8 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
     arrivals = torch.zeros(1, dtype=torch.int32, device=x.device)
     if plan.synchronize:
         return _launch_persistent(
-            kernel, plan.programs, x, *buffers, arrivals, seq_len, 0, steps, 1, *runtime,
-            resident=True, PRECISION=precision, **plan.resident_constexprs,
+            kernel, plan, x, *buffers, arrivals, seq_len, 0, steps, 1, *runtime,
+            PRECISION=precision, **plan.resident_constexprs,
         )
     for s in range(steps):
         kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
@@ -487,7 +503,7 @@ def layer_forward(
             plan = replan()
     if plan.kind == "persistent":
         done = _launch_persistent(
-            forward_persistent_kernel, plan.programs, x,
+            forward_persistent_kernel, plan, x,
             xg, w, w if w_hr is None else w_hr, h_carry, rs, cs, c_carry, out, hpre, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
@@ -557,7 +573,7 @@ def layer_backward(
     if plan.kind == "persistent":
         db = bias_partials()
         done = _launch_persistent(
-            backward_persistent_kernel, plan.programs, x,
+            backward_persistent_kernel, plan, x,
             dgates, db, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
