@@ -8,6 +8,8 @@ launch is one program walking every tile.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -450,6 +452,35 @@ def test_resident_plan_is_for_layers_without_projection(monkeypatch):
     assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 4, forward=False).kind == "persistent"
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
     assert launch.recurrence_plan(cpu, "ieee", 8, 3, 6, 6).kind == "steps", "the interpreter steps unless asked"
+
+
+@pytest.mark.parametrize(
+    "batch, hidden, precision, element_size, forward, expected",
+    [
+        (16, 768, "default", 2, True, "resident"),  # one row tile: resident 5.8 us a step, persistent 12.8
+        (16, 768, "default", 2, False, "resident"),
+        (16, 768, "tf32", 4, False, "persistent"),  # no TF32 resident backward
+        (64, 512, "default", 2, True, "persistent"),  # two row tiles, 128 persistent tiles: 16 against 22
+        (64, 512, "default", 2, False, "persistent"),  # 20 against 36
+        (80, 1150, "default", 2, True, "resident"),  # 360 persistent tiles on 132 SMs
+        (80, 1150, "default", 2, False, "steps"),  # no resident plan fits; persistent 146-158, steps 70-73
+        (80, 1150, "tf32", 4, True, "steps"),
+    ],
+)
+def test_auto_runs_the_loop_the_h100_timed_fastest(batch, hidden, precision, element_size, forward, expected,
+                                                     monkeypatch):
+    """auto's choice at the benchmark layers on an H100 (132 SMs), against bench.tune's table at 9ab8d3d
+    (bench/results): resident unless its programs walk several row tiles where a persistent launch has
+    a tile a program; persistent only with a tile a program; else a launch per step."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.setattr(launch, "gpu_limits", lambda device: H100)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=H100.sms))
+    plan = launch.recurrence_plan(torch.device("cuda"), precision, element_size, batch, hidden, hidden, forward=forward)
+    assert plan.kind == expected
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", plan.kind)
+    assert launch.recurrence_plan(torch.device("cuda"), precision, element_size, batch, hidden, hidden,
+                                  forward=forward).kind == expected, "a mode named runs that loop where it can"
 
 
 @pytest.mark.parametrize("hidden, launches", [(4, 1), (6, 5)])
