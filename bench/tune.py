@@ -13,7 +13,8 @@ ran). The variants:
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
-and unit tile. On CPU (under TRITON_INTERPRET=1) the script runs the tiny shape only, to test itself.
+and unit tile. "host ms": until the call returned, before the GPU finished; close to the total, the GPU
+waited for the host's launches (a launch per step), not for its own work. On CPU (under TRITON_INTERPRET=1) the script runs the tiny shape only, to test itself.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import sys
 import time
+import typing
 
 import torch
 import triton
@@ -84,22 +87,33 @@ def recurrence(mode: str, warps: int | None):
             os.environ["FUSED_RNN_RECURRENCE"] = saved_mode
 
 
-def timed(fn, prepare, reps: int, device: torch.device) -> float:
-    """Median seconds of fn() over reps calls after one warm-up, prepare() run untimed before each."""
+class Timing(typing.NamedTuple):
+    """Median seconds of a call until the GPU finished its work (total), and until it returned (host): where
+    the two are close, the host enqueueing launches is what the GPU waits for."""
+
+    total: float
+    host: float
+
+    def __sub__(self, other: "Timing") -> "Timing":
+        return Timing(self.total - other.total, self.host - other.host)
+
+
+def timed(fn, prepare, reps: int, device: torch.device) -> Timing:
+    """fn()'s Timing over reps calls after one warm-up, prepare() run untimed before each."""
     prepare()
     fn()
-    times = []
+    totals, hosts = [], []
     for _ in range(reps):
         prepare()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        hosts.append(time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        totals.append(time.perf_counter() - start)
+    return Timing(statistics.median(totals), statistics.median(hosts))
 
 
 class Layer:
@@ -139,8 +153,8 @@ class Layer:
             chosen.append(f"{plan.kind} {plan.programs}x{plan.block_b}x{plan.block_h}")
         return " / ".join(chosen)
 
-    def measure(self, reps: int) -> tuple[float, float]:
-        """Seconds of the forward and of the backward (its gate gradients into a buffer of their own, so the
+    def measure(self, reps: int) -> tuple[Timing, Timing]:
+        """Timings of the forward and of the backward (its gate gradients into a buffer of their own, so the
         reserve it reads stays as the forward left it)."""
         forward_time = timed(self.forward, lambda: None, reps, self.device)
         out, h_n, c_n, xg, rs, cs, hpre = self.forward()
@@ -154,7 +168,7 @@ class Layer:
         return forward_time, backward_time
 
 
-def cudnn_times(layer: Layer, reps: int) -> tuple[float, float]:
+def cudnn_times(layer: Layer, reps: int) -> tuple[Timing, Timing]:
     shape = layer.shape
     lstm = torch.nn.LSTM(shape.input_size, shape.hidden_size, device=layer.device, dtype=layer.dtype)
     x = layer.x.detach().requires_grad_()
@@ -171,7 +185,7 @@ def cudnn_times(layer: Layer, reps: int) -> tuple[float, float]:
     return forward_time, total - forward_time
 
 
-def barrier_time(layer: Layer, reps: int) -> tuple[float, int]:
+def barrier_time(layer: Layer, reps: int) -> tuple[Timing, int]:
     """Seconds of seq_len grid barriers among the resident forward's programs (or one program)."""
     plan = launch.resident_plan(launch.gpu_limits(layer.device), layer.x.element_size(), layer.shape.batch,
                                 layer.shape.hidden_size) if layer.device.type == "cuda" else None
@@ -210,39 +224,47 @@ def main(argv=None) -> int:
 def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> None:
     print(f"bench.tune: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (interpreter)'}, "
           f"torch {torch.__version__}, Triton {triton.__version__}, {dtype}, median of {args.reps}", flush=True)
-    print("| shape | variant | plan (forward / backward) | forward ms | us/step | backward ms | us/step |", flush=True)
-    print("|---|---|---|---:|---:|---:|---:|", flush=True)
+    print("| shape | variant | plan (forward / backward) | forward ms | us/step | host ms | backward ms | us/step | "
+          "host ms |", flush=True)
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
 
-    def report(shape: Shape, variant: str, plan: str, forward_s: float, backward_s: float | None):
+    def cells(timing: Timing | None, calls: int) -> str:
+        if timing is None:
+            return "- | - | -"
+        return f"{timing.total * 1e3:.3f} | {timing.total * 1e6 / calls:.2f} | {timing.host * 1e3:.3f}"
+
+    def report(shape: Shape, variant: str, plan: str, forward: Timing, backward: Timing | None):
         # the backward makes seq_len + 1 calls: the last completes dL/dh0 (kernels.backward_positions)
         steps = shape.seq_len
-        backward = "- | -" if backward_s is None else f"{backward_s * 1e3:.3f} | {backward_s * 1e6 / (steps + 1):.2f}"
-        print(f"| {shape.name} | {variant} | {plan} | {forward_s * 1e3:.3f} | {forward_s * 1e6 / steps:.2f} | "
-              f"{backward} |", flush=True)
+        print(f"| {shape.name} | {variant} | {plan} | {cells(forward, steps)} | {cells(backward, steps + 1)} |",
+              flush=True)
         if sink is not None:
-            sink.write(json.dumps(dict(shape=shape.name, dtype=str(dtype), variant=variant, plan=plan,
-                                       forward_s=forward_s, backward_s=backward_s, seq_len=steps,
-                                       device=str(device))) + "\n")
+            sink.write(json.dumps(dict(
+                shape=shape.name, dtype=str(dtype), variant=variant, plan=plan, forward_s=forward.total,
+                forward_host_s=forward.host, backward_s=None if backward is None else backward.total,
+                backward_host_s=None if backward is None else backward.host, seq_len=steps, device=str(device),
+            )) + "\n")
             sink.flush()
 
     def attempt(shape: Shape, variant: str, measure) -> None:
         """Report measure()'s (plan, forward, backward); a variant that fails is reported, and the next one tried."""
         try:
-            plan, forward_s, backward_s = measure()
+            plan, forward, backward = measure()
         except Exception as error:
-            print(f"| {shape.name} | {variant} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | |", flush=True)
+            print(f"| {shape.name} | {variant} | FAILED: {type(error).__name__}: {str(error)[:200]} | | | | | | |",
+                  flush=True)
             return
-        report(shape, variant, plan, forward_s, backward_s)
+        report(shape, variant, plan, forward, backward)
 
     def fused(layer: Layer, mode: str, warps: int | None):
         with recurrence(mode, warps), torch.no_grad():
-            forward_s, backward_s = layer.measure(args.reps)
+            forward, backward = layer.measure(args.reps)
             # the plans after the run: a refused launch has ruled its kind out
-            return layer.plans(), forward_s, backward_s
+            return layer.plans(), forward, backward
 
     def barrier(layer: Layer):
-        seconds, programs = barrier_time(layer, args.reps)
-        return f"{programs} programs", seconds, None
+        timing, programs = barrier_time(layer, args.reps)
+        return f"{programs} programs", timing, None
 
     for shape in shapes:
         layer = Layer(shape, dtype, device)

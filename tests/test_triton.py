@@ -688,9 +688,11 @@ def test_the_tuning_script_times_every_loop_kind(capsys):
     cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
     assert set(cells) == {"barrier", *(name for name, _, _ in tune.VARIANTS)}, cells
     for name, mode, _ in tune.VARIANTS:
-        plan, forward_ms, backward_ms = cells[name][2], float(cells[name][3]), float(cells[name][5])
+        plan = cells[name][2]
+        forward_ms, forward_host_ms, backward_ms, backward_host_ms = (float(cells[name][i]) for i in (3, 5, 6, 8))
         assert plan.startswith(mode) and f"/ {mode}" in plan, cells[name]
         assert forward_ms > 0 and backward_ms > 0, cells[name]
+        assert 0 < forward_host_ms <= forward_ms and 0 < backward_host_ms <= backward_ms, "the host's share of each"
 
 
 def test_batched_gradients_match_the_reference():
