@@ -2,7 +2,7 @@
 cuDNN's, to choose the defaults with: GPU time per step, by loop kind and warps, at the benchmark shapes.
 
     python -m bench.tune [--shapes long_h768,h512,ptb_awd] [--dtype fp16] [--modes steps,persistent,resident]
-                         [--reps 5] [--jsonl FILE]
+                         [--variants "resident w4,..."] [--no-reference] [--reps 5] [--jsonl FILE]
 
 Each line printed is one measurement (also appended to --jsonl as it is made, so a time limit keeps what
 ran). The variants:
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--modes", default="steps,persistent,resident",
                         help="the loop kinds to time (the GPU check leaves out one whose smoke step failed)")
+    parser.add_argument("--variants", default="", help="of the fused variants, these only (names as printed)")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the cudnn and barrier rows")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--jsonl", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -268,12 +270,12 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
 
     for shape in shapes:
         layer = Layer(shape, dtype, device)
-        if device.type == "cuda":
+        if device.type == "cuda" and not args.no_reference:
             attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
-        if "resident" in args.modes.split(","):
+        if "resident" in args.modes.split(",") and not args.no_reference:
             attempt(shape, "barrier", lambda: barrier(layer))
         for name, mode, warps in VARIANTS:
-            if mode not in args.modes.split(","):
+            if mode not in args.modes.split(",") or (args.variants and name not in args.variants.split(",")):
                 continue
             attempt(shape, name, lambda: fused(layer, mode, warps))
 
