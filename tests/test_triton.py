@@ -693,6 +693,10 @@ def test_the_tuning_script_times_every_loop_kind(capsys):
         assert plan.startswith(mode) and f"/ {mode}" in plan, cells[name]
         assert forward_ms > 0 and backward_ms > 0, cells[name]
         assert 0 < forward_host_ms <= forward_ms and 0 < backward_host_ms <= backward_ms, "the host's share of each"
+    # as bench/profile.sh runs it: one variant, no reference rows
+    assert tune.main(["--reps", "1", "--device", "cpu", "--variants", "resident w4", "--no-reference"]) == 0
+    rows = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert rows == ["resident w4"]
 
 
 def test_batched_gradients_match_the_reference():
