@@ -28,7 +28,7 @@ for shape in ${SHAPES//,/ }; do
             --kernel-name regex:"^${loop}_(resident|persistent|step)_kernel" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
-            python -m bench.tune --shapes "$shape" --variants "$VARIANT" --no-reference --reps 1 >> "$REPORT" 2>&1
+            "${PYTHON:-python}" -m bench.tune --shapes "$shape" --variants "$VARIANT" --no-reference --reps 1 >> "$REPORT" 2>&1
         rc=$?
         echo "profile: $shape $loop: exit code $rc" | tee -a "$REPORT"
         (( rc == 0 )) || status=$rc
