@@ -139,13 +139,14 @@ def test_tf32_operands_round_to_nearest_ties_away_as_cublas_does():
     ties = torch.tensor([0x3F801000, 0x3F803000, 0x3F7FF000, 0x00001000, 0x00000FFF], dtype=torch.int32)
     specials = torch.tensor([0.0, -0.0, 1.0, -1.5, 1e-40, -3e-39, 3.4028235e38, float("inf"), -float("inf")])
     x = torch.cat([torch.randn(200) * 10.0 ** torch.randint(-30, 30, (200,)), ties.view(torch.float32), -ties.view(torch.float32), specials])
-    out = torch.empty_like(x)
-    _round_to_tf32_kernel[(1,)](x.to(device), out.to(device) if device.type != "cpu" else out, x.numel(), BLOCK=512)
+    out = torch.empty_like(x, device=device)
+    _round_to_tf32_kernel[(1,)](x.to(device), out, x.numel(), BLOCK=512)
+    out = out.cpu()
     expected = _nearest_tf32_ties_away(x)
     assert torch.equal(out.view(torch.int32) & 0x1FFF, torch.zeros_like(out.view(torch.int32))), "13 low bits cleared"
     assert torch.equal(out, expected)
     assert out[x.numel() - 3] == float("inf"), "the largest float rounds up past TF32's largest"
-    nan = torch.tensor([float("nan")])
+    nan = torch.tensor([float("nan")], device=device)
     nan_out = torch.empty_like(nan)
     _round_to_tf32_kernel[(1,)](nan, nan_out, 1, BLOCK=16)
     assert nan_out.isnan().all()

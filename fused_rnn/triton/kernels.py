@@ -122,8 +122,8 @@ def finish_h(
 
 # Runtime integers (not specialised, so one compiled kernel serves every step and option). In the
 # persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
-# 16: rows of r_prev, xg and the states then load as vectors rather than an element at a time, for at
-# most eight kernels per configuration. A launch per step is bound by the launch, not its loads.
+# 16 (and on the value 1): rows of r_prev, xg and the states then load as vectors rather than an element
+# at a time, for a few kernels per configuration. A launch per step is bound by the launch, not its loads.
 STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
 PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj"]
 

@@ -345,34 +345,29 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     mode = recurrence_mode()
     projected = real_hidden != hidden
     resident = mode in ("auto", "resident") and not projected and not _resident_refused and not _persistent_refused
-    if interpreted():
-        if mode == "resident" and resident:
-            programs = triton.cdiv(hidden, 4)
-            k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
-            block_b = max(16, triton.next_power_of_2(batch))
-            return Plan("resident", programs, block_b, 4, k_main=k_main, k_rest=k_rest, synchronize=programs == 1,
-                        forward=forward)
-    elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
-        # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
-        # step loop at every size the compile check tries: it runs persistent)
-        limits = gpu_limits(device)
-        plan = resident_plan(limits, element_size, batch, hidden, forward)
-        # a resident program walks its row tiles one after another. H100 (bench.tune at 9ab8d3d, fp16): with
-        # two (B=64 H=512) the persistent loop, a tile a program, took 16 us a step against 22 forward, 20
-        # against 36 backward; with one (B=16 H=768) the resident loop 5.8 against 12.8, 10 against 21
-        persistent_tiles = triton.cdiv(batch, PERSISTENT_TILE[0]) * triton.cdiv(hidden, PERSISTENT_TILE[1])
-        walks_rows = plan is not None and triton.cdiv(batch, plan.block_b) > 1
-        if plan is not None and not (mode == "auto" and walks_rows and persistent_tiles <= limits.sms):
-            return plan
     block_b, block_h, block_k = tile_sizes(batch, persistent=True)
     tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
     programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
+    if interpreted():
+        if mode == "resident" and resident:
+            units = 4
+            k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
+            return Plan("resident", triton.cdiv(hidden, units), max(16, triton.next_power_of_2(batch)), units,
+                        k_main=k_main, k_rest=k_rest, synchronize=hidden <= units, forward=forward)
+    elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
+        # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
+        # step loop at every size the compile check tries: it runs persistent)
+        plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward)
+        # a resident program walks its row tiles one after another. H100 (bench.tune at 9ab8d3d, fp16): with
+        # two (B=64 H=512) the persistent loop, a tile a program, took 16 us a step against 22 forward, 20
+        # against 36 backward; with one (B=16 H=768) the resident loop 5.8 against 12.8, 10 against 21.
+        # (auto's persistent_programs is nonzero only where every program has a tile of its own.)
+        walks_rows = plan is not None and triton.cdiv(batch, plan.block_b) > 1
+        if plan is not None and not (mode == "auto" and walks_rows and programs):
+            return plan
     if programs:
         return Plan("persistent", programs, block_b, block_h, block_k)
     return Plan("steps", 0, *tile_sizes(batch, persistent=False))
-
-
-PERSISTENT_TILE = (16, 16, 32)  # (BLOCK_B, BLOCK_H, BLOCK_K) of a persistent program on a GPU
 
 
 def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
@@ -383,7 +378,7 @@ def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
         # the interpreter runs programs one after another: few programs, wide tiles
         return max(16, triton.next_power_of_2(batch)), 64, 64
     if persistent:
-        return PERSISTENT_TILE
+        return 16, 16, 32
     block_b = min(32, max(16, triton.next_power_of_2(batch)))
     return block_b, 512 // block_b, 32
 
