@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh
 #
 # Environment: GPU_CHECK_BUDGET_S (what the benchmarks get is what is left of it, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
-# 0 skips it), GPU_CHECK_TESTS_S (tests, default 160), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
+# 0 skips it), GPU_CHECK_TUNE_VARIANTS (bench.tune's --variants, default all), GPU_CHECK_BREAKDOWN_S (bench.breakdown, default 60; 0 skips it), GPU_CHECK_TESTS_S (tests, default 160), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
 # CUDA tests, default all),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the issue's target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
@@ -20,6 +20,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 TUNE_S=${GPU_CHECK_TUNE_S:-75}
+TUNE_VARIANTS=${GPU_CHECK_TUNE_VARIANTS:-}
+BREAKDOWN_S=${GPU_CHECK_BREAKDOWN_S:-60}
 TESTS_S=${GPU_CHECK_TESTS_S:-160}
 TESTS_SELECT=${GPU_CHECK_TESTS_SELECT:-}
 SELECT=${GPU_CHECK_BENCH_SELECT:-}
@@ -89,9 +91,20 @@ if (( TUNE_S > 0 )); then
         [[ $failed == *$mode* ]] || modes="$modes,$mode"
     done
     note "tune (one layer, fp16, every recurrence regularizer; limit ${TUNE_S}s):"
-    timeout -k 5 "$TUNE_S" "$PYTHON" -m bench.tune --modes "$modes" 2>> "$RUN_DIR/tests.log" | tee -a "$SUMMARY"
+    timeout -k 5 "$TUNE_S" "$PYTHON" -m bench.tune --modes "$modes" ${TUNE_VARIANTS:+--variants "$TUNE_VARIANTS"} \
+        2>> "$RUN_DIR/tests.log" | tee -a "$SUMMARY"
     rc=${PIPESTATUS[0]}
     (( rc == 0 )) || note "tune: stopped (exit code $rc; 124: the ${TUNE_S}s limit, what it measured is above)"
+fi
+
+# 0c. Where a training step's time goes: each kernel's GPU time beside the wall time, fused_rnn and
+# cuDNN at the benchmark shapes (bench/breakdown.py). Wall well above the kernels' sum: the host's launches.
+if (( BREAKDOWN_S > 0 )); then
+    note "breakdown (fp16, forward + backward; limit ${BREAKDOWN_S}s):"
+    timeout -k 5 "$BREAKDOWN_S" "$PYTHON" -m bench.breakdown --providers fused_rnn,nn_lstm 2>> "$RUN_DIR/tests.log" \
+        | grep -v "^USDT" | tee -a "$SUMMARY"
+    rc=${PIPESTATUS[0]}
+    (( rc == 0 )) || note "breakdown: stopped (exit code $rc)"
 fi
 
 # 1. CUDA tests. Exit code 5: no test carries the cuda marker yet, which is not a failure. Four

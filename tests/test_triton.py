@@ -433,6 +433,28 @@ def test_resident_backward_plan_fits_the_gpu(batch, hidden, element_size, expect
     assert plan is None or not plan.forward
 
 
+@pytest.mark.parametrize(
+    "k_main, k_rest, warps, expected",
+    [(512, 256, 4, (4, 4)), (1024, 128, 8, (8, 8)), (2048, 1024, 8, (8, 8)), (32, 16, 8, (2, 1)), (16, 0, 4, (1, 1))],
+)
+def test_resident_slabs_split_their_depth_among_the_warps(k_main, k_rest, warps, expected):
+    """A part of each slab's depth a warp (kernels.split_dot), none shallower than tl.dot's 16."""
+    assert launch.resident_splits(k_main, k_rest, warps) == expected
+
+
+def test_resident_plans_split_by_their_warps():
+    """At the benchmark layers on an H100: the forward of H=768 (32 product columns) runs 4 warps, the PTB
+    forward (64 columns) and every backward 8, each with a part of the depth a warp."""
+    forward = launch.resident_plan(H100, 2, 16, 768)
+    assert (forward.split_main, forward.split_rest) == (4, 4)
+    assert launch.persistent_options(torch.device("cuda"), torch.float16, forward)["num_warps"] == 4
+    ptb = launch.resident_plan(H100, 2, 80, 1150)
+    assert (ptb.split_main, ptb.split_rest) == (8, 8)
+    backward = launch.resident_plan(H100, 2, 16, 768, forward=False)
+    assert (backward.split_main, backward.split_rest) == (8, 8)
+    assert launch.persistent_options(torch.device("cuda"), torch.float16, backward)["num_warps"] == 8
+
+
 def _assert_resident_plan(plan, element_size, expected):
     if expected is None:
         assert plan is None
@@ -687,8 +709,8 @@ def test_the_tuning_script_times_every_loop_kind(capsys):
     assert tune.main(["--reps", "1", "--device", "cpu"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
-    assert set(cells) == {"barrier", *(name for name, _, _ in tune.VARIANTS)}, cells
-    for name, mode, _ in tune.VARIANTS:
+    assert set(cells) == {"barrier", *(name for name, *_ in tune.VARIANTS)}, cells
+    for name, mode, *_ in tune.VARIANTS:
         plan = cells[name][2]
         forward_ms, forward_host_ms, backward_ms, backward_host_ms = (float(cells[name][i]) for i in (3, 5, 6, 8))
         assert plan.startswith(mode) and f"/ {mode}" in plan, cells[name]
@@ -749,3 +771,102 @@ def test_a_backward_repeated_after_it_overwrote_the_reserve_raises(monkeypatch):
 )
 def test_only_the_drivers_refusals_count_as_refused(message, refused):
     assert launch.refused_launch(RuntimeError(message)) is refused
+
+
+class FakeJit:
+    """A JIT kernel's interface as RepeatedLaunch uses it: [grid](*args, **constexprs) launches and
+    returns the compiled kernel (None, as the interpreter does, when compiled is None)."""
+
+    arg_names = ["x_ptr", "t", "BLOCK_B", "PRECISION"]
+
+    def __init__(self, compiled):
+        self.compiled, self.launches = compiled, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.compiled
+
+        return launch
+
+
+class FakeCompiled:
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+def test_repeated_launches_go_to_the_compiled_kernel_with_the_jits_arguments():
+    compiled = FakeCompiled()
+    jit = FakeJit(compiled)
+    step = launch.RepeatedLaunch(jit, (3, 2), PRECISION="tf32", BLOCK_B=16)
+    for t in range(3):
+        step("x", t)
+    assert jit.launches == [((3, 2), ("x", 0), dict(PRECISION="tf32", BLOCK_B=16))]
+    # the constexprs follow in the kernel's parameter order, as the JIT passes them to the launcher
+    # on the grid padded to three dimensions, which the compiled kernel's launcher indexes
+    assert compiled.launches == [((3, 2, 1), ("x", 1, 16, "tf32")), ((3, 2, 1), ("x", 2, 16, "tf32"))]
+
+
+def test_repeated_launches_go_through_the_jit_when_it_returns_no_compiled_kernel():
+    jit = FakeJit(None)
+    step = launch.RepeatedLaunch(jit, (1,), PRECISION="ieee", BLOCK_B=16)
+    for t in range(3):
+        step("x", t)
+    assert [args for _, args, _ in jit.launches] == [("x", 0), ("x", 1), ("x", 2)]
+
+
+def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
+    """The steps loops through RepeatedLaunch: a forward launch per position in order, then seq_len + 1
+    backward launches, positions reversed, the last one (no step) after the first position's."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "steps")
+    seen = []
+    original = launch.RepeatedLaunch.__call__
+
+    def recording(self, *args):
+        names = self.kernel.arg_names
+        argument = lambda name: args[names.index(name)]  # noqa: E731
+        if self.kernel.__name__ == "forward_step_kernel":
+            seen.append(("forward", argument("t")))
+        else:
+            seen.append(("backward", argument("t"), argument("t_next"), argument("has_next"), argument("step")))
+        original(self, *args)
+
+    monkeypatch.setattr(launch.RepeatedLaunch, "__call__", recording)
+    lstm = fused_rnn.LSTM(3, 4, backend="triton")
+    lstm(torch.randn(3, 2, 3, requires_grad=True))[0].sum().backward()
+    assert seen == [
+        ("forward", 0), ("forward", 1), ("forward", 2),
+        ("backward", 2, 2, 0, 1), ("backward", 1, 2, 1, 1), ("backward", 0, 1, 1, 1), ("backward", 0, 0, 1, 0),
+    ]
+
+
+@gpu
+@needs_gpu
+def test_a_training_steps_backward_reuses_the_parameters_its_forward_sent(monkeypatch):
+    sent = []
+    original = launch.host_to_device
+    monkeypatch.setattr(launch, "host_to_device", lambda values, device: sent.append(values.tolist()) or original(values, device))
+    lstm = fused_rnn.LSTM(8, 16, device="cuda", backend="triton", **EVERY)
+    x = torch.randn(5, 3, 8, device="cuda", requires_grad=True)
+    lstm(x, seed=11)[0].sum().backward()
+    # the layer's (ints, floats), the input and output dropouts' (ints, floats) each: sent by the forward only
+    assert len(sent) == 6
+    sent.clear()
+    lstm(x, seed=12)[0].sum().backward()
+    assert len(sent) == 6 and all(ints[0] == 12 for ints in sent[0::2])
+
+
+def test_the_breakdown_script_lists_each_providers_kernels(capsys):
+    """bench/breakdown.py on its tiny CPU shape: a section per provider with a wall time and the ops that
+    took the time, each a positive share."""
+    from bench import breakdown
+
+    assert breakdown.main(["--providers", "fused_rnn,nn_lstm", "--steps", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    sections = [line for line in out.splitlines() if line.startswith("## tiny")]
+    assert [section.split(",")[1].split()[0] for section in sections] == ["fused_rnn", "nn_lstm"], out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel |" not in line]
+    assert rows and all(float(row[1]) >= 0 and float(row[2]) > 0 for row in rows), rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -51,12 +52,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _slots(values: dict, size, dtype: torch.dtype) -> Tensor:
-    """A CPU tensor with each value at its slot (cell.INT_* / cell.FLOAT_*), 0 elsewhere."""
+def _slots(values: dict, size) -> list:
+    """Each value at its slot (cell.INT_* / cell.FLOAT_*), 0 elsewhere."""
     packed = [0] * int(size)
     for slot, value in values.items():
         packed[int(slot)] = value
-    return torch.tensor(packed, dtype=dtype)
+    return packed
 
 
 def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -86,9 +87,8 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
             cell.INT_ZONEOUT_C_MODE: zoneout_mode if reg.zoneout_c > 0 else 0,
         },
         cell.INT_SLOTS,
-        torch.int64,
     )
-    ints[int(cell.INT_SEED)] = seed
+    ints[int(cell.INT_SEED)] = int(seed)
     floats = _slots(
         {
             cell.FLOAT_HIDDEN: philox.keep_scale(reg.recurrent_dropout),
@@ -99,17 +99,39 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
             cell.FLOAT_WEIGHT: philox.keep_scale(reg.weight_dropout),
         },
         cell.FLOAT_SLOTS,
-        compute_dtype(dtype),
     )
-    return host_to_device(ints, device), host_to_device(floats, device)
+    return launch_parameters(ints, floats, compute_dtype(dtype), device)
 
 
 def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Seed and threshold (slots 0, 1) and scale (slot 0) of one bulk dropout."""
-    ints = torch.tensor([0, philox.threshold(p)], dtype=torch.int64)
-    ints[0] = seed
-    floats = torch.tensor([philox.keep_scale(p)], dtype=compute_dtype(dtype))
-    return host_to_device(ints, device), host_to_device(floats, device)
+    return launch_parameters([int(seed), philox.threshold(p)], [philox.keep_scale(p)], compute_dtype(dtype), device)
+
+
+# The parameter tensors sent to a GPU, by their values (the seed's among them), device and stream, the
+# least recently used dropped past the limit: a training step's backward reads what its forward sent,
+# each layer's and each dropout's, rather than sending them again (two copies of 50 us of host time each
+# on the H200's host). Kernels only read them, and a dropped one is freed to its stream's allocator, in
+# order after the kernels that read it.
+_sent_parameters: collections.OrderedDict = collections.OrderedDict()
+SENT_PARAMETERS_KEPT = 64
+
+
+def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ints as an int64 tensor and floats as a float_dtype one on device (see host_to_device)."""
+    if device.type != "cuda":
+        return torch.tensor(ints, dtype=torch.int64, device=device), torch.tensor(floats, dtype=float_dtype, device=device)
+    key = (tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream)
+    sent = _sent_parameters.get(key)
+    if sent is None or torch.cuda.is_current_stream_capturing():
+        sent = (host_to_device(torch.tensor(ints, dtype=torch.int64), device),
+                host_to_device(torch.tensor(floats, dtype=float_dtype), device))
+        _sent_parameters[key] = sent
+        if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
+            _sent_parameters.popitem(last=False)
+    else:
+        _sent_parameters.move_to_end(key)
+    return sent
 
 
 def host_to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -242,6 +264,8 @@ class Plan:
     block_k: int = 0  # steps, persistent: the depth of a product's K tile
     k_main: int = 0  # resident: the depths of the two slabs of W~ (resident_weight)
     k_rest: int = 0
+    split_main: int = 1  # resident: the parts of each slab's depth the warps share (kernels.split_dot)
+    split_rest: int = 1
     synchronize: bool = True
     forward: bool = True  # resident: the forward's slab of W~'s rows, or the backward's of its columns
 
@@ -252,7 +276,8 @@ class Plan:
 
     @property
     def resident_constexprs(self) -> dict:
-        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest)
+        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest,
+                    SPLIT_MAIN=self.split_main, SPLIT_REST=self.split_rest)
 
     @property
     def tile_constexprs(self) -> dict:
@@ -266,10 +291,16 @@ class GpuLimits:
 
 
 def gpu_limits(device: torch.device) -> GpuLimits:
-    # Triton's own figure for shared memory, the one its launcher checks a kernel against
     index = torch.cuda.current_device() if device.index is None else device.index
+    return _gpu_limits(index)
+
+
+@functools.cache
+def _gpu_limits(index: int) -> GpuLimits:
+    # Triton's own figure for shared memory, the one its launcher checks a kernel against. Asked once a
+    # GPU: the driver query took 0.9-1.2 ms a call on the H200's host, two calls a layer a training step
     shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return GpuLimits(torch.cuda.get_device_properties(device).multi_processor_count, shared)
+    return GpuLimits(torch.cuda.get_device_properties(index).multi_processor_count, shared)
 
 
 def resident_depths(depth: int) -> tuple[int, int]:
@@ -295,6 +326,18 @@ RESIDENT_SHARED_MARGIN = 16 * 1024
 RESIDENT_TILE_BYTES = 2048
 
 
+def resident_warps(forward: bool, product_columns: int) -> int:
+    """Warps of a resident program. bench.tune on the H100 (fp16, a77d610): the resident forwards of 16 and 32
+    columns (H=512, 768) ran 9% and 8% faster with 4 warps, the PTB forward's 64 columns 12% slower. The
+    backwards ran faster too, but at 4 warps their [BLOCK_B, 4H] operand spilled registers inside the step loop."""
+    return 4 if forward and product_columns < 64 else 8
+
+
+def resident_splits(k_main: int, k_rest: int, warps: int) -> tuple[int, int]:
+    """(SPLIT_MAIN, SPLIT_REST): a part of each slab's depth a warp, each part at least 16 deep (tl.dot's least K)."""
+    return min(warps, k_main // 16), max(1, min(warps, k_rest // 16))
+
+
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
     """What resident_plan allows a plan's program of shared memory: its slabs (forward: [H_out, 4 BLOCK_H],
     the four gates' rows of its units; backward: [4H, BLOCK_H], W~'s columns for them), the product's left
@@ -318,9 +361,10 @@ def resident_plan(
     block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
+    split_main, split_rest = resident_splits(k_main, k_rest, resident_warps(forward, 4 * block_h if forward else block_h))
     plans = [
         Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
-             forward=forward)
+             split_main=split_main, split_rest=split_rest, forward=forward)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
     ]
@@ -352,8 +396,11 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
         if mode == "resident" and resident:
             units = 4
             k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
+            # two parts of the depth where it allows, so that the split products run here too
+            split_main, split_rest = resident_splits(k_main, k_rest, 2)
             return Plan("resident", triton.cdiv(hidden, units), max(16, triton.next_power_of_2(batch)), units,
-                        k_main=k_main, k_rest=k_rest, synchronize=hidden <= units, forward=forward)
+                        k_main=k_main, k_rest=k_rest, split_main=split_main, split_rest=split_rest,
+                        synchronize=hidden <= units, forward=forward)
     elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
         # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
         # step loop at every size the compile check tries: it runs persistent)
@@ -426,10 +473,7 @@ def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> 
         return {}
     resident = plan.kind == "resident"
     if resident:
-        # bench.tune on the H100 (fp16, a77d610): the resident forwards of 16 and 32 columns (H=512, 768)
-        # ran 9% and 8% faster with 4 warps, the PTB forward's 64 columns 12% slower. The backwards ran
-        # faster too, but at 4 warps their [BLOCK_B, 4H] operand spills registers inside the step loop
-        warps = 4 if plan.forward and plan.product_columns < 64 else 8
+        warps = resident_warps(plan.forward, plan.product_columns)
     else:
         warps = 8 if dtype == torch.float32 else 4
     options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
@@ -454,6 +498,35 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
         kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
                                  **plan.resident_constexprs)
     return True
+
+
+class RepeatedLaunch:
+    """One kernel launched again and again on one grid, with one specialisation: a time loop's steps,
+    whose changing arguments (the step's position) are all left unspecialised.
+
+    The first launch goes through Triton's JIT, which binds and specialises the arguments, finds or
+    compiles the kernel, and returns it; the later ones go straight to that compiled kernel with the
+    same arguments in the kernel's order, constexprs included, as the JIT itself passes them. On the
+    H200's host the JIT's own work was 40-70 us a launch, a launch per step of a PTB layer's backward.
+    Under the interpreter the JIT returns no compiled kernel, and every launch goes through it.
+    """
+
+    def __init__(self, kernel, grid: tuple, **constexprs):
+        self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
+        self.compiled = None  # the compiled kernel's launcher on grid, after the first launch
+        self.trailing: tuple = ()  # the constexprs' values, in the kernel's order after the positional arguments
+
+    def __call__(self, *args) -> None:
+        if self.compiled is not None:
+            self.compiled(*args, *self.trailing)
+            return
+        compiled = self.kernel[self.grid](*args, **self.constexprs)
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            names = self.kernel.arg_names[len(args):]
+            if set(names) == set(self.constexprs):
+                self.trailing = tuple(self.constexprs[name] for name in names)
+                # the compiled kernel's launcher takes all three grid dimensions, which the JIT pads
+                self.compiled = compiled[(*self.grid, *(1,) * (3 - len(self.grid)))]
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -518,16 +591,14 @@ def layer_forward(
     if plan.kind == "steps":
         tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
+        cell_step = RepeatedLaunch(forward_step_kernel, (tiles_b, tiles_h), PRECISION=precision, **plan.tile_constexprs)
+        projection_step = RepeatedLaunch(projection_step_kernel, (tiles_b, tiles_out), PRECISION=precision,
+                                         **plan.tile_constexprs)
         for t in _positions(seq_len, reverse):
-            forward_step_kernel[(tiles_b, tiles_h)](
-                xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
-                int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
-            )
+            cell_step(xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
+                      int(has_proj), *sizes)
             if has_proj:
-                projection_step_kernel[(tiles_b, tiles_out)](
-                    hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream, has_lengths,
-                    *sizes, PRECISION=precision, **plan.tile_constexprs,
-                )
+                projection_step(hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream, has_lengths, *sizes)
     return out, h_carry[last % 2], c_carry[last % 2], xg, rs, cs, hpre
 
 
@@ -591,18 +662,16 @@ def layer_backward(
         tiles_out = triton.cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
         order = list(_positions(seq_len, reverse))[::-1]
+        h_step = RepeatedLaunch(backward_step_kernel, (tiles_b, tiles_out), PRECISION=precision, **plan.tile_constexprs)
+        projection_cell_step = RepeatedLaunch(backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
+                                              **plan.tile_constexprs)
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-            backward_step_kernel[(tiles_b, tiles_out)](
-                dgates, db, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
-                int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len),
-                *sizes, PRECISION=precision, **plan.tile_constexprs,
-            )
+            h_step(dgates, db, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
+                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
             if has_proj and index < seq_len:
-                backward_projection_cell_kernel[(tiles_b, tiles_h)](
-                    dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream, has_lengths,
-                    *sizes, PRECISION=precision, **plan.tile_constexprs,
-                )
+                projection_cell_step(dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
+                                     has_lengths, *sizes)
 
     # weight and input gradients: one GEMM each over the whole sequence, in x's dtype (that of dgates,
     # rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from the kernels
