@@ -10,8 +10,6 @@ ran). The variants:
 - steps / persistent / resident (FUSED_RNN_RECURRENCE) with 4 or 8 warps for the persistent and
   resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
   on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
-- resident unsplit: the resident loops with every product in one chain of depth per warp (as before
-  kernels.split_dot shared the depth among the warps), the default warps.
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -43,17 +41,15 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
-# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches (None: the default), whether
-# resident products split their depth among the warps). Defaults (launch.persistent_options): persistent 4
-# warps in 16-bit, 8 in float32; resident forwards 4 below 64 product columns, else 8; resident backwards
-# 8; resident products split (kernels.split_dot).
+# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: per-step launches)
+# Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident forwards 4 below
+# 64 product columns, else 8; resident backwards 8.
 VARIANTS = (
-    ("steps", "steps", None, True),
-    ("persistent w4", "persistent", 4, True),
-    ("persistent w8", "persistent", 8, True),
-    ("resident w8", "resident", 8, True),
-    ("resident w4", "resident", 4, True),
-    ("resident unsplit", "resident", None, False),
+    ("steps", "steps", None),
+    ("persistent w4", "persistent", 4),
+    ("persistent w8", "persistent", 8),
+    ("resident w8", "resident", 8),
+    ("resident w4", "resident", 4),
 )
 
 
@@ -66,14 +62,10 @@ def barrier_loop_kernel(arrivals_ptr, steps):
 
 
 @contextlib.contextmanager
-def recurrence(mode: str, warps: int | None, split: bool = True):
-    """FUSED_RNN_RECURRENCE=mode, persistent launches with `warps` warps, and resident products split in depth
-    or not, for the duration."""
+def recurrence(mode: str, warps: int | None):
+    """FUSED_RNN_RECURRENCE=mode, and persistent launches with `warps` warps, for the duration."""
     saved_mode, saved_options = os.environ.get("FUSED_RNN_RECURRENCE"), launch.persistent_options
-    saved_splits = launch.resident_splits
     os.environ["FUSED_RNN_RECURRENCE"] = mode
-    if not split:
-        launch.resident_splits = lambda k_main, k_rest, warps: (1, 1)
 
     def options(device, dtype, plan):
         chosen = saved_options(device, dtype, plan)
@@ -89,7 +81,6 @@ def recurrence(mode: str, warps: int | None, split: bool = True):
         yield
     finally:
         launch.persistent_options = saved_options
-        launch.resident_splits = saved_splits
         if saved_mode is None:
             os.environ.pop("FUSED_RNN_RECURRENCE", None)
         else:
@@ -159,8 +150,7 @@ class Layer:
         for forward in (True, False):
             plan = launch.recurrence_plan(self.device, precision, self.x.element_size(), shape.batch,
                                           shape.hidden_size, shape.hidden_size, forward)
-            split = f" s{plan.split_main}+{plan.split_rest}" if plan.kind == "resident" else ""
-            chosen.append(f"{plan.kind} {plan.programs}x{plan.block_b}x{plan.block_h}{split}")
+            chosen.append(f"{plan.kind} {plan.programs}x{plan.block_b}x{plan.block_h}")
         return " / ".join(chosen)
 
     def measure(self, reps: int) -> tuple[Timing, Timing]:
@@ -268,8 +258,8 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             return
         report(shape, variant, plan, forward, backward)
 
-    def fused(layer: Layer, mode: str, warps: int | None, split: bool):
-        with recurrence(mode, warps, split), torch.no_grad():
+    def fused(layer: Layer, mode: str, warps: int | None):
+        with recurrence(mode, warps), torch.no_grad():
             forward, backward = layer.measure(args.reps)
             # the plans after the run: a refused launch has ruled its kind out
             return layer.plans(), forward, backward
@@ -284,10 +274,10 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
         if "resident" in args.modes.split(",") and not args.no_reference:
             attempt(shape, "barrier", lambda: barrier(layer))
-        for name, mode, warps, split in VARIANTS:
+        for name, mode, warps in VARIANTS:
             if mode not in args.modes.split(",") or (args.variants and name not in args.variants.split(",")):
                 continue
-            attempt(shape, name, lambda: fused(layer, mode, warps, split))
+            attempt(shape, name, lambda: fused(layer, mode, warps))
 
 
 if __name__ == "__main__":

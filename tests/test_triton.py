@@ -433,28 +433,6 @@ def test_resident_backward_plan_fits_the_gpu(batch, hidden, element_size, expect
     assert plan is None or not plan.forward
 
 
-@pytest.mark.parametrize(
-    "k_main, k_rest, warps, expected",
-    [(512, 256, 4, (4, 4)), (1024, 128, 8, (8, 8)), (2048, 1024, 8, (8, 8)), (32, 16, 8, (2, 1)), (16, 0, 4, (1, 1))],
-)
-def test_resident_slabs_split_their_depth_among_the_warps(k_main, k_rest, warps, expected):
-    """A part of each slab's depth a warp (kernels.split_dot), none shallower than tl.dot's 16."""
-    assert launch.resident_splits(k_main, k_rest, warps) == expected
-
-
-def test_resident_plans_split_by_their_warps():
-    """At the benchmark layers on an H100: the forward of H=768 (32 product columns) runs 4 warps, the PTB
-    forward (64 columns) and every backward 8, each with a part of the depth a warp."""
-    forward = launch.resident_plan(H100, 2, 16, 768)
-    assert (forward.split_main, forward.split_rest) == (4, 4)
-    assert launch.persistent_options(torch.device("cuda"), torch.float16, forward)["num_warps"] == 4
-    ptb = launch.resident_plan(H100, 2, 80, 1150)
-    assert (ptb.split_main, ptb.split_rest) == (8, 8)
-    backward = launch.resident_plan(H100, 2, 16, 768, forward=False)
-    assert (backward.split_main, backward.split_rest) == (8, 8)
-    assert launch.persistent_options(torch.device("cuda"), torch.float16, backward)["num_warps"] == 8
-
-
 def _assert_resident_plan(plan, element_size, expected):
     if expected is None:
         assert plan is None

@@ -195,8 +195,7 @@ def main(arch: int) -> int:
                 if report["slabs_before_loop"] < 1 + (kwargs["K_REST"] > 0):
                     problems.append("the resident slabs are not in shared memory before the step loop")
                 plan = launch.Plan("resident", 1, kwargs["BLOCK_B"], kwargs["BLOCK_H"], k_main=kwargs["K_MAIN"],
-                                   k_rest=kwargs["K_REST"], split_main=kwargs["SPLIT_MAIN"],
-                                   split_rest=kwargs["SPLIT_REST"], forward=kernel.__name__.startswith("forward"))
+                                   k_rest=kwargs["K_REST"], forward=kernel.__name__.startswith("forward"))
                 w = args[kernel.arg_names.index("w_ptr")]
                 planned = launch.resident_shared_bytes(plan, w.element_size())
                 if report["shared"] > planned:

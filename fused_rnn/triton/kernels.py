@@ -531,49 +531,35 @@ RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "str
 
 
 @triton.jit
-def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr, SPLIT: tl.constexpr):
-    """[SPLIT, K_SIZE // SPLIT, N], rows K_START.. of a [K, N] operand in SPLIT parts of the depth:
-    element (s, k, n) = ptr[n] + (K_START + s * K_SIZE // SPLIT + k) * k_stride, 0 past K. ptr, n_inside:
-    [1, N]. Loaded before a program's step loop and used only as a dot operand, it stays in the SM's
-    shared memory for every step."""
-    ks = K_START + tl.arange(0, SPLIT)[:, None, None] * (K_SIZE // SPLIT) + tl.arange(0, K_SIZE // SPLIT)[None, :, None]
-    return tl.load(ptr[None, :, :] + ks * k_stride, mask=(ks < K) & n_inside[None, :, :], other=0.0)
+def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """[K_SIZE, N]: element (k, n) = ptr[n] + (K_START + k) * k_stride, 0 past K. Loaded before a program's
+    step loop and used only as a dot operand, it stays in the SM's shared memory for every step."""
+    ks = K_START + tl.arange(0, K_SIZE)[:, None]
+    return tl.load(ptr + ks * k_stride, mask=(ks < K) & n_inside, other=0.0)
 
 
 @triton.jit
-def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-                    SPLIT_MAIN: tl.constexpr, SPLIT_REST: tl.constexpr):
+def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr):
     """A [K, N] operand in two power-of-two slabs, K_MAIN + K_REST >= K (K_REST may be 0): a 768-deep
-    operand is 512 + 256, not 1024, of on-chip memory. Each is split in depth (resident_slab)."""
-    main = resident_slab(ptr, k_stride, n_inside, K, 0, K_MAIN, SPLIT_MAIN)
+    operand is 512 + 256, not 1024, of on-chip memory."""
+    main = resident_slab(ptr, k_stride, n_inside, K, 0, K_MAIN)
     rest = main
     if K_REST > 0:
-        rest = resident_slab(ptr, k_stride, n_inside, K, K_MAIN, K_REST, SPLIT_REST)
+        rest = resident_slab(ptr, k_stride, n_inside, K, K_MAIN, K_REST)
     return main, rest
 
 
 @triton.jit
-def split_dot(a_ptr, rows, B, a_stride, K, w, acc, K_START: tl.constexpr, K_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """acc + a [BB, K_START:K_START + K_SIZE] @ w, w a resident_slab [SPLIT, K_SIZE // SPLIT, N]: one
-    batched product whose SPLIT parts of the depth the warps share, summed after. A [BB, K] @ [K, N]
-    product of 16 rows has one row of MMA tiles; its warps would each compute all of it (Triton gives
-    every warp the whole 16 x N tile when N has fewer 8-column tiles than there are warps), each
-    reading the whole operand from shared memory, in one chain of K / 16 dependent MMAs."""
-    ks = K_START + tl.arange(0, SPLIT)[:, None, None] * (K_SIZE // SPLIT) + tl.arange(0, K_SIZE // SPLIT)[None, None, :]
-    rows = rows[None, :, :]  # [1, BB, 1]
-    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
-    parts = tile_dot(a, w, tl.zeros([SPLIT, acc.shape[0], acc.shape[1]], acc.dtype), PRECISION)
-    return acc + tl.sum(parts, axis=0)
-
-
-@triton.jit
 def resident_dot(a_ptr, rows, B, a_stride, K, main, rest, acc, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-                 SPLIT_MAIN: tl.constexpr, SPLIT_REST: tl.constexpr, PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr):
     """acc + a [BB, K] @ (main; rest) [K, N], a's row b at a_ptr + b * a_stride."""
-    acc = split_dot(a_ptr, rows, B, a_stride, K, main, acc, 0, K_MAIN, SPLIT_MAIN, PRECISION)
+    ks = tl.arange(0, K_MAIN)[None, :]
+    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
+    acc = tile_dot(a, main, acc, PRECISION)
     if K_REST > 0:
-        acc = split_dot(a_ptr, rows, B, a_stride, K, rest, acc, K_MAIN, K_REST, SPLIT_REST, PRECISION)
+        ks = K_MAIN + tl.arange(0, K_REST)[None, :]
+        a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
+        acc = tile_dot(a, rest, acc, PRECISION)
     return acc
 
 
@@ -582,7 +568,6 @@ def forward_resident_kernel(
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    SPLIT_MAIN: tl.constexpr, SPLIT_REST: tl.constexpr,
 ):
     """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns units
     [p * BLOCK_H, ...) for every row and step, and loads their four gates' rows of W~ once, before the
@@ -593,8 +578,7 @@ def forward_resident_kernel(
     # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
     n = tl.arange(0, 4 * BLOCK_H)[None, :]
     n_unit = pid * BLOCK_H + n // 4
-    w_main, w_rest = resident_weight(w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST,
-                                     SPLIT_MAIN, SPLIT_REST)
+    w_main, w_rest = resident_weight(w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST)
     expected = 0
     for s in range(first, last):
         t = position(s, seq_len, reverse)
@@ -603,7 +587,7 @@ def forward_resident_kernel(
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main, w_rest,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
-                               SPLIT_MAIN, SPLIT_REST, PRECISION)
+                               PRECISION)
             # column u * 4 + 2 a + b as [BB, BH, a, b]: split on b gives gates (i, g) and (f, o), on a each one
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
@@ -621,7 +605,6 @@ def backward_resident_kernel(
     dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    SPLIT_MAIN: tl.constexpr, SPLIT_REST: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns units [p * BLOCK_H, ...) for
@@ -629,7 +612,7 @@ def backward_resident_kernel(
     dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and launches as the forward's."""
     pid = tl.program_id(0)
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
-    w_main, w_rest = resident_weight(w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST, SPLIT_MAIN, SPLIT_REST)
+    w_main, w_rest = resident_weight(w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST)
     expected = 0
     for back in range(first, last):
         t, t_next = backward_positions(back, seq_len, reverse)
@@ -638,7 +621,7 @@ def backward_resident_kernel(
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main,
-                                   w_rest, acc, K_MAIN, K_REST, SPLIT_MAIN, SPLIT_REST, PRECISION)
+                                   w_rest, acc, K_MAIN, K_REST, PRECISION)
             finish_h_backward(acc, row0 // BLOCK_B, rows, units, t, reverse, stream, has_lengths, 0, back > 0,
                               back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dout_ptr,
                               lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)

@@ -264,8 +264,6 @@ class Plan:
     block_k: int = 0  # steps, persistent: the depth of a product's K tile
     k_main: int = 0  # resident: the depths of the two slabs of W~ (resident_weight)
     k_rest: int = 0
-    split_main: int = 1  # resident: the parts of each slab's depth the warps share (kernels.split_dot)
-    split_rest: int = 1
     synchronize: bool = True
     forward: bool = True  # resident: the forward's slab of W~'s rows, or the backward's of its columns
 
@@ -276,8 +274,7 @@ class Plan:
 
     @property
     def resident_constexprs(self) -> dict:
-        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest,
-                    SPLIT_MAIN=self.split_main, SPLIT_REST=self.split_rest)
+        return dict(BLOCK_B=self.block_b, BLOCK_H=self.block_h, K_MAIN=self.k_main, K_REST=self.k_rest)
 
     @property
     def tile_constexprs(self) -> dict:
@@ -333,11 +330,6 @@ def resident_warps(forward: bool, product_columns: int) -> int:
     return 4 if forward and product_columns < 64 else 8
 
 
-def resident_splits(k_main: int, k_rest: int, warps: int) -> tuple[int, int]:
-    """(SPLIT_MAIN, SPLIT_REST): a part of each slab's depth a warp, each part at least 16 deep (tl.dot's least K)."""
-    return min(warps, k_main // 16), max(1, min(warps, k_rest // 16))
-
-
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
     """What resident_plan allows a plan's program of shared memory: its slabs (forward: [H_out, 4 BLOCK_H],
     the four gates' rows of its units; backward: [4H, BLOCK_H], W~'s columns for them), the product's left
@@ -361,10 +353,9 @@ def resident_plan(
     block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
-    split_main, split_rest = resident_splits(k_main, k_rest, resident_warps(forward, 4 * block_h if forward else block_h))
     plans = [
         Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
-             split_main=split_main, split_rest=split_rest, forward=forward)
+             forward=forward)
         for block_b in RESIDENT_BLOCK_B
         if block_b <= max(16, triton.next_power_of_2(batch))
     ]
@@ -396,11 +387,8 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
         if mode == "resident" and resident:
             units = 4
             k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
-            # two parts of the depth where it allows, so that the split products run here too
-            split_main, split_rest = resident_splits(k_main, k_rest, 2)
             return Plan("resident", triton.cdiv(hidden, units), max(16, triton.next_power_of_2(batch)), units,
-                        k_main=k_main, k_rest=k_rest, split_main=split_main, split_rest=split_rest,
-                        synchronize=hidden <= units, forward=forward)
+                        k_main=k_main, k_rest=k_rest, synchronize=hidden <= units, forward=forward)
     elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
         # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
         # step loop at every size the compile check tries: it runs persistent)
