@@ -848,3 +848,38 @@ def test_the_breakdown_script_lists_each_providers_kernels(capsys):
     assert [section.split(",")[1].split()[0] for section in sections] == ["fused_rnn", "nn_lstm"], out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "kernel |" not in line]
     assert rows and all(float(row[1]) >= 0 and float(row[2]) > 0 for row in rows), rows
+
+
+def test_eager_calls_skip_the_custom_ops_dispatch_and_give_the_same_bits(monkeypatch):
+    """ops.layer and ops.dropout call the custom ops' functions and autograd directly in eager mode on plain
+    tensors, the ops themselves otherwise: the same results and gradients, bit for bit, either way."""
+    device = require_backend("triton", torch.float64)
+    called = []
+    for name in ("lstm_layer", "lstm_layer_backward", "feature_dropout"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=op, _name=name: called.append(_name) or _op(*args))
+    lstm = fused_rnn.LSTM(3, 4, 2, backend="triton", dtype=torch.float64, **EVERY).to(device)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def step():
+        out, (h_n, c_n) = lstm(x, seed=5)
+        grads = torch.autograd.grad((out.sum() + h_n.sum() + c_n.square().sum()), [x, *lstm.parameters()])
+        return [out, h_n, c_n, *grads]
+
+    eager = step()
+    assert called == []
+    monkeypatch.setattr(ops, "dispatch_free", lambda tensors: False)
+    through_ops = step()
+    assert {"lstm_layer", "feature_dropout"} <= set(called)
+    assert all(torch.equal(a, b) for a, b in zip(eager, through_ops))
+
+
+def test_calls_inside_a_functorch_transform_go_through_the_custom_ops():
+    x = torch.zeros(2, 3)
+    assert ops.dispatch_free((x, None))
+    seen = []
+    torch.func.vmap(lambda row: seen.append(ops.dispatch_free((row,))) or row)(x)
+    torch.func.grad(lambda v: seen.append(ops.dispatch_free((v,))) or v.sum())(torch.zeros(3))
+    assert seen == [False, False]
+    with torch.inference_mode():
+        assert ops.dispatch_free((torch.zeros(1),))

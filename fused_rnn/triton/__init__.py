@@ -26,7 +26,7 @@ def run(
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh
-        out, h_n, c_n, *_ = ops.lstm_layer(
+        out, h_n, c_n, *_ = ops.layer(
             x.contiguous(), h0.contiguous(), c0.contiguous(), w.w_ih, w.w_hh, bias, w.w_hr, lengths, seed, k, reverse,
             training, probabilities, modes,
         )
@@ -34,5 +34,5 @@ def run(
 
     return run_fused_stack(
         x, h0, c0, weights, num_directions=num_directions, reg=reg, training=training, seed=seed,
-        feature_dropout=ops.feature_dropout, layer=layer,
+        feature_dropout=ops.dropout, layer=layer,
     )

@@ -1,5 +1,7 @@
 """torch.library custom ops around the launchers, with fake and autograd registrations, so that
-torch.compile(fullgraph=True) traces through a model that uses them. The seed is an explicit input."""
+torch.compile(fullgraph=True) traces through a model that uses them, and `layer` and `dropout`, which
+call them, or (eager, plain tensors) the same functions and autograd without the ops' dispatch. The
+seed is an explicit input."""
 
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ def _prepare(x: Tensor, seed: Tensor, training: bool, probabilities: list[float]
     return ints, floats, launch.Recurrence.of(reg, training)
 
 
-@torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())
-def lstm_layer(
+def _lstm_layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int],
@@ -35,6 +36,9 @@ def lstm_layer(
     if w_hr is None:
         hpre = hpre.new_empty(0)
     return out.to(x.dtype), h_n.to(x.dtype, copy=True), c_n.to(x.dtype, copy=True), xg, rs, cs, hpre
+
+
+lstm_layer = torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())(_lstm_layer)
 
 
 @lstm_layer.register_fake
@@ -70,8 +74,7 @@ def layer_backward_into(
     return dx.to(x.dtype), dh0.to(x.dtype), dc0.to(x.dtype), dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
 
 
-@torch.library.custom_op("fused_rnn::triton_lstm_layer_backward", mutates_args=())
-def lstm_layer_backward(
+def _lstm_layer_backward(
     d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
@@ -81,6 +84,11 @@ def lstm_layer_backward(
         torch.empty_like(xg), d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training,
         probabilities, modes, xg, rs, cs, hpre,
     )
+
+
+lstm_layer_backward = torch.library.custom_op("fused_rnn::triton_lstm_layer_backward", mutates_args=())(
+    _lstm_layer_backward
+)
 
 
 @lstm_layer_backward.register_fake
@@ -153,6 +161,8 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
         if reserve_is_spent(ctx, xg, grads):
             ctx.reserve_overwritten = True
             results = layer_backward_into(xg, *arguments, xg, rs, cs, hpre)
+        elif dispatch_free((*grads, x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre)):
+            results = _lstm_layer_backward(*arguments, xg, rs, cs, hpre)
         else:
             results = lstm_layer_backward(*arguments, xg, rs, cs, hpre)
         dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = results
@@ -166,10 +176,12 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
 lstm_layer.register_autograd(_layer_backward, setup_context=_layer_setup_context)
 
 
-@torch.library.custom_op("fused_rnn::triton_feature_dropout", mutates_args=())
-def feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
+def _feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
     """x [T, B, F] times the keep-mask of (kind, index) of docs/randomness.md, inverted scaling."""
     return launch.feature_dropout(x, seed, kind, index, p, locked)
+
+
+feature_dropout = torch.library.custom_op("fused_rnn::triton_feature_dropout", mutates_args=())(_feature_dropout)
 
 
 @feature_dropout.register_fake
@@ -185,7 +197,79 @@ def _dropout_setup_context(ctx, inputs, output):
 
 def _dropout_backward(ctx, grad):
     (seed,) = ctx.saved_tensors
-    return feature_dropout(grad, seed, *ctx.arguments), None, None, None, None, None
+    return dropout(grad, seed, *ctx.arguments), None, None, None, None, None
 
 
 feature_dropout.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+
+
+PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def dispatch_free(tensors) -> bool:
+    """Whether a call may skip its custom op's dispatch, going straight to the op's autograd.Function (or,
+    with no gradient to record, to its function): an eager call on plain tensors. Traces (torch.compile,
+    make_fx, dispatch and function modes), functorch's wrapped and batched tensors, tensor subclasses and
+    forward-mode AD go through the custom op, whose registrations they need. On the H200's host the
+    dispatch of a custom op with autograd took 100-350 us a call more than the function it wraps; here
+    the same results come from the same function, setup_context and backward."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled() or torch.autograd.forward_ad._current_level >= 0:
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:  # inside vmap, grad, jvp (is_grads_batched too)
+        return False
+    return all(
+        t is None or (type(t) in PLAIN and not torch._C._functorch.is_functorch_wrapped_tensor(t) and _has_storage(t))
+        for t in tensors
+    )
+
+
+def _records_gradients(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# The custom ops' autograd for dispatch_free calls: forward(ctx, ...) rather than a separate setup_context,
+# which autograd.Function.apply would bind to the forward's signature through inspect at every call
+# (50 us a call on CI's CPU, more than the dispatch saved).
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _lstm_layer(*inputs)
+        _layer_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_layer_backward)
+
+
+class _DropoutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _feature_dropout(*inputs)
+        _dropout_setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_dropout_backward)
+
+
+def layer(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
+    lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
+    probabilities: list[float], modes: list[int],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """lstm_layer, through its custom op only where a trace or transform needs it (dispatch_free)."""
+    arguments = (x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
+    if not dispatch_free((x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed)):
+        return lstm_layer(*arguments)
+    if _records_gradients((x, h0, c0, w_ih, w_hh, bias, w_hr)):
+        return _LayerFunction.apply(*arguments)
+    return _lstm_layer(*arguments)
+
+
+def dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
+    """feature_dropout, through its custom op only where a trace or transform needs it (dispatch_free)."""
+    if not dispatch_free((x, seed)):
+        return feature_dropout(x, seed, kind, index, p, locked)
+    if _records_gradients((x,)):
+        return _DropoutFunction.apply(x, seed, kind, index, p, locked)
+    return _feature_dropout(x, seed, kind, index, p, locked)
