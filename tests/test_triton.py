@@ -883,3 +883,8 @@ def test_calls_inside_a_functorch_transform_go_through_the_custom_ops():
     assert seen == [False, False]
     with torch.inference_mode():
         assert ops.dispatch_free((torch.zeros(1),))
+
+
+def test_the_hosts_integer_helpers_are_tritons():
+    assert all(launch.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 4100))
+    assert all(launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))

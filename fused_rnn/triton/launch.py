@@ -47,6 +47,17 @@ class Recurrence:
         return cls(training and reg.weight_dropout > 0, reg.weight_rows)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host's integers: triton.cdiv is a constexpr function in Triton 3.9, 2.2 us a call
+    from Python on CI's CPU against 0.14 (24 calls a training step of one layer)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n (0 for 0), as triton.next_power_of_2, without its call's cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The state and accumulation dtype: float64 for float64 input, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -305,7 +316,7 @@ def resident_depths(depth: int) -> tuple[int, int]:
     tl.dot's least K), K_REST the power of two (0, or at least 16) that covers the remainder."""
     main = max(16, 1 << (depth.bit_length() - 1))
     rest = depth - main
-    return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
+    return main, 0 if rest <= 0 else max(16, next_power_of_2(rest))
 
 
 # Units a resident program owns (tests/triton_compile_check.py compiles every benchmark layer's plan
@@ -350,18 +361,18 @@ def resident_plan(
     (each reads the slabs from shared memory again), the smaller of equal counts.
     """
     k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
-    block_h = next((b for b in RESIDENT_BLOCK_H if triton.cdiv(hidden, b) <= limits.sms), None)
+    block_h = next((b for b in RESIDENT_BLOCK_H if cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
     plans = [
-        Plan("resident", triton.cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
+        Plan("resident", cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
              forward=forward)
         for block_b in RESIDENT_BLOCK_B
-        if block_b <= max(16, triton.next_power_of_2(batch))
+        if block_b <= max(16, next_power_of_2(batch))
     ]
     plans = [plan for plan in plans if plan.block_b * plan.product_columns * element_size <= RESIDENT_TILE_BYTES]
     fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
-    return min(fitting, key=lambda plan: (triton.cdiv(batch, plan.block_b), plan.block_b), default=None)
+    return min(fitting, key=lambda plan: (cdiv(batch, plan.block_b), plan.block_b), default=None)
 
 
 def recurrence_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
@@ -381,13 +392,13 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     projected = real_hidden != hidden
     resident = mode in ("auto", "resident") and not projected and not _resident_refused and not _persistent_refused
     block_b, block_h, block_k = tile_sizes(batch, persistent=True)
-    tiles = triton.cdiv(batch, block_b) * triton.cdiv(max(hidden, real_hidden), block_h)
+    tiles = cdiv(batch, block_b) * cdiv(max(hidden, real_hidden), block_h)
     programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
     if interpreted():
         if mode == "resident" and resident:
             units = 4
             k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
-            return Plan("resident", triton.cdiv(hidden, units), max(16, triton.next_power_of_2(batch)), units,
+            return Plan("resident", cdiv(hidden, units), max(16, next_power_of_2(batch)), units,
                         k_main=k_main, k_rest=k_rest, synchronize=hidden <= units, forward=forward)
     elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
         # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
@@ -397,7 +408,7 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
         # two (B=64 H=512) the persistent loop, a tile a program, took 16 us a step against 22 forward, 20
         # against 36 backward; with one (B=16 H=768) the resident loop 5.8 against 12.8, 10 against 21.
         # (auto's persistent_programs is nonzero only where every program has a tile of its own.)
-        walks_rows = plan is not None and triton.cdiv(batch, plan.block_b) > 1
+        walks_rows = plan is not None and cdiv(batch, plan.block_b) > 1
         if plan is not None and not (mode == "auto" and walks_rows and programs):
             return plan
     if programs:
@@ -411,10 +422,10 @@ def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
     persistent program's (which inlines every phase) at the smallest, 16 x 16."""
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
-        return max(16, triton.next_power_of_2(batch)), 64, 64
+        return max(16, next_power_of_2(batch)), 64, 64
     if persistent:
         return 16, 16, 32
-    block_b = min(32, max(16, triton.next_power_of_2(batch)))
+    block_b = min(32, max(16, next_power_of_2(batch)))
     return block_b, 512 // block_b, 32
 
 
@@ -426,7 +437,7 @@ def packed_dropout(
     steps = x.shape[0]
     numel = x[0].numel() if steps else 0
     if numel:
-        blocks_per_step = triton.cdiv(numel, ELEMENTWISE_BLOCK)
+        blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
         packed_dropout_kernel[(steps * blocks_per_step,)](
             x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
@@ -555,7 +566,7 @@ def layer_forward(
     # called again after a refused launch, which rules that kind out
     replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
     plan = replan()
-    hidden_dropout_kernel[(triton.cdiv(batch, 16), triton.cdiv(real_hidden, 64))](
+    hidden_dropout_kernel[(cdiv(batch, 16), cdiv(real_hidden, 64))](
         h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64
     )
     step_arguments = (lengths_arg, ints, floats)
@@ -577,8 +588,8 @@ def layer_forward(
         if not done:
             plan = replan()
     if plan.kind == "steps":
-        tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
-        tiles_out = triton.cdiv(real_hidden, plan.block_h)
+        tiles_b, tiles_h = cdiv(batch, plan.block_b), cdiv(hidden, plan.block_h)
+        tiles_out = cdiv(real_hidden, plan.block_h)
         cell_step = RepeatedLaunch(forward_step_kernel, (tiles_b, tiles_h), PRECISION=precision, **plan.tile_constexprs)
         projection_step = RepeatedLaunch(projection_step_kernel, (tiles_b, tiles_out), PRECISION=precision,
                                          **plan.tile_constexprs)
@@ -623,7 +634,7 @@ def layer_backward(
 
     def bias_partials() -> Tensor:
         """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates."""
-        return torch.zeros(triton.cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
+        return torch.zeros(cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
 
     if plan.kind == "resident":
         db = bias_partials()
@@ -646,8 +657,8 @@ def layer_backward(
             plan = replan()
     if plan.kind == "steps":
         db = bias_partials()
-        tiles_b, tiles_h = triton.cdiv(batch, plan.block_b), triton.cdiv(hidden, plan.block_h)
-        tiles_out = triton.cdiv(real_hidden, plan.block_h)
+        tiles_b, tiles_h = cdiv(batch, plan.block_b), cdiv(hidden, plan.block_h)
+        tiles_out = cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
         order = list(_positions(seq_len, reverse))[::-1]
         h_step = RepeatedLaunch(backward_step_kernel, (tiles_b, tiles_out), PRECISION=precision, **plan.tile_constexprs)
