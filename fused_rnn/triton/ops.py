@@ -229,27 +229,26 @@ def _records_gradients(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# The custom ops' autograd for dispatch_free calls: forward(ctx, ...) rather than a separate setup_context,
-# which autograd.Function.apply would bind to the forward's signature through inspect at every call
-# (50 us a call on CI's CPU, more than the dispatch saved).
-class _LayerFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _lstm_layer(*inputs)
-        _layer_setup_context(ctx, inputs, output)
-        return output
+def _eager_autograd(function, setup_context, backward_fn) -> type[torch.autograd.Function]:
+    """A custom op's autograd registrations as an autograd.Function of its function, for dispatch_free calls.
+    forward(ctx, ...) rather than a separate setup_context, which autograd.Function.apply would bind to the
+    forward's signature through inspect at every call (50 us a call on CI's CPU, more than the dispatch saved)."""
 
-    backward = staticmethod(_layer_backward)
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = function(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        backward = staticmethod(backward_fn)
+
+    Eager.__name__ = Eager.__qualname__ = f"Eager{function.__name__}"
+    return Eager
 
 
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _feature_dropout(*inputs)
-        _dropout_setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_dropout_backward)
+_LayerFunction = _eager_autograd(_lstm_layer, _layer_setup_context, _layer_backward)
+_DropoutFunction = _eager_autograd(_feature_dropout, _dropout_setup_context, _dropout_backward)
 
 
 def layer(
