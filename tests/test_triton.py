@@ -874,13 +874,14 @@ def test_eager_calls_skip_the_custom_ops_dispatch_and_give_the_same_bits(monkeyp
     assert all(torch.equal(a, b) for a, b in zip(eager, through_ops))
 
 
-def test_calls_inside_a_functorch_transform_go_through_the_custom_ops():
+def test_calls_inside_a_transform_or_trace_go_through_the_custom_ops():
     x = torch.zeros(2, 3)
     assert ops.dispatch_free((x, None))
     seen = []
     torch.func.vmap(lambda row: seen.append(ops.dispatch_free((row,))) or row)(x)
     torch.func.grad(lambda v: seen.append(ops.dispatch_free((v,))) or v.sum())(torch.zeros(3))
-    assert seen == [False, False]
+    torch.jit.trace(lambda v: seen.append(ops.dispatch_free((v,))) or v * 2, (torch.zeros(3),), check_trace=False)
+    assert seen == [False, False, False]
     with torch.inference_mode():
         assert ops.dispatch_free((torch.zeros(1),))
 

@@ -209,11 +209,11 @@ PLAIN = (Tensor, torch.nn.Parameter)
 def dispatch_free(tensors) -> bool:
     """Whether a call may skip its custom op's dispatch, going straight to the op's autograd.Function (or,
     with no gradient to record, to its function): an eager call on plain tensors. Traces (torch.compile,
-    make_fx, dispatch and function modes), functorch's wrapped and batched tensors, tensor subclasses and
-    forward-mode AD go through the custom op, whose registrations they need. On the H200's host the
-    dispatch of a custom op with autograd took 100-350 us a call more than the function it wraps; here
-    the same results come from the same function, setup_context and backward."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    torch.jit.trace, make_fx, dispatch and function modes), functorch's wrapped and batched tensors,
+    tensor subclasses and forward-mode AD go through the custom op, whose registrations they need. On
+    the H200's host the dispatch of a custom op with autograd took 100-350 us a call more than the
+    function it wraps; here the same results come from the same function, setup_context and backward."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     if torch._C._is_torch_function_mode_enabled() or torch.autograd.forward_ad._current_level >= 0:
         return False
