@@ -98,10 +98,11 @@ if (( TUNE_S > 0 )); then
 fi
 
 # 0c. Where a training step's time goes: each kernel's GPU time beside the wall time, fused_rnn and
-# cuDNN at the benchmark shapes (bench/breakdown.py). Wall well above the kernels' sum: the host's launches.
+# cuDNN at the benchmark shapes, and fused_rnn's host calls (bench/breakdown.py). Wall well above the
+# kernels' sum: the GPU waited for the host.
 if (( BREAKDOWN_S > 0 )); then
     note "breakdown (fp16, forward + backward; limit ${BREAKDOWN_S}s):"
-    timeout -k 5 "$BREAKDOWN_S" "$PYTHON" -m bench.breakdown --providers fused_rnn,nn_lstm 2>> "$RUN_DIR/tests.log" \
+    timeout -k 5 "$BREAKDOWN_S" "$PYTHON" -m bench.breakdown --providers fused_rnn,nn_lstm --host 2>> "$RUN_DIR/tests.log" \
         | grep -v "^USDT" | tee -a "$SUMMARY"
     rc=${PIPESTATUS[0]}
     (( rc == 0 )) || note "breakdown: stopped (exit code $rc)"

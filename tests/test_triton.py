@@ -889,3 +889,17 @@ def test_calls_inside_a_transform_or_trace_go_through_the_custom_ops():
 def test_the_hosts_integer_helpers_are_tritons():
     assert all(launch.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 4100))
     assert all(launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
+
+
+def test_the_breakdowns_host_timers_count_the_backends_calls_and_come_off_after():
+    from bench import breakdown
+
+    originals = (launch.layer_forward, ops.layer, ops.dropout)
+    lstm = fused_rnn.LSTM(3, 4, backend="triton", input_dropout=0.2, output_dropout=0.2, recurrent_dropout=0.1)
+    x = torch.randn(3, 2, 3, requires_grad=True)
+    returned, calls = breakdown.host_times(lambda: lstm(x, seed=1)[0].sum().backward(), 2, torch.device("cpu"))
+    assert returned > 0
+    assert calls["ops.layer"][1] == 1 and calls["ops.dropout"][1] == 4, calls  # input and output, each forward and backward
+    assert calls["launch.layer_forward"][1] == 1 and calls["launch.layer_backward"][1] == 1, calls
+    assert calls["launch.layer_forward"][0] <= calls["ops.layer"][0], "inclusive times: the op includes its launcher"
+    assert (launch.layer_forward, ops.layer, ops.dropout) == originals
