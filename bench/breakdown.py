@@ -42,10 +42,15 @@ HOST_CALLS = (
 )
 
 
+def synchronizer(device: torch.device):
+    """A call that waits for the device's work (nothing to wait for on CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def kernel_times(step, steps: int, device: torch.device) -> tuple[float, dict[str, tuple[float, int]]]:
     """(wall seconds a step, {kernel name: (GPU seconds a step, launches a step)}) over `steps` steps."""
     activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -106,7 +111,7 @@ def host_timers():
 
 def host_times(step, steps: int, device: torch.device) -> tuple[float, dict[str, tuple[float, float]]]:
     """(host seconds until a step returned, {call: (host seconds a step, calls a step)}) over `steps` steps."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     returned = 0.0
     with host_timers() as totals:
         for _ in range(steps):

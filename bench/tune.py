@@ -14,7 +14,8 @@ ran). The variants:
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
 and unit tile. "host ms": until the call returned, before the GPU finished; close to the total, the GPU
-waited for the host's launches (a launch per step), not for its own work. On CPU (under TRITON_INTERPRET=1) the script runs the tiny shape only, to test itself.
+waited for the host's launches (a launch per step), not for its own work. On CPU (under
+TRITON_INTERPRET=1) the script runs the tiny shape only, to test itself.
 """
 
 from __future__ import annotations

@@ -251,24 +251,27 @@ _LayerFunction = _eager_autograd(_lstm_layer, _layer_setup_context, _layer_backw
 _DropoutFunction = _eager_autograd(_feature_dropout, _dropout_setup_context, _dropout_backward)
 
 
+def _call(op, function, eager: type[torch.autograd.Function], tensors: tuple, differentiable: tuple, arguments: tuple):
+    """op(*arguments) where a trace or transform needs the custom op (dispatch_free), else its autograd.Function,
+    or its function alone where no gradient is recorded."""
+    if not dispatch_free(tensors):
+        return op(*arguments)
+    if _records_gradients(differentiable):
+        return eager.apply(*arguments)
+    return function(*arguments)
+
+
 def layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """lstm_layer, through its custom op only where a trace or transform needs it (dispatch_free)."""
-    arguments = (x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
-    if not dispatch_free((x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed)):
-        return lstm_layer(*arguments)
-    if _records_gradients((x, h0, c0, w_ih, w_hh, bias, w_hr)):
-        return _LayerFunction.apply(*arguments)
-    return _lstm_layer(*arguments)
+    """lstm_layer, through its custom op only where a trace or transform needs it (_call)."""
+    differentiable = (x, h0, c0, w_ih, w_hh, bias, w_hr)
+    return _call(lstm_layer, _lstm_layer, _LayerFunction, (*differentiable, lengths, seed), differentiable,
+                 (*differentiable, lengths, seed, stream, reverse, training, probabilities, modes))
 
 
 def dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
-    """feature_dropout, through its custom op only where a trace or transform needs it (dispatch_free)."""
-    if not dispatch_free((x, seed)):
-        return feature_dropout(x, seed, kind, index, p, locked)
-    if _records_gradients((x,)):
-        return _DropoutFunction.apply(x, seed, kind, index, p, locked)
-    return _feature_dropout(x, seed, kind, index, p, locked)
+    """feature_dropout, through its custom op only where a trace or transform needs it (_call)."""
+    return _call(feature_dropout, _feature_dropout, _DropoutFunction, (x, seed), (x,), (x, seed, kind, index, p, locked))
