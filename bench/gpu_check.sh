@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh
 #
 # Environment: GPU_CHECK_BUDGET_S (what the benchmarks get is what is left of it, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
-# 0 skips it), GPU_CHECK_TUNE_VARIANTS (bench.tune's --variants, default all), GPU_CHECK_BREAKDOWN_S (bench.breakdown, default 60; 0 skips it), GPU_CHECK_TESTS_S (tests, default 160), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
+# 0 skips it), GPU_CHECK_TUNE_VARIANTS (bench.tune's --variants, default all), GPU_CHECK_TUNE_SHAPES (its --shapes), GPU_CHECK_BREAKDOWN_S (bench.breakdown, default 60; 0 skips it), GPU_CHECK_TESTS_S (tests, default 160; 0 skips them), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
 # CUDA tests, default all),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the issue's target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark
@@ -21,6 +21,7 @@ PYTHON=${PYTHON:-python}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 TUNE_S=${GPU_CHECK_TUNE_S:-75}
 TUNE_VARIANTS=${GPU_CHECK_TUNE_VARIANTS:-}
+TUNE_SHAPES=${GPU_CHECK_TUNE_SHAPES:-}
 BREAKDOWN_S=${GPU_CHECK_BREAKDOWN_S:-60}
 TESTS_S=${GPU_CHECK_TESTS_S:-160}
 TESTS_SELECT=${GPU_CHECK_TESTS_SELECT:-}
@@ -92,6 +93,7 @@ if (( TUNE_S > 0 )); then
     done
     note "tune (one layer, fp16, every recurrence regularizer; limit ${TUNE_S}s):"
     timeout -k 5 "$TUNE_S" "$PYTHON" -m bench.tune --modes "$modes" ${TUNE_VARIANTS:+--variants "$TUNE_VARIANTS"} \
+        ${TUNE_SHAPES:+--shapes "$TUNE_SHAPES"} \
         2>> "$RUN_DIR/tests.log" | tee -a "$SUMMARY"
     rc=${PIPESTATUS[0]}
     (( rc == 0 )) || note "tune: stopped (exit code $rc; 124: the ${TUNE_S}s limit, what it measured is above)"
@@ -116,19 +118,23 @@ tests_k=${TESTS_SELECT:+($TESTS_SELECT)}
 for mode in $failed; do
     tests_k="${tests_k:+$tests_k and }not $mode"
 done
-[ -n "$tests_k" ] && note "tests: -k \"$tests_k\""
-tests_start=$(date +%s)
-timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda $workers -q -p no:cacheprovider ${tests_k:+-k "$tests_k"} \
-    --continue-on-collection-errors --tb=short >> "$RUN_DIR/tests.log" 2>&1
-rc=$?
-case $rc in
-    0) status="passed" ;;
-    5) status="no test marked cuda was collected" ;;
-    124 | 137) status="TIMED OUT after ${TESTS_S}s" ;;
-    *) status="FAILED (pytest exit code $rc)" ;;
-esac
-note "tests (-m cuda): $status in $(( $(date +%s) - tests_start ))s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
-grep -E "^(FAILED|ERROR)" "$RUN_DIR/tests.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
+if (( TESTS_S > 0 )); then
+    [ -n "$tests_k" ] && note "tests: -k \"$tests_k\""
+    tests_start=$(date +%s)
+    timeout -k 10 "$TESTS_S" "$PYTHON" -m pytest tests -m cuda $workers -q -p no:cacheprovider ${tests_k:+-k "$tests_k"} \
+        --continue-on-collection-errors --tb=short >> "$RUN_DIR/tests.log" 2>&1
+    rc=$?
+    case $rc in
+        0) status="passed" ;;
+        5) status="no test marked cuda was collected" ;;
+        124 | 137) status="TIMED OUT after ${TESTS_S}s" ;;
+        *) status="FAILED (pytest exit code $rc)" ;;
+    esac
+    note "tests (-m cuda): $status in $(( $(date +%s) - tests_start ))s; $(grep -E ' in [0-9.]+s' "$RUN_DIR/tests.log" | tail -n 1)"
+    grep -E "^(FAILED|ERROR)" "$RUN_DIR/tests.log" | head -n 20 | sed 's/^/  /' | tee -a "$SUMMARY"
+else
+    note "tests: SKIPPED (GPU_CHECK_TESTS_S=0)"
+fi
 
 # 2. Benchmarks: results are appended to the .jsonl as each one finishes, so a time limit keeps what ran.
 bench_s=$(( BUDGET - $(elapsed) - REPORT_RESERVE_S ))

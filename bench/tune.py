@@ -10,6 +10,8 @@ ran). The variants:
 - steps / persistent / resident (FUSED_RNN_RECURRENCE) with 4 or 8 warps for the persistent and
   resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
   on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
+- steps / persistent kF/kB: the same with the products' K tiles of the forward F and the backward B deep
+  (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -42,15 +44,19 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
-# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches; None: per-step launches)
-# Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident forwards 4 below
-# 64 product columns, else 8; resident backwards 8.
+# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches or None, FUSED_RNN_BLOCK_K
+# or None). Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident
+# forwards 4 below 64 product columns, else 8; resident backwards 4 in 16-row tiles, else 8; K tiles: launch.block_depth.
 VARIANTS = (
-    ("steps", "steps", None),
-    ("persistent w4", "persistent", 4),
-    ("persistent w8", "persistent", 8),
-    ("resident w8", "resident", 8),
-    ("resident w4", "resident", 4),
+    ("steps", "steps", None, None),
+    ("persistent w4", "persistent", 4, None),
+    ("persistent w8", "persistent", 8, None),
+    ("resident w8", "resident", 8, None),
+    ("resident w4", "resident", 4, None),
+) + tuple(
+    (f"{mode} k{forward}/{backward}", mode, None, f"{forward},{backward}")
+    for mode in ("steps", "persistent")
+    for forward, backward in ((32, 32), (64, 64), (32, 64), (64, 128), (32, 256))
 )
 
 
@@ -63,10 +69,14 @@ def barrier_loop_kernel(arrivals_ptr, steps):
 
 
 @contextlib.contextmanager
-def recurrence(mode: str, warps: int | None):
-    """FUSED_RNN_RECURRENCE=mode, and persistent launches with `warps` warps, for the duration."""
-    saved_mode, saved_options = os.environ.get("FUSED_RNN_RECURRENCE"), launch.persistent_options
+def recurrence(mode: str, warps: int | None, block_k: str | None = None):
+    """FUSED_RNN_RECURRENCE=mode, persistent launches with `warps` warps and FUSED_RNN_BLOCK_K=block_k
+    (where given), for the duration."""
+    saved = {name: os.environ.get(name) for name in ("FUSED_RNN_RECURRENCE", "FUSED_RNN_BLOCK_K")}
+    saved_options = launch.persistent_options
     os.environ["FUSED_RNN_RECURRENCE"] = mode
+    if block_k is not None:
+        os.environ["FUSED_RNN_BLOCK_K"] = block_k
 
     def options(device, dtype, plan):
         chosen = saved_options(device, dtype, plan)
@@ -82,10 +92,11 @@ def recurrence(mode: str, warps: int | None):
         yield
     finally:
         launch.persistent_options = saved_options
-        if saved_mode is None:
-            os.environ.pop("FUSED_RNN_RECURRENCE", None)
-        else:
-            os.environ["FUSED_RNN_RECURRENCE"] = saved_mode
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Timing(typing.NamedTuple):
@@ -259,8 +270,8 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             return
         report(shape, variant, plan, forward, backward)
 
-    def fused(layer: Layer, mode: str, warps: int | None):
-        with recurrence(mode, warps), torch.no_grad():
+    def fused(layer: Layer, mode: str, warps: int | None, block_k: str | None):
+        with recurrence(mode, warps, block_k), torch.no_grad():
             forward, backward = layer.measure(args.reps)
             # the plans after the run: a refused launch has ruled its kind out
             return layer.plans(), forward, backward
@@ -275,10 +286,10 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
         if "resident" in args.modes.split(",") and not args.no_reference:
             attempt(shape, "barrier", lambda: barrier(layer))
-        for name, mode, warps in VARIANTS:
+        for name, mode, warps, block_k in VARIANTS:
             if mode not in args.modes.split(",") or (args.variants and name not in args.variants.split(",")):
                 continue
-            attempt(shape, name, lambda: fused(layer, mode, warps))
+            attempt(shape, name, lambda: fused(layer, mode, warps, block_k))
 
 
 if __name__ == "__main__":

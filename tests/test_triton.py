@@ -8,6 +8,7 @@ launch is one program walking every tile.
 
 from __future__ import annotations
 
+import collections
 import types
 
 import pytest
@@ -796,6 +797,31 @@ def test_repeated_launches_go_through_the_jit_when_it_returns_no_compiled_kernel
     assert [args for _, args, _ in jit.launches] == [("x", 0), ("x", 1), ("x", 2)]
 
 
+def test_specialised_launches_reuse_a_compiled_kernel_for_the_same_specialisation_only(monkeypatch):
+    """launch_specialised: a second launch whose arguments Triton would specialise the same way goes to the
+    kernel compiled for the first; another dtype, a pointer off 16-byte alignment, another integer (or a
+    bool for an int), other constexprs or another grid go through the JIT."""
+    monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
+    compiled = FakeCompiled()
+    jit = FakeJit(compiled)
+    x, y = torch.zeros(8), torch.zeros(8)
+    calls = [
+        ((2,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x[1:], 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x.double(), 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, 6), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, True), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, 5), dict(BLOCK_B=32, PRECISION="ieee")),
+        ((3,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+    ]
+    for grid, args, constexprs in calls:
+        launch.launch_specialised(jit, grid, *args, **constexprs)
+    assert [(grid, args) for grid, args, _ in jit.launches] == [(grid, args) for grid, args, _ in calls[:1] + calls[2:8]]
+    assert compiled.launches == [((2, 1, 1), (y, 5, 16, "ieee"))] * 2
+
+
 def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
     """The steps loops through RepeatedLaunch: a forward launch per position in order, then seq_len + 1
     backward launches, positions reversed, the last one (no step) after the first position's."""
@@ -808,7 +834,7 @@ def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
         argument = lambda name: args[names.index(name)]  # noqa: E731
         if self.kernel.__name__ == "forward_step_kernel":
             seen.append(("forward", argument("t")))
-        else:
+        elif self.kernel.__name__ == "backward_step_kernel":
             seen.append(("backward", argument("t"), argument("t_next"), argument("has_next"), argument("step")))
         original(self, *args)
 
@@ -830,11 +856,11 @@ def test_a_training_steps_backward_reuses_the_parameters_its_forward_sent(monkey
     lstm = fused_rnn.LSTM(8, 16, device="cuda", backend="triton", **EVERY)
     x = torch.randn(5, 3, 8, device="cuda", requires_grad=True)
     lstm(x, seed=11)[0].sum().backward()
-    # the layer's (ints, floats), the input and output dropouts' (ints, floats) each: sent by the forward only
-    assert len(sent) == 6
+    # the layer's ints and floats, the input and output dropouts' each, in one copy: sent by the forward only
+    assert len(sent) == 3
     sent.clear()
     lstm(x, seed=12)[0].sum().backward()
-    assert len(sent) == 6 and all(ints[0] == 12 for ints in sent[0::2])
+    assert len(sent) == 3 and all(values[0] == 12 for values in sent)
 
 
 def test_the_breakdown_script_lists_each_providers_kernels(capsys):

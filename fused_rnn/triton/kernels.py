@@ -285,7 +285,7 @@ def add_row_sum(ptr, x, inside, units_inside):
 @triton.jit
 def backward_h_tile(
     pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
@@ -306,7 +306,9 @@ def backward_h_tile(
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(dg_next + rows * 4 * H + ks[None, :], mask=(rows < B) & (ks[None, :] < 4 * H), other=0.0,
                         cache_modifier=SHARED)
-            w = tl.load(w_ptr + ks[:, None] * H_out + units, mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
+            # W~ transposed, [H_out, 4H]: its tile's contiguous side is the product's depth, whose length 4H
+            # lets the compiler copy it asynchronously (rows of H_out, 1150 on PTB, would not)
+            w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, pid_b, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
                       dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
@@ -397,14 +399,14 @@ def projection_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-        dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
@@ -492,7 +494,7 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -509,7 +511,7 @@ def backward_persistent_kernel(
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
                 back > 0, back < seq_len,
-                dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+                dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
                 floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs

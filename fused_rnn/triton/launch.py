@@ -121,27 +121,30 @@ def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torc
 
 # The parameter tensors sent to a GPU, by their values (the seed's among them), device and stream, the
 # least recently used dropped past the limit: a training step's backward reads what its forward sent,
-# each layer's and each dropout's, rather than sending them again (two copies of 50 us of host time each
-# on the H200's host). Kernels only read them, and a dropped one is freed to its stream's allocator, in
-# order after the kernels that read it.
+# each layer's and each dropout's, rather than sending them again (a copy took 50 us of host time on the
+# H200's host; the ints and floats go in one). Kernels only read them, and a dropped one is freed to its
+# stream's allocator, in order after the kernels that read it.
 _sent_parameters: collections.OrderedDict = collections.OrderedDict()
 SENT_PARAMETERS_KEPT = 64
 
 
 def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """ints as an int64 tensor and floats as a float_dtype one on device (see host_to_device)."""
-    if device.type != "cuda":
-        return torch.tensor(ints, dtype=torch.int64, device=device), torch.tensor(floats, dtype=float_dtype, device=device)
-    key = (tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream)
-    sent = _sent_parameters.get(key)
-    if sent is None or torch.cuda.is_current_stream_capturing():
-        sent = (host_to_device(torch.tensor(ints, dtype=torch.int64), device),
-                host_to_device(torch.tensor(floats, dtype=float_dtype), device))
+    """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
+    floats' bits after the ints (padded to whole int64 words), sent in one copy (see host_to_device)."""
+    if device.type == "cuda":
+        key = (tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream)
+        sent = _sent_parameters.get(key)
+        if sent is not None and not torch.cuda.is_current_stream_capturing():
+            _sent_parameters.move_to_end(key)
+            return sent
+    padding = [0.0] * (len(floats) % 2 if float_dtype.itemsize == 4 else 0)
+    float_bits = torch.tensor(floats + padding, dtype=float_dtype).view(torch.int64)
+    packed = host_to_device(torch.cat([torch.tensor(ints, dtype=torch.int64), float_bits]), device)
+    sent = packed[: len(ints)], packed[len(ints) :].view(float_dtype)[: len(floats)]
+    if device.type == "cuda":
         _sent_parameters[key] = sent
         if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
             _sent_parameters.popitem(last=False)
-    else:
-        _sent_parameters.move_to_end(key)
     return sent
 
 
@@ -334,11 +337,14 @@ RESIDENT_SHARED_MARGIN = 16 * 1024
 RESIDENT_TILE_BYTES = 2048
 
 
-def resident_warps(forward: bool, product_columns: int) -> int:
+def resident_warps(forward: bool, product_columns: int, block_b: int) -> int:
     """Warps of a resident program. bench.tune on the H100 (fp16, a77d610): the resident forwards of 16 and 32
     columns (H=512, 768) ran 9% and 8% faster with 4 warps, the PTB forward's 64 columns 12% slower. The
-    backwards ran faster too, but at 4 warps their [BLOCK_B, 4H] operand spilled registers inside the step loop."""
-    return 4 if forward and product_columns < 64 else 8
+    backward of 16-row tiles (T=1024 B=16 H=768) with 4 warps: 9.4 ms against 12.2 (3a840a3); with 32-row
+    tiles the [BLOCK_B, 4H] operand spills registers inside the step loop at 4 warps (sm_90 compile)."""
+    if forward:
+        return 4 if product_columns < 64 else 8
+    return 4 if block_b <= 16 else 8
 
 
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
@@ -391,7 +397,7 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     mode = recurrence_mode()
     projected = real_hidden != hidden
     resident = mode in ("auto", "resident") and not projected and not _resident_refused and not _persistent_refused
-    block_b, block_h, block_k = tile_sizes(batch, persistent=True)
+    block_b, block_h, block_k = tile_sizes(batch, True, forward, element_size)
     tiles = cdiv(batch, block_b) * cdiv(max(hidden, real_hidden), block_h)
     programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
     if interpreted():
@@ -413,20 +419,48 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
             return plan
     if programs:
         return Plan("persistent", programs, block_b, block_h, block_k)
-    return Plan("steps", 0, *tile_sizes(batch, persistent=False))
+    return Plan("steps", 0, *tile_sizes(batch, False, forward, element_size))
 
 
-def tile_sizes(batch: int, persistent: bool) -> tuple[int, int, int]:
+def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs 16 or more on every side; a per-step program's tile
     stays at 512 units so that four gate accumulators and the Philox words fit in registers, a
-    persistent program's (which inlines every phase) at the smallest, 16 x 16."""
+    persistent program's (which inlines every phase) at the smallest, 16 x 16. BLOCK_K: block_depth."""
+    block_k = block_depth(forward, element_size)
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
-        return max(16, next_power_of_2(batch)), 64, 64
+        return max(16, next_power_of_2(batch)), 64, block_k if os.environ.get("FUSED_RNN_BLOCK_K") else 64
     if persistent:
-        return 16, 16, 32
+        return 16, 16, block_k
     block_b = min(32, max(16, next_power_of_2(batch)))
-    return block_b, 512 // block_b, 32
+    return block_b, 512 // block_b, block_k
+
+
+# The depth of a product's K tile in the per-step and persistent loops: the forward's in elements, the
+# backward's in bytes of W~ (256: 128 elements in 16-bit). Each K tile is a round trip to L2 that the
+# loop's software pipeline overlaps only a few deep, and the backward's product is 4H deep. The
+# forward's [BLOCK_K, 4 BLOCK_H] operand tile of W~ takes registers its persistent program (every phase
+# inlined) lacks: 16-bit, 64 came within 7 of the 255 in the sm_90 compile, 128 spilled.
+FORWARD_BLOCK_K = 32
+BACKWARD_BLOCK_K_BYTES = 256
+BLOCK_K_CHOICES = (16, 32, 64, 128, 256)
+
+
+def block_depth(forward: bool, element_size: int) -> int:
+    """BLOCK_K of the forward's or the backward's per-step and persistent products (W~ of element_size
+    bytes), or FUSED_RNN_BLOCK_K's ("K" for both, or "K_FORWARD,K_BACKWARD"), for tuning (bench.tune)."""
+    chosen = os.environ.get("FUSED_RNN_BLOCK_K", "")
+    if not chosen:
+        return FORWARD_BLOCK_K if forward else max(16, BACKWARD_BLOCK_K_BYTES // element_size)
+    depths = chosen.split(",")
+    try:
+        values = [int(depth) for depth in depths]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not set(values) <= set(BLOCK_K_CHOICES):
+        raise ValueError(f"FUSED_RNN_BLOCK_K must be one depth or two (forward,backward) of "
+                         f"{', '.join(map(str, BLOCK_K_CHOICES))}, got {chosen!r}")
+    return values[0] if forward or len(values) == 1 else values[1]
 
 
 def packed_dropout(
@@ -438,7 +472,8 @@ def packed_dropout(
     numel = x[0].numel() if steps else 0
     if numel:
         blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
-        packed_dropout_kernel[(steps * blocks_per_step,)](
+        launch_specialised(
+            packed_dropout_kernel, (steps * blocks_per_step,),
             x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
@@ -466,13 +501,13 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
 def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> dict:
     """GPU launch options of a persistent or resident kernel: cooperative (the driver refuses the launch
     unless every program is resident), every register a thread may have (some ptxas releases otherwise
-    trade spills for occupancy that one program per SM cannot use); 4 warps for the resident forwards of
-    fewer than 64 product columns and for 16-bit persistent tiles, else 8."""
+    trade spills for occupancy that one program per SM cannot use); warps: resident_warps, and 4 for
+    16-bit persistent tiles, 8 for float32 ones."""
     if device.type != "cuda":
         return {}
     resident = plan.kind == "resident"
     if resident:
-        warps = resident_warps(plan.forward, plan.product_columns)
+        warps = resident_warps(plan.forward, plan.product_columns, plan.block_b)
     else:
         warps = 8 if dtype == torch.float32 else 4
     options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
@@ -528,6 +563,31 @@ class RepeatedLaunch:
                 self.compiled = compiled[(*self.grid, *(1,) * (3 - len(self.grid)))]
 
 
+# RepeatedLaunch of each kernel, grid, device, constexprs and argument specialisation launched lately,
+# the least recently used dropped past the limit (launch_specialised)
+_specialised_launches: collections.OrderedDict = collections.OrderedDict()
+SPECIALISED_LAUNCHES_KEPT = 256
+
+
+def launch_specialised(kernel, grid: tuple, *args, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs) of a kernel launched once per call (no launch options), straight
+    to the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
+    each argument's value, a tensor's dtype and 16-byte alignment instead, the two things Triton
+    specialises a pointer on, and the current device, whose compiled kernel the launch runs."""
+    key = (
+        kernel, grid, tuple(constexprs.items()), torch.cuda.current_device() if args[0].is_cuda else None,
+        *((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, Tensor) else (type(arg), arg) for arg in args),
+    )
+    launcher = _specialised_launches.get(key)
+    if launcher is None:
+        launcher = _specialised_launches[key] = RepeatedLaunch(kernel, grid, **constexprs)
+        if len(_specialised_launches) > SPECIALISED_LAUNCHES_KEPT:
+            _specialised_launches.popitem(last=False)
+    else:
+        _specialised_launches.move_to_end(key)
+    launcher(*args)
+
+
 def _positions(seq_len: int, reverse: bool) -> range:
     return range(seq_len - 1, -1, -1) if reverse else range(seq_len)
 
@@ -566,8 +626,9 @@ def layer_forward(
     # called again after a refused launch, which rules that kind out
     replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
     plan = replan()
-    hidden_dropout_kernel[(cdiv(batch, 16), cdiv(real_hidden, 64))](
-        h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64
+    launch_specialised(
+        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)),
+        h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
     )
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
@@ -645,11 +706,14 @@ def layer_backward(
         )
         if not done:
             plan = replan()
+    if plan.kind != "resident":
+        # the persistent and per-step products read W~ transposed, [H_out, 4H] (kernels.backward_h_tile)
+        w_t = w.t().contiguous()
     if plan.kind == "persistent":
         db = bias_partials()
         done = _launch_persistent(
             backward_persistent_kernel, plan, x,
-            dgates, db, xg, w, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
+            dgates, db, xg, w_t, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
@@ -662,11 +726,15 @@ def layer_backward(
         # positions in the order the backward visits them: the forward's order reversed
         order = list(_positions(seq_len, reverse))[::-1]
         h_step = RepeatedLaunch(backward_step_kernel, (tiles_b, tiles_out), PRECISION=precision, **plan.tile_constexprs)
-        projection_cell_step = RepeatedLaunch(backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
-                                              **plan.tile_constexprs)
+        # the projection's product is H_out deep, as the forward's is: at the forward's depth (deeper, the
+        # float32 tile spilled registers in the sm_90 compile)
+        projection_cell_step = RepeatedLaunch(
+            backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
+            **{**plan.tile_constexprs, "BLOCK_K": min(plan.block_k, block_depth(True, w.element_size()))},
+        )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-            h_step(dgates, db, xg, w, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
+            h_step(dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
                    int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
             if has_proj and index < seq_len:
                 projection_cell_step(dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
