@@ -436,12 +436,14 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
     return block_b, 512 // block_b, block_k
 
 
-# The depth of a product's K tile in the per-step and persistent loops: the forward's in elements, the
-# backward's in bytes of W~ (256: 128 elements in 16-bit). Each K tile is a round trip to L2 that the
-# loop's software pipeline overlaps only a few deep, and the backward's product is 4H deep. The
-# forward's [BLOCK_K, 4 BLOCK_H] operand tile of W~ takes registers its persistent program (every phase
-# inlined) lacks: 16-bit, 64 came within 7 of the 255 in the sm_90 compile, 128 spilled.
-FORWARD_BLOCK_K = 32
+# The depth of a product's K tile in the per-step and persistent loops, in bytes of W~: forward 128 (64
+# elements in 16-bit), backward, whose product is 4H deep, 256. Each K tile is a round trip to L2 that
+# the loop's software pipeline overlaps only a few deep. bench.tune on the H100 (fp16, 8cb61b9), us a
+# step: H=512 persistent forward 12.2 at 64 against 15.7 at 32, backward 12.3 at 128 against 19.1 at
+# 32; PTB per-step backward 40 at 128 against 49 at 32, forward 42 at 64 against 55. Deeper forward
+# tiles spilled registers in the persistent forward's sm_90 compile (every phase inlined: 248 of 255
+# at 64 elements), and deeper float32 ones in the backward's projection step.
+FORWARD_BLOCK_K_BYTES = 128
 BACKWARD_BLOCK_K_BYTES = 256
 BLOCK_K_CHOICES = (16, 32, 64, 128, 256)
 
@@ -451,7 +453,7 @@ def block_depth(forward: bool, element_size: int) -> int:
     bytes), or FUSED_RNN_BLOCK_K's ("K" for both, or "K_FORWARD,K_BACKWARD"), for tuning (bench.tune)."""
     chosen = os.environ.get("FUSED_RNN_BLOCK_K", "")
     if not chosen:
-        return FORWARD_BLOCK_K if forward else max(16, BACKWARD_BLOCK_K_BYTES // element_size)
+        return max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
     depths = chosen.split(",")
     try:
         values = [int(depth) for depth in depths]
