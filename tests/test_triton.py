@@ -209,6 +209,44 @@ def test_matches_the_reference_in_float32(mode, monkeypatch):
                             bidirectional=True, packed=True, training=True, reg=EVERY)
 
 
+@pytest.mark.parametrize("mode", ["steps", "persistent"])
+@pytest.mark.parametrize("depths", ["16,256", "32"])
+def test_matches_the_reference_at_other_k_tile_depths(depths, mode, monkeypatch):
+    """FUSED_RNN_BLOCK_K (what bench.tune varies): products whose K tiles are shallower or deeper than
+    the forward's depth H_out (several masked tiles, or one mostly masked) and the backward's 4H."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    monkeypatch.setenv("FUSED_RNN_BLOCK_K", depths)
+    device = require_backend("triton", torch.float64)
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=3, inputs=4, hidden=20, proj=18, layers=1,
+                            bidirectional=False, packed=False, training=True, reg=EVERY)
+
+
+def test_k_tile_depths_follow_the_weights_bytes_and_the_tuning_variable(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_BLOCK_K", raising=False)
+    # forward 128 bytes of W~, backward 256
+    assert [launch.block_depth(True, size) for size in (2, 4, 8)] == [64, 32, 16]
+    assert [launch.block_depth(False, size) for size in (2, 4, 8)] == [128, 64, 32]
+    monkeypatch.setenv("FUSED_RNN_BLOCK_K", "32,256")
+    assert (launch.block_depth(True, 2), launch.block_depth(False, 2)) == (32, 256)
+    monkeypatch.setenv("FUSED_RNN_BLOCK_K", "16")
+    assert (launch.block_depth(True, 4), launch.block_depth(False, 4)) == (16, 16)
+    for bad in ("48", "32,64,128", "deep", "32;64"):
+        monkeypatch.setenv("FUSED_RNN_BLOCK_K", bad)
+        with pytest.raises(ValueError, match="FUSED_RNN_BLOCK_K must be one depth or two"):
+            launch.block_depth(True, 2)
+
+
+def test_resident_warps():
+    forward = lambda units: launch.Plan("resident", 1, 16, units, k_main=512, k_rest=256)  # noqa: E731
+    backward = lambda rows, main, rest: launch.Plan("resident", 1, rows, 8, k_main=main, k_rest=rest, forward=False)  # noqa: E731
+    # forwards: 4 warps below 64 product columns (4 gates a unit)
+    assert [launch.resident_warps(forward(units)) for units in (4, 8, 16)] == [4, 4, 8]
+    # backwards: 4 warps up to a [16, 3072] left operand (T=1024 B=16 H=768), 8 beyond (spills at 4)
+    assert launch.resident_warps(backward(16, 2048, 1024)) == 4
+    assert launch.resident_warps(backward(32, 2048, 0)) == 8
+    assert launch.resident_warps(backward(16, 4096, 0)) == 8
+
+
 def _op_arguments(device, proj: bool, lengths: bool):
     generator = torch.Generator().manual_seed(0)
     make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()  # noqa: E731

@@ -337,14 +337,19 @@ RESIDENT_SHARED_MARGIN = 16 * 1024
 RESIDENT_TILE_BYTES = 2048
 
 
-def resident_warps(forward: bool, product_columns: int, block_b: int) -> int:
+# The largest left operand [BLOCK_B, 4H] of a resident backward on 4 warps, in elements: 16 x 3072 (H=768)
+# compiled without spills in the step loop for sm_90, 32 x 2048 and 16 x 4096 spilled.
+RESIDENT_BACKWARD_FOUR_WARP_OPERAND = 16 * 3072
+
+
+def resident_warps(plan: Plan) -> int:
     """Warps of a resident program. bench.tune on the H100 (fp16, a77d610): the resident forwards of 16 and 32
     columns (H=512, 768) ran 9% and 8% faster with 4 warps, the PTB forward's 64 columns 12% slower. The
-    backward of 16-row tiles (T=1024 B=16 H=768) with 4 warps: 9.4 ms against 12.2 (3a840a3); with 32-row
-    tiles the [BLOCK_B, 4H] operand spills registers inside the step loop at 4 warps (sm_90 compile)."""
-    if forward:
-        return 4 if product_columns < 64 else 8
-    return 4 if block_b <= 16 else 8
+    backward of 16-row tiles at T=1024 B=16 H=768 with 4 warps: 9.4 ms against 12.2 (3a840a3); larger
+    operands spill registers inside the step loop at 4 warps."""
+    if plan.forward:
+        return 4 if plan.product_columns < 64 else 8
+    return 4 if plan.block_b * (plan.k_main + plan.k_rest) <= RESIDENT_BACKWARD_FOUR_WARP_OPERAND else 8
 
 
 def resident_shared_bytes(plan: Plan, element_size: int) -> int:
@@ -431,6 +436,10 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
         # the interpreter runs programs one after another: few programs, wide tiles
         return max(16, next_power_of_2(batch)), 64, block_k if os.environ.get("FUSED_RNN_BLOCK_K") else 64
     if persistent:
+        if forward and batch % 16 and not os.environ.get("FUSED_RNN_BLOCK_K"):
+            # the row masks of a batch that is no multiple of 16 (which Triton leaves unspecialised) take
+            # registers too: 64 deep, the 16-bit persistent forward spilled inside its loop for sm_90
+            block_k = min(block_k, 32)
         return 16, 16, block_k
     block_b = min(32, max(16, next_power_of_2(batch)))
     return block_b, 512 // block_b, block_k
@@ -509,7 +518,7 @@ def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> 
         return {}
     resident = plan.kind == "resident"
     if resident:
-        warps = resident_warps(plan.forward, plan.product_columns, plan.block_b)
+        warps = resident_warps(plan)
     else:
         warps = 8 if dtype == torch.float32 else 4
     options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
