@@ -76,6 +76,16 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
 
     In eval mode every dropout is off (threshold 0, scale 1) and zoneout takes its expectation.
     """
+    ints, floats = _step_values(reg, training)
+    ints = list(ints)
+    ints[int(cell.INT_SEED)] = int(seed)
+    return launch_parameters(ints, list(floats), compute_dtype(dtype), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _step_values(reg: Regularizers, training: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """step_parameters' values but the seed (0 in its slot): a call per layer and direction, forward and
+    backward, of a training step, whose regularizers rarely change."""
     if not training:
         reg = dataclasses.replace(reg, recurrent_dropout=0.0, weight_dropout=0.0, update_dropout=0.0, cell_dropout=0.0)
     # plain ints: comparisons of tl.constexpr objects give tl.constexpr booleans
@@ -99,7 +109,6 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
         },
         cell.INT_SLOTS,
     )
-    ints[int(cell.INT_SEED)] = int(seed)
     floats = _slots(
         {
             cell.FLOAT_HIDDEN: philox.keep_scale(reg.recurrent_dropout),
@@ -111,7 +120,7 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
         },
         cell.FLOAT_SLOTS,
     )
-    return launch_parameters(ints, floats, compute_dtype(dtype), device)
+    return tuple(ints), tuple(floats)
 
 
 def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
