@@ -541,27 +541,62 @@ def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.
 
 
 @triton.jit
-def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr):
-    """A [K, N] operand in two power-of-two slabs, K_MAIN + K_REST >= K (K_REST may be 0): a 768-deep
-    operand is 512 + 256, not 1024, of on-chip memory."""
-    main = resident_slab(ptr, k_stride, n_inside, K, 0, K_MAIN)
-    rest = main
-    if K_REST > 0:
-        rest = resident_slab(ptr, k_stride, n_inside, K, K_MAIN, K_REST)
-    return main, rest
+def resident_halves(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """K_SIZE rows of an operand from K_START, as two slabs of K_SIZE / 2 where that is 16 or more (tl.dot's
+    least K); else the one slab, twice."""
+    if K_SIZE >= 32:
+        low = resident_slab(ptr, k_stride, n_inside, K, K_START, K_SIZE // 2)
+        high = resident_slab(ptr, k_stride, n_inside, K, K_START + K_SIZE // 2, K_SIZE // 2)
+    else:
+        low = resident_slab(ptr, k_stride, n_inside, K, K_START, K_SIZE)
+        high = low
+    return low, high
 
 
 @triton.jit
-def resident_dot(a_ptr, rows, B, a_stride, K, main, rest, acc, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """acc + a [BB, K] @ (main; rest) [K, N], a's row b at a_ptr + b * a_stride."""
-    ks = tl.arange(0, K_MAIN)[None, :]
-    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
-    acc = tile_dot(a, main, acc, PRECISION)
+def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr):
+    """A [K, N] operand in two power-of-two parts, K_MAIN + K_REST >= K (K_REST may be 0): a 768-deep
+    operand is 512 + 256, not 1024, of on-chip memory. Each part in halves (resident_halves), so that
+    resident_dot's product runs as up to four independent chains of MMAs rather than one."""
+    main_low, main_high = resident_halves(ptr, k_stride, n_inside, K, 0, K_MAIN)
+    rest_low, rest_high = main_low, main_high
     if K_REST > 0:
-        ks = K_MAIN + tl.arange(0, K_REST)[None, :]
-        a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
-        acc = tile_dot(a, rest, acc, PRECISION)
+        rest_low, rest_high = resident_halves(ptr, k_stride, n_inside, K, K_MAIN, K_REST)
+    return main_low, main_high, rest_low, rest_high
+
+
+@triton.jit
+def resident_part(a_ptr, rows, B, a_stride, K, slab, K_START: tl.constexpr, K_SIZE: tl.constexpr,
+                  zeros, PRECISION: tl.constexpr):
+    """a[:, K_START : K_START + K_SIZE] @ slab, into an accumulator of its own."""
+    ks = K_START + tl.arange(0, K_SIZE)[None, :]
+    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
+    return tile_dot(a, slab, zeros, PRECISION)
+
+
+@triton.jit
+def resident_product(a_ptr, rows, B, a_stride, K, low, high, K_START: tl.constexpr, K_SIZE: tl.constexpr,
+                     zeros, PRECISION: tl.constexpr):
+    """a[:, K_START : K_START + K_SIZE] @ (low; high) of resident_halves, the halves' products apart."""
+    if K_SIZE >= 32:
+        product = resident_part(a_ptr, rows, B, a_stride, K, low, K_START, K_SIZE // 2, zeros, PRECISION)
+        product += resident_part(a_ptr, rows, B, a_stride, K, high, K_START + K_SIZE // 2, K_SIZE // 2, zeros,
+                                 PRECISION)
+    else:
+        product = resident_part(a_ptr, rows, B, a_stride, K, low, K_START, K_SIZE, zeros, PRECISION)
+    return product
+
+
+@triton.jit
+def resident_dot(a_ptr, rows, B, a_stride, K, main_low, main_high, rest_low, rest_high, acc,
+                 K_MAIN: tl.constexpr, K_REST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a [BB, K] @ the slabs of resident_weight, a's row b at a_ptr + b * a_stride. Each slab's
+    product accumulates on its own: one accumulator for all of K made the MMAs one dependent chain (192
+    in a row for the T=1024 H=768 backward's 16 x 8 tile, in the sm_90 code), each waiting for the last."""
+    zeros = tl.zeros(acc.shape, acc.dtype)
+    acc += resident_product(a_ptr, rows, B, a_stride, K, main_low, main_high, 0, K_MAIN, zeros, PRECISION)
+    if K_REST > 0:
+        acc += resident_product(a_ptr, rows, B, a_stride, K, rest_low, rest_high, K_MAIN, K_REST, zeros, PRECISION)
     return acc
 
 
@@ -580,14 +615,16 @@ def forward_resident_kernel(
     # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
     n = tl.arange(0, 4 * BLOCK_H)[None, :]
     n_unit = pid * BLOCK_H + n // 4
-    w_main, w_rest = resident_weight(w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST)
+    w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
+        w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST
+    )
     expected = 0
     for s in range(first, last):
         t = position(s, seq_len, reverse)
         r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
         for row0 in range(0, B, BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
-            acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main, w_rest,
+            acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main_low, w_main_high, w_rest_low, w_rest_high,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
                                PRECISION)
             # column u * 4 + 2 a + b as [BB, BH, a, b]: split on b gives gates (i, g) and (f, o), on a each one
@@ -614,7 +651,9 @@ def backward_resident_kernel(
     dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and launches as the forward's."""
     pid = tl.program_id(0)
     units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
-    w_main, w_rest = resident_weight(w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST)
+    w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
+        w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST
+    )
     expected = 0
     for back in range(first, last):
         t, t_next = backward_positions(back, seq_len, reverse)
@@ -622,8 +661,8 @@ def backward_resident_kernel(
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
-                acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main,
-                                   w_rest, acc, K_MAIN, K_REST, PRECISION)
+                acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
+                                   w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION)
             finish_h_backward(acc, row0 // BLOCK_B, rows, units, t, reverse, stream, has_lengths, 0, back > 0,
                               back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dout_ptr,
                               lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
