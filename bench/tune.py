@@ -11,7 +11,8 @@ ran). The variants:
   resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
   on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
 - steps / persistent kF/kB: the same with the products' K tiles of the forward F and the backward B deep
-  (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's).
+  (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's); steps BxH: per-step tiles of B rows
+  and H units (FUSED_RNN_STEP_TILE; the others run launch.step_tile's).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -44,19 +45,22 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
-# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches or None, FUSED_RNN_BLOCK_K
-# or None). Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident
-# forwards 4 below 64 product columns, else 8; resident backwards 4 in 16-row tiles, else 8; K tiles: launch.block_depth.
+# (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches or None, other environment
+# variables). Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident
+# forwards 4 below 64 product columns, else 8; resident backwards launch.resident_warps; K tiles
+# launch.block_depth; per-step tiles launch.step_tile.
 VARIANTS = (
-    ("steps", "steps", None, None),
-    ("persistent w4", "persistent", 4, None),
-    ("persistent w8", "persistent", 8, None),
-    ("resident w8", "resident", 8, None),
-    ("resident w4", "resident", 4, None),
+    ("steps", "steps", None, {}),
+    ("persistent w4", "persistent", 4, {}),
+    ("persistent w8", "persistent", 8, {}),
+    ("resident w8", "resident", 8, {}),
+    ("resident w4", "resident", 4, {}),
 ) + tuple(
-    (f"{mode} k{forward}/{backward}", mode, None, f"{forward},{backward}")
+    (f"{mode} k{forward}/{backward}", mode, None, {"FUSED_RNN_BLOCK_K": f"{forward},{backward}"})
     for mode in ("steps", "persistent")
     for forward, backward in ((32, 32), (64, 64), (32, 64), (64, 128), (32, 256))
+) + tuple(
+    (f"steps {tile}", "steps", None, {"FUSED_RNN_STEP_TILE": tile}) for tile in ("16x32", "32x32", "32x64", "16x64")
 )
 
 
@@ -69,14 +73,13 @@ def barrier_loop_kernel(arrivals_ptr, steps):
 
 
 @contextlib.contextmanager
-def recurrence(mode: str, warps: int | None, block_k: str | None = None):
-    """FUSED_RNN_RECURRENCE=mode, persistent launches with `warps` warps and FUSED_RNN_BLOCK_K=block_k
-    (where given), for the duration."""
-    saved = {name: os.environ.get(name) for name in ("FUSED_RNN_RECURRENCE", "FUSED_RNN_BLOCK_K")}
+def recurrence(mode: str, warps: int | None, environment: dict | None = None):
+    """FUSED_RNN_RECURRENCE=mode, persistent launches with `warps` warps and the other environment
+    variables given, for the duration."""
+    environment = {"FUSED_RNN_RECURRENCE": mode, **(environment or {})}
+    saved = {name: os.environ.get(name) for name in environment}
     saved_options = launch.persistent_options
-    os.environ["FUSED_RNN_RECURRENCE"] = mode
-    if block_k is not None:
-        os.environ["FUSED_RNN_BLOCK_K"] = block_k
+    os.environ.update(environment)
 
     def options(device, dtype, plan):
         chosen = saved_options(device, dtype, plan)
@@ -270,8 +273,8 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             return
         report(shape, variant, plan, forward, backward)
 
-    def fused(layer: Layer, mode: str, warps: int | None, block_k: str | None):
-        with recurrence(mode, warps, block_k), torch.no_grad():
+    def fused(layer: Layer, mode: str, warps: int | None, environment: dict):
+        with recurrence(mode, warps, environment), torch.no_grad():
             forward, backward = layer.measure(args.reps)
             # the plans after the run: a refused launch has ruled its kind out
             return layer.plans(), forward, backward
@@ -286,10 +289,10 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
         if "resident" in args.modes.split(",") and not args.no_reference:
             attempt(shape, "barrier", lambda: barrier(layer))
-        for name, mode, warps, block_k in VARIANTS:
+        for name, mode, warps, environment in VARIANTS:
             if mode not in args.modes.split(",") or (args.variants and name not in args.variants.split(",")):
                 continue
-            attempt(shape, name, lambda: fused(layer, mode, warps, block_k))
+            attempt(shape, name, lambda: fused(layer, mode, warps, environment))
 
 
 if __name__ == "__main__":

@@ -209,13 +209,22 @@ def test_matches_the_reference_in_float32(mode, monkeypatch):
                             bidirectional=True, packed=True, training=True, reg=EVERY)
 
 
-@pytest.mark.parametrize("mode", ["steps", "persistent"])
-@pytest.mark.parametrize("depths", ["16,256", "32"])
-def test_matches_the_reference_at_other_k_tile_depths(depths, mode, monkeypatch):
-    """FUSED_RNN_BLOCK_K (what bench.tune varies): products whose K tiles are shallower or deeper than
-    the forward's depth H_out (several masked tiles, or one mostly masked) and the backward's 4H."""
+@pytest.mark.parametrize(
+    "mode, tuning",
+    [
+        ("steps", {"FUSED_RNN_BLOCK_K": "16,256"}),
+        ("persistent", {"FUSED_RNN_BLOCK_K": "16,256"}),
+        ("persistent", {"FUSED_RNN_BLOCK_K": "32"}),
+        ("steps", {"FUSED_RNN_STEP_TILE": "16x16"}),
+    ],
+)
+def test_matches_the_reference_at_other_tiles(mode, tuning, monkeypatch):
+    """FUSED_RNN_BLOCK_K and FUSED_RNN_STEP_TILE (what bench.tune varies): products whose K tiles are
+    shallower or deeper than the forward's depth H_out (several masked tiles, or one mostly masked) and
+    the backward's 4H; per-step launches of several row and unit tiles."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
-    monkeypatch.setenv("FUSED_RNN_BLOCK_K", depths)
+    for name, value in tuning.items():
+        monkeypatch.setenv(name, value)
     device = require_backend("triton", torch.float64)
     _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=3, inputs=4, hidden=20, proj=18, layers=1,
                             bidirectional=False, packed=False, training=True, reg=EVERY)
@@ -234,6 +243,17 @@ def test_k_tile_depths_follow_the_weights_bytes_and_the_tuning_variable(monkeypa
         monkeypatch.setenv("FUSED_RNN_BLOCK_K", bad)
         with pytest.raises(ValueError, match="FUSED_RNN_BLOCK_K must be one depth or two"):
             launch.block_depth(True, 2)
+
+
+def test_step_tiles_follow_the_batch_and_the_tuning_variable(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_STEP_TILE", raising=False)
+    assert [launch.step_tile(batch) for batch in (1, 20, 80)] == [(16, 32), (32, 16), (32, 16)]
+    monkeypatch.setenv("FUSED_RNN_STEP_TILE", "32x64")
+    assert launch.step_tile(80) == (32, 64)
+    for bad in ("32", "32x48", "8x64", "32x64x2", "ax64"):
+        monkeypatch.setenv("FUSED_RNN_STEP_TILE", bad)
+        with pytest.raises(ValueError, match="FUSED_RNN_STEP_TILE must be two sides"):
+            launch.step_tile(80)
 
 
 def test_resident_warps():

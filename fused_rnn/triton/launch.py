@@ -443,15 +443,35 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
     block_k = block_depth(forward, element_size)
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
-        return max(16, next_power_of_2(batch)), 64, block_k if os.environ.get("FUSED_RNN_BLOCK_K") else 64
+        block_b, block_h = max(16, next_power_of_2(batch)), 64
+        if not persistent and os.environ.get("FUSED_RNN_STEP_TILE"):
+            block_b, block_h = step_tile(batch)
+        return block_b, block_h, block_k if os.environ.get("FUSED_RNN_BLOCK_K") else 64
     if persistent:
         if forward and batch % 16 and not os.environ.get("FUSED_RNN_BLOCK_K"):
             # the row masks of a batch that is no multiple of 16 (which Triton leaves unspecialised) take
             # registers too: 64 deep, the 16-bit persistent forward spilled inside its loop for sm_90
             block_k = min(block_k, 32)
         return 16, 16, block_k
-    block_b = min(32, max(16, next_power_of_2(batch)))
-    return block_b, 512 // block_b, block_k
+    return (*step_tile(batch), block_k)
+
+
+STEP_TILE_CHOICES = (16, 32, 64, 128)
+
+
+def step_tile(batch: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_H) of a per-step launch: 512 units, or FUSED_RNN_STEP_TILE's ("32x64"), for tuning
+    (bench.tune's "steps BxH" variants). Wider unit tiles read each row tile's dgates from L2 fewer times
+    (at PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the cell's step."""
+    chosen = os.environ.get("FUSED_RNN_STEP_TILE", "")
+    if not chosen:
+        block_b = min(32, max(16, next_power_of_2(batch)))
+        return block_b, 512 // block_b
+    sides = chosen.split("x")
+    if len(sides) != 2 or not all(side.isdigit() and int(side) in STEP_TILE_CHOICES for side in sides):
+        raise ValueError(f"FUSED_RNN_STEP_TILE must be two sides, rows x units, each one of "
+                         f"{', '.join(map(str, STEP_TILE_CHOICES))}, like 32x64; got {chosen!r}")
+    return int(sides[0]), int(sides[1])
 
 
 # The depth of a product's K tile in the per-step and persistent loops, in bytes of W~: forward 128 (64
