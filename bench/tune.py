@@ -2,10 +2,10 @@
 cuDNN's, to choose the defaults with: GPU time per step, by loop kind and warps, at the benchmark shapes.
 
     python -m bench.tune [--shapes long_h768,h512,ptb_awd] [--dtype fp16] [--modes steps,persistent,resident]
-                         [--variants "resident w4,..."] [--no-reference] [--reps 5] [--jsonl FILE]
+                         [--variants "resident w4,..." | all] [--no-reference] [--reps 5] [--jsonl FILE]
 
 Each line printed is one measurement (also appended to --jsonl as it is made, so a time limit keeps what
-ran). The variants:
+ran). The rows (the kF/kB and BxH variants only where --variants names them, or is all):
 - cudnn: nn.LSTM, one layer, no regularizer; "backward" is its forward + backward minus its forward.
 - steps / persistent / resident (FUSED_RNN_RECURRENCE) with 4 or 8 warps for the persistent and
   resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
@@ -221,7 +221,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--modes", default="steps,persistent,resident",
                         help="the loop kinds to time (the GPU check leaves out one whose smoke step failed)")
-    parser.add_argument("--variants", default="", help="of the fused variants, these only (names as printed)")
+    parser.add_argument("--variants", default="",
+                        help="of the fused variants, these only (names as printed); 'all' for every one; "
+                             "by default those of the launchers' own tiles and depths (no tuning variable)")
     parser.add_argument("--no-reference", action="store_true", help="leave out the cudnn and barrier rows")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--jsonl", default=None)
@@ -290,7 +292,8 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
         if "resident" in args.modes.split(",") and not args.no_reference:
             attempt(shape, "barrier", lambda: barrier(layer))
         for name, mode, warps, environment in VARIANTS:
-            if mode not in args.modes.split(",") or (args.variants and name not in args.variants.split(",")):
+            chosen = name in args.variants.split(",") if args.variants else not environment
+            if mode not in args.modes.split(",") or not (chosen or args.variants == "all"):
                 continue
             attempt(shape, name, lambda: fused(layer, mode, warps, environment))
 

@@ -743,7 +743,7 @@ def test_the_tuning_script_times_every_loop_kind(capsys):
         pytest.skip("bench.tune tests itself on CPU only under Triton's interpreter")
     from bench import tune
 
-    assert tune.main(["--reps", "1", "--device", "cpu"]) == 0
+    assert tune.main(["--reps", "1", "--device", "cpu", "--variants", "all"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     cells = {row[1].strip(): [cell.strip() for cell in row] for row in rows}
     assert set(cells) == {"barrier", *(name for name, *_ in tune.VARIANTS)}, cells
@@ -757,6 +757,10 @@ def test_the_tuning_script_times_every_loop_kind(capsys):
     assert tune.main(["--reps", "1", "--device", "cpu", "--variants", "resident w4", "--no-reference"]) == 0
     rows = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert rows == ["resident w4"]
+    # by default, the variants without a tuning variable
+    assert tune.main(["--reps", "1", "--device", "cpu", "--no-reference"]) == 0
+    rows = [line.split("|")[2].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert rows == [name for name, _, _, environment in tune.VARIANTS if not environment]
 
 
 def test_batched_gradients_match_the_reference():
