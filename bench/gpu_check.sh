@@ -7,7 +7,7 @@
 #   bash bench/gpu_check.sh
 #
 # Environment: GPU_CHECK_BUDGET_S (what the benchmarks get is what is left of it, default 540), GPU_CHECK_TUNE_S (bench.tune, default 75;
-# 0 skips it), GPU_CHECK_TUNE_VARIANTS (bench.tune's --variants, default all), GPU_CHECK_TUNE_SHAPES (its --shapes), GPU_CHECK_BREAKDOWN_S (bench.breakdown, default 60; 0 skips it), GPU_CHECK_TESTS_S (tests, default 160; 0 skips them), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
+# 0 skips it), GPU_CHECK_TUNE_VARIANTS (bench.tune's --variants; its default: the variants without a tuning variable), GPU_CHECK_TUNE_SHAPES (its --shapes), GPU_CHECK_BREAKDOWN_S (bench.breakdown, default 60; 0 skips it), GPU_CHECK_TESTS_S (tests, default 160; 0 skips them), GPU_CHECK_TESTS_SELECT (a pytest -k expression for the
 # CUDA tests, default all),
 # GPU_CHECK_BENCH_SELECT (a pytest -k expression for the benchmarks, default all; the target
 # groups run first, so a run the budget cuts short still has them), GPU_CHECK_MAX_TIME (pytest-benchmark

@@ -12,7 +12,7 @@ ran). The rows (the kF/kB and BxH variants only where --variants names them, or 
   on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
 - steps / persistent kF/kB: the same with the products' K tiles of the forward F and the backward B deep
   (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's); steps BxH: per-step tiles of B rows
-  and H units (FUSED_RNN_STEP_TILE; the others run launch.step_tile's).
+  and H units (FUSED_RNN_STEP_TILE; the others run launch.tile_sizes').
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step.
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -48,7 +48,7 @@ RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
 # (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches or None, other environment
 # variables). Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident
 # forwards 4 below 64 product columns, else 8; resident backwards launch.resident_warps; K tiles
-# launch.block_depth; per-step tiles launch.step_tile.
+# launch.block_depth; per-step tiles launch.tile_sizes.
 VARIANTS = (
     ("steps", "steps", None, {}),
     ("persistent w4", "persistent", 4, {}),

@@ -245,15 +245,24 @@ def test_k_tile_depths_follow_the_weights_bytes_and_the_tuning_variable(monkeypa
             launch.block_depth(True, 2)
 
 
-def test_step_tiles_follow_the_batch_and_the_tuning_variable(monkeypatch):
+def test_gpu_tiles_follow_the_batch_the_dtype_and_the_tuning_variables(monkeypatch):
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
     monkeypatch.delenv("FUSED_RNN_STEP_TILE", raising=False)
-    assert [launch.step_tile(batch) for batch in (1, 20, 80)] == [(16, 32), (32, 16), (32, 16)]
+    monkeypatch.delenv("FUSED_RNN_BLOCK_K", raising=False)
+    # per-step tiles of 512 units, the backward's K tile twice the forward's
+    assert [launch.tile_sizes(batch, False, True, 2) for batch in (1, 20, 80)] == [(16, 32, 64), (32, 16, 64), (32, 16, 64)]
+    assert launch.tile_sizes(80, False, False, 4) == (32, 16, 64)
+    # persistent 16 x 16; the forward of a batch no multiple of 16 at most 32 deep
+    assert [launch.tile_sizes(batch, True, True, 2) for batch in (64, 20)] == [(16, 16, 64), (16, 16, 32)]
+    assert launch.tile_sizes(20, True, False, 2) == (16, 16, 128)
     monkeypatch.setenv("FUSED_RNN_STEP_TILE", "32x64")
-    assert launch.step_tile(80) == (32, 64)
+    monkeypatch.setenv("FUSED_RNN_BLOCK_K", "16")
+    assert launch.tile_sizes(80, False, True, 2) == (32, 64, 16)
+    assert launch.tile_sizes(20, True, True, 2) == (16, 16, 16)
     for bad in ("32", "32x48", "8x64", "32x64x2", "ax64"):
         monkeypatch.setenv("FUSED_RNN_STEP_TILE", bad)
         with pytest.raises(ValueError, match="FUSED_RNN_STEP_TILE must be two sides"):
-            launch.step_tile(80)
+            launch.tile_sizes(80, False, True, 2)
 
 
 def test_resident_warps():

@@ -439,34 +439,34 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
 def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_H, BLOCK_K). tl.dot needs 16 or more on every side; a per-step program's tile
     stays at 512 units so that four gate accumulators and the Philox words fit in registers, a
-    persistent program's (which inlines every phase) at the smallest, 16 x 16. BLOCK_K: block_depth."""
-    block_k = block_depth(forward, element_size)
+    persistent program's (which inlines every phase) at the smallest, 16 x 16. BLOCK_K: block_depth.
+    FUSED_RNN_BLOCK_K and FUSED_RNN_STEP_TILE (tuned_depth, tuned_step_tile) override them everywhere."""
+    tuned_k = tuned_depth(forward)
+    tuned_tile = None if persistent else tuned_step_tile()
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
-        block_b, block_h = max(16, next_power_of_2(batch)), 64
-        if not persistent and os.environ.get("FUSED_RNN_STEP_TILE"):
-            block_b, block_h = step_tile(batch)
-        return block_b, block_h, block_k if os.environ.get("FUSED_RNN_BLOCK_K") else 64
+        return (*(tuned_tile or (max(16, next_power_of_2(batch)), 64)), tuned_k or 64)
+    block_k = block_depth(forward, element_size)
     if persistent:
-        if forward and batch % 16 and not os.environ.get("FUSED_RNN_BLOCK_K"):
+        if forward and batch % 16 and tuned_k is None:
             # the row masks of a batch that is no multiple of 16 (which Triton leaves unspecialised) take
             # registers too: 64 deep, the 16-bit persistent forward spilled inside its loop for sm_90
             block_k = min(block_k, 32)
         return 16, 16, block_k
-    return (*step_tile(batch), block_k)
+    block_b = min(32, max(16, next_power_of_2(batch)))
+    return (*(tuned_tile or (block_b, 512 // block_b)), block_k)
 
 
 STEP_TILE_CHOICES = (16, 32, 64, 128)
 
 
-def step_tile(batch: int) -> tuple[int, int]:
-    """(BLOCK_B, BLOCK_H) of a per-step launch: 512 units, or FUSED_RNN_STEP_TILE's ("32x64"), for tuning
-    (bench.tune's "steps BxH" variants). Wider unit tiles read each row tile's dgates from L2 fewer times
-    (at PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the cell's step."""
+def tuned_step_tile() -> tuple[int, int] | None:
+    """FUSED_RNN_STEP_TILE's (BLOCK_B, BLOCK_H) of a per-step launch ("32x64"), for tuning (bench.tune's
+    "steps BxH" variants), or None. Wider unit tiles read each row tile's dgates from L2 fewer times (at
+    PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the cell's step."""
     chosen = os.environ.get("FUSED_RNN_STEP_TILE", "")
     if not chosen:
-        block_b = min(32, max(16, next_power_of_2(batch)))
-        return block_b, 512 // block_b
+        return None
     sides = chosen.split("x")
     if len(sides) != 2 or not all(side.isdigit() and int(side) in STEP_TILE_CHOICES for side in sides):
         raise ValueError(f"FUSED_RNN_STEP_TILE must be two sides, rows x units, each one of "
@@ -487,14 +487,19 @@ BLOCK_K_CHOICES = (16, 32, 64, 128, 256)
 
 
 def block_depth(forward: bool, element_size: int) -> int:
-    """BLOCK_K of the forward's or the backward's per-step and persistent products (W~ of element_size
-    bytes), or FUSED_RNN_BLOCK_K's ("K" for both, or "K_FORWARD,K_BACKWARD"), for tuning (bench.tune)."""
+    """BLOCK_K of the forward's or the backward's per-step and persistent products, W~ of element_size
+    bytes: tuned_depth's where FUSED_RNN_BLOCK_K is set."""
+    return tuned_depth(forward) or max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
+
+
+def tuned_depth(forward: bool) -> int | None:
+    """FUSED_RNN_BLOCK_K's BLOCK_K of the forward's or the backward's products ("K" for both, or
+    "K_FORWARD,K_BACKWARD"), for tuning (bench.tune's kF/kB variants), or None."""
     chosen = os.environ.get("FUSED_RNN_BLOCK_K", "")
     if not chosen:
-        return max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
-    depths = chosen.split(",")
+        return None
     try:
-        values = [int(depth) for depth in depths]
+        values = [int(depth) for depth in chosen.split(",")]
     except ValueError:
         values = []
     if len(values) not in (1, 2) or not set(values) <= set(BLOCK_K_CHOICES):

@@ -161,10 +161,10 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
         if reserve_is_spent(ctx, xg, grads):
             ctx.reserve_overwritten = True
             results = layer_backward_into(xg, *arguments, xg, rs, cs, hpre)
-        elif dispatch_free((*grads, x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre)):
-            results = _lstm_layer_backward(*arguments, xg, rs, cs, hpre)
         else:
-            results = lstm_layer_backward(*arguments, xg, rs, cs, hpre)
+            results = _call(lstm_layer_backward, _lstm_layer_backward, None,
+                            (*grads, x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre), (),
+                            (*arguments, xg, rs, cs, hpre))
         dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = results
         return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
 
@@ -251,9 +251,10 @@ _LayerFunction = _eager_autograd(_lstm_layer, _layer_setup_context, _layer_backw
 _DropoutFunction = _eager_autograd(_feature_dropout, _dropout_setup_context, _dropout_backward)
 
 
-def _call(op, function, eager: type[torch.autograd.Function], tensors: tuple, differentiable: tuple, arguments: tuple):
+def _call(op, function, eager: Optional[type[torch.autograd.Function]], tensors: tuple, differentiable: tuple,
+          arguments: tuple):
     """op(*arguments) where a trace or transform needs the custom op (dispatch_free), else its autograd.Function,
-    or its function alone where no gradient is recorded."""
+    or its function alone where no gradient is recorded (nothing differentiable: an op without autograd)."""
     if not dispatch_free(tensors):
         return op(*arguments)
     if _records_gradients(differentiable):
