@@ -540,11 +540,15 @@ def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.
     return tl.load(ptr + ks * k_stride, mask=(ks < K) & n_inside, other=0.0)
 
 
+# A resident slab at least this deep is split in two (halves 16 deep or more, tl.dot's least K)
+SPLIT_SLAB_DEPTH: tl.constexpr = tl.constexpr(32)
+
+
 @triton.jit
 def resident_halves(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
-    """K_SIZE rows of an operand from K_START, as two slabs of K_SIZE / 2 where that is 16 or more (tl.dot's
-    least K); else the one slab, twice."""
-    if K_SIZE >= 32:
+    """K_SIZE rows of an operand from K_START, as two slabs of K_SIZE / 2 where K_SIZE is SPLIT_SLAB_DEPTH or
+    more; else the one slab, twice."""
+    if K_SIZE >= SPLIT_SLAB_DEPTH:
         low = resident_slab(ptr, k_stride, n_inside, K, K_START, K_SIZE // 2)
         high = resident_slab(ptr, k_stride, n_inside, K, K_START + K_SIZE // 2, K_SIZE // 2)
     else:
@@ -578,7 +582,7 @@ def resident_part(a_ptr, rows, B, a_stride, K, slab, K_START: tl.constexpr, K_SI
 def resident_product(a_ptr, rows, B, a_stride, K, low, high, K_START: tl.constexpr, K_SIZE: tl.constexpr,
                      zeros, PRECISION: tl.constexpr):
     """a[:, K_START : K_START + K_SIZE] @ (low; high) of resident_halves, the halves' products apart."""
-    if K_SIZE >= 32:
+    if K_SIZE >= SPLIT_SLAB_DEPTH:
         product = resident_part(a_ptr, rows, B, a_stride, K, low, K_START, K_SIZE // 2, zeros, PRECISION)
         product += resident_part(a_ptr, rows, B, a_stride, K, high, K_START + K_SIZE // 2, K_SIZE // 2, zeros,
                                  PRECISION)
