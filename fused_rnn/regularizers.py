@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 
 DROPOUT_MODES = ("step", "locked")
@@ -34,6 +35,8 @@ class ProbabilityTypeError(ValueError, TypeError):
 
 
 def check_probability(name: str, value) -> float:
+    if type(value) is float and 0 <= value <= 1:  # the common case, without numbers.Real's slow isinstance
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         message = f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}"
         # nn.LSTM's exact words for its own argument; ours also say what was given
@@ -105,14 +108,26 @@ class Regularizers:
 
     @classmethod
     def of_recurrence_arguments(cls, probabilities, modes) -> "Regularizers":
-        """The inverse of recurrence_arguments (the feature dropouts at 0)."""
-        weight_rows, update_per_step = modes
-        return cls(
-            **dict(zip(RECURRENCE_PROBABILITIES, probabilities)),
-            weight_dropout_mode="row" if weight_rows else "element",
-            update_dropout_mode="step" if update_per_step else "sequence",
-        )
+        """The inverse of recurrence_arguments (the feature dropouts at 0). Each of a training step's layer
+        ops, forward and backward, asks for it: validated once per distinct arguments and their types
+        (_of_recurrence_arguments; True == 1.0, but only the float is a probability)."""
+        probabilities, modes = tuple(probabilities), tuple(modes)
+        try:
+            hash((probabilities, modes))
+        except TypeError:  # not numbers: the checks say so
+            return _of_recurrence_arguments.__wrapped__(cls, probabilities, modes, ())
+        return _of_recurrence_arguments(cls, probabilities, modes, tuple(map(type, probabilities + modes)))
 
     def layer_input_dropout(self, layer: int) -> float:
         """The probability of masks["input"][layer]: input_dropout for layer 0, dropout after."""
         return self.input_dropout if layer == 0 else self.dropout
+
+
+@functools.lru_cache(maxsize=64)
+def _of_recurrence_arguments(cls: type, probabilities: tuple, modes: tuple, _types: tuple) -> Regularizers:
+    weight_rows, update_per_step = modes
+    return cls(
+        **dict(zip(RECURRENCE_PROBABILITIES, probabilities)),
+        weight_dropout_mode="row" if weight_rows else "element",
+        update_dropout_mode="step" if update_per_step else "sequence",
+    )

@@ -63,7 +63,15 @@ def run_stack(
             h_n.append(h)
             c_n.append(c)
         x = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=-1)
-    return output_dropout(x), torch.stack(h_n), torch.stack(c_n)
+    return output_dropout(x), _stack(h_n), _stack(c_n)
+
+
+def _stack(states: list[Tensor]) -> Tensor:
+    """torch.stack(states), but a single state of its own (no view of another tensor, as the fused ops
+    return) is only given its leading dimension: one copy less per state and training step."""
+    if len(states) == 1 and states[0]._base is None:
+        return states[0].unsqueeze(0)
+    return torch.stack(states)
 
 
 def run_fused_stack(

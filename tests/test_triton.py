@@ -71,6 +71,23 @@ def test_weight_drop_masks_are_the_references(seed, rows):
         assert ((dropped != 0).all(1) | (dropped == 0).all(1)).all(), "row mode drops whole rows of W_hh"
 
 
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_bit(rows, dtype):
+    """The backward's W~ transposed in one pass (transposed_dropped_weight) against dropped_weight then a
+    transposing copy: the same mask, scale and rounding, at a size of two tiles by two, neither full."""
+    device = require_backend("triton", dtype)
+    hidden, real_hidden, k, p = 17, 70, 2, 0.3  # W_hh [68, 70]
+    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
+    ints, floats = launch.step_parameters(reg, True, seed_tensor(SEEDS[0]), device, dtype)
+    w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
+    expected = launch.dropped_weight(w, ints, floats, k, rows).t()
+    transposed = launch.transposed_dropped_weight(w, ints, floats, k, rows)
+    assert transposed.is_contiguous() and transposed.shape == (real_hidden, 4 * hidden)
+    assert torch.equal(transposed, expected)
+    assert 0 < int((transposed == 0).sum()) < transposed.numel()
+
+
 @triton.jit
 def _unit_masks_kernel(ints_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.arange(0, BLOCK_B)[:, None]
@@ -609,8 +626,8 @@ def test_a_resident_launch_short_of_shared_memory_falls_back_to_persistent(monke
 
             return launch_error
 
-    monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, *args: launch._launch_persistent(
-        ShortOfSharedMemory(), plan, x))
+    monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, seq_len, steps, buffers, *rest: (
+        launch._launch_persistent(ShortOfSharedMemory(), plan, x, *buffers)))
     with pytest.warns(UserWarning, match="resident Triton launch failed"):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=0, layers=1,
                                 bidirectional=True, packed=False, training=True, reg=EVERY)
@@ -893,6 +910,25 @@ def test_specialised_launches_reuse_a_compiled_kernel_for_the_same_specialisatio
     assert compiled.launches == [((2, 1, 1), (y, 5, 16, "ieee"))] * 2
 
 
+def test_specialised_launches_compile_their_launch_options_and_keep_them_apart(monkeypatch):
+    """A persistent launch's options (warps, a cooperative grid) go to the JIT's first launch, which compiles
+    them into the kernel and its launcher, and not to the compiled launcher after it; launches with other
+    options are other specialisations."""
+    monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
+    compiled = FakeCompiled()
+    jit = FakeJit(compiled)
+    x = torch.zeros(8)
+    cooperative = dict(launch_cooperative_grid=True, num_warps=4)
+    for options in (cooperative, cooperative, dict(cooperative, num_warps=8), None):
+        launch.launch_specialised(jit, (2,), x, 5, launch_options=options, BLOCK_B=16, PRECISION="ieee")
+    assert [kwargs for _, _, kwargs in jit.launches] == [
+        dict(BLOCK_B=16, PRECISION="ieee", **cooperative),
+        dict(BLOCK_B=16, PRECISION="ieee", launch_cooperative_grid=True, num_warps=8),
+        dict(BLOCK_B=16, PRECISION="ieee"),
+    ]
+    assert compiled.launches == [((2, 1, 1), (x, 5, 16, "ieee"))]
+
+
 def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
     """The steps loops through RepeatedLaunch: a forward launch per position in order, then seq_len + 1
     backward launches, positions reversed, the last one (no step) after the first position's."""
@@ -927,11 +963,24 @@ def test_a_training_steps_backward_reuses_the_parameters_its_forward_sent(monkey
     lstm = fused_rnn.LSTM(8, 16, device="cuda", backend="triton", **EVERY)
     x = torch.randn(5, 3, 8, device="cuda", requires_grad=True)
     lstm(x, seed=11)[0].sum().backward()
-    # the layer's ints and floats, the input and output dropouts' each, in one copy: sent by the forward only
-    assert len(sent) == 3
+    # the layer's ints and floats, the input and output dropouts' each, all in one copy: sent by the forward only
+    assert len(sent) == 1
     sent.clear()
     lstm(x, seed=12)[0].sum().backward()
-    assert len(sent) == 3 and all(values[0] == 12 for values in sent)
+    assert len(sent) == 1 and sent[0][0] == 12
+
+
+def test_parameter_sets_sent_together_keep_their_values_and_16_byte_alignment():
+    """launch._send_packed: each (ints, floats) set comes back as it went, ints as int64 and floats in the
+    compute dtype, every view starting on a 16-byte boundary, as a set sent alone does."""
+    sets = [([5, 2**40, 3], [0.5, 1.25, 2.0]), ([7, 9], [1.5]), ([1], [])]
+    for dtype in (torch.float32, torch.float64):
+        sent = launch._send_packed(sets, dtype, torch.device("cpu"))
+        assert [(ints.tolist(), floats.tolist()) for ints, floats in sent] == sets
+        assert all(ints.dtype == torch.int64 and floats.dtype == dtype for ints, floats in sent)
+        assert len({ints.untyped_storage().data_ptr() for ints, _ in sent}) == 1, "one tensor, one copy"
+        offsets = [t.storage_offset() * t.element_size() for pair in sent for t in pair]
+        assert all(offset % 16 == 0 for offset in offsets), offsets
 
 
 def test_the_breakdown_script_lists_each_providers_kernels(capsys):

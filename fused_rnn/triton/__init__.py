@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..regularizers import Regularizers
 from ..stack import LayerWeights, run_fused_stack
-from . import ops
+from . import launch, ops
 
 
 def run(
@@ -23,6 +23,10 @@ def run(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""
     probabilities, modes = reg.recurrence_arguments()
+    if training:
+        num_layers = len(weights) // num_directions
+        dropouts = [reg.layer_input_dropout(index) for index in range(num_layers)] + [reg.output_dropout]
+        launch.send_call_parameters(reg, training, seed, x.device, x.dtype, [p for p in dropouts if p > 0])
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh

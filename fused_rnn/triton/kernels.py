@@ -30,11 +30,14 @@ from .cell import (
     FLOAT_CELL,
     FLOAT_HIDDEN,
     FLOAT_UPDATE,
+    FLOAT_WEIGHT,
     FLOAT_ZONEOUT_C,
     FLOAT_ZONEOUT_H,
     INT_SEED,
+    INT_WEIGHT,
     INT_ZONEOUT_C_MODE,
     INT_ZONEOUT_H_MODE,
+    KIND_WEIGHT,
     cell_backward,
     cell_forward,
     keep_scaled,
@@ -62,17 +65,40 @@ def packed_dropout_kernel(
     t = pid // blocks_per_step
     e = (pid % blocks_per_step) * BLOCK + tl.arange(0, BLOCK)
     inside = e < numel
-    m = e // group
-    step = t * (1 - locked)
-    w0, w1, w2, w3 = tl.philox(tl.load(ints_ptr + INT_SEED), (m // 4).to(tl.uint32), step, stream, kind)
-    word = m % 4
-    draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-    keep = not_fires(draw, tl.load(ints_ptr + threshold_slot))
+    keep = bulk_keep(ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
     offset = t.to(tl.int64) * numel + e
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
     y = keep_scaled(x, keep, tl.load(floats_ptr + scale_slot))
     store_rounded(y_ptr + offset, y, inside)
+
+
+@triton.jit
+def bulk_keep(ints_ptr, threshold_slot, m, step, stream, kind):
+    """Whether a bulk mask keeps mask element m (any shape) of `step`: word m % 4 of Philox(m // 4, step,
+    stream, kind) against the threshold in slot threshold_slot (docs/randomness.md)."""
+    w0, w1, w2, w3 = tl.philox(tl.load(ints_ptr + INT_SEED), (m // 4).to(tl.uint32), step, stream, kind)
+    word = m % 4
+    draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+    return not_fires(draw, tl.load(ints_ptr + threshold_slot))
+
+
+@triton.jit(do_not_specialize=["stream", "R", "C", "rows"])
+def transposed_weight_dropout_kernel(
+    w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """w_t [C, R] = (W [R, C] after weight drop) transposed, in one pass: packed_dropout_kernel's mask of W's
+    elements (or of whole rows, where rows), element r * C + c (row r) drawn as there. Grid (R / BLOCK_R, C / BLOCK_C)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    inside = (r < R) & (c < C)
+    element = r * C + c  # W_hh's elements are indexed in 32 bits by packed_dropout_kernel too
+    keep = bulk_keep(ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
+    w = tl.load(w_ptr + element, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
+    y = keep_scaled(w, keep, tl.load(floats_ptr + FLOAT_WEIGHT))
+    # written along R: the compiler moves the tile through shared memory so that both sides are coalesced
+    store_rounded(w_t_ptr + c * R + r, y, inside)
 
 
 @triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])

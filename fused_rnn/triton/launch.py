@@ -28,6 +28,7 @@ from .kernels import (
     hidden_dropout_kernel,
     packed_dropout_kernel,
     projection_step_kernel,
+    transposed_weight_dropout_kernel,
 )
 
 RECURRENCE_MODES = ("auto", "steps", "persistent", "resident")
@@ -76,10 +77,14 @@ def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: tor
 
     In eval mode every dropout is off (threshold 0, scale 1) and zoneout takes its expectation.
     """
+    return launch_parameters(*_step_values_with_seed(reg, training, seed), compute_dtype(dtype), device)
+
+
+def _step_values_with_seed(reg: Regularizers, training: bool, seed: Tensor) -> tuple[list, list]:
     ints, floats = _step_values(reg, training)
     ints = list(ints)
     ints[int(cell.INT_SEED)] = int(seed)
-    return launch_parameters(ints, list(floats), compute_dtype(dtype), device)
+    return ints, list(floats)
 
 
 @functools.lru_cache(maxsize=64)
@@ -125,7 +130,20 @@ def _step_values(reg: Regularizers, training: bool) -> tuple[tuple[int, ...], tu
 
 def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Seed and threshold (slots 0, 1) and scale (slot 0) of one bulk dropout."""
-    return launch_parameters([int(seed), philox.threshold(p)], [philox.keep_scale(p)], compute_dtype(dtype), device)
+    return launch_parameters(*_dropout_values(p, seed), compute_dtype(dtype), device)
+
+
+def _dropout_values(p: float, seed: Tensor) -> tuple[list, list]:
+    return [int(seed), philox.threshold(p)], [philox.keep_scale(p)]
+
+
+def send_call_parameters(reg: Regularizers, training: bool, seed: Tensor, device: torch.device, dtype: torch.dtype,
+                         dropouts: list[float]) -> None:
+    """send_parameters of one call of the stack: the layers' step_parameters and each feature dropout's
+    (probabilities `dropouts`)."""
+    if device.type == "cuda":
+        sets = [_step_values_with_seed(reg, training, seed), *(_dropout_values(p, seed) for p in dropouts)]
+        send_parameters(sets, compute_dtype(dtype), device)
 
 
 # The parameter tensors sent to a GPU, by their values (the seed's among them), device and stream, the
@@ -141,20 +159,55 @@ def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (padded to whole int64 words), sent in one copy (see host_to_device)."""
     if device.type == "cuda":
-        key = (tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream)
+        key = _sent_key(ints, floats, float_dtype, device)
         sent = _sent_parameters.get(key)
         if sent is not None and not torch.cuda.is_current_stream_capturing():
             _sent_parameters.move_to_end(key)
             return sent
-    padding = [0.0] * (len(floats) % 2 if float_dtype.itemsize == 4 else 0)
-    float_bits = torch.tensor(floats + padding, dtype=float_dtype).view(torch.int64)
-    packed = host_to_device(torch.cat([torch.tensor(ints, dtype=torch.int64), float_bits]), device)
-    sent = packed[: len(ints)], packed[len(ints) :].view(float_dtype)[: len(floats)]
+    (sent,) = _send_packed([(ints, floats)], float_dtype, device)
     if device.type == "cuda":
-        _sent_parameters[key] = sent
-        if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
-            _sent_parameters.popitem(last=False)
+        _keep_sent(key, sent)
     return sent
+
+
+def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> None:
+    """Send the (ints, floats) sets a call's launches will ask launch_parameters for to a GPU in one copy,
+    and keep them where it finds them: a training step's seed is new, so each of its sets (the layers' and
+    each feature dropout's) would otherwise be a copy of its own."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return
+    keys = {_sent_key(ints, floats, float_dtype, device): (ints, floats) for ints, floats in sets}
+    missing = [key for key in keys if key not in _sent_parameters]
+    if len(missing) > 1:
+        for key, sent in zip(missing, _send_packed([keys[key] for key in missing], float_dtype, device)):
+            _keep_sent(key, sent)
+
+
+def _sent_key(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple:
+    return tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream
+
+
+def _keep_sent(key: tuple, sent: tuple[Tensor, Tensor]) -> None:
+    _sent_parameters[key] = sent
+    if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
+        _sent_parameters.popitem(last=False)
+
+
+def _send_packed(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """Each (ints, floats) set as an int64 and a float_dtype view of one tensor sent in one copy. Each view
+    starts 16 bytes apart (the alignment Triton specialises a pointer on), its elements padded with zeros."""
+    parts, views, start = [], [], 0
+    for ints, floats in sets:
+        floats_per_word = 8 // float_dtype.itemsize
+        float_words = -(-len(floats) // floats_per_word)
+        int_words, float_words = len(ints) + len(ints) % 2, float_words + float_words % 2
+        parts += [torch.tensor(ints + [0] * (int_words - len(ints)), dtype=torch.int64),
+                  torch.tensor(floats + [0.0] * (float_words * floats_per_word - len(floats)), dtype=float_dtype).view(torch.int64)]
+        views.append((start, start + int_words, start + int_words + float_words, len(ints), len(floats)))
+        start += int_words + float_words
+    packed = host_to_device(torch.cat(parts), device)
+    return [(packed[begin : begin + n_ints], packed[middle:end].view(float_dtype)[:n_floats])
+            for begin, middle, end, n_ints, n_floats in views]
 
 
 def host_to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -202,7 +255,8 @@ def _launch_persistent(kernel, plan: "Plan", x: Tensor, *args, **constexprs) -> 
     resident = plan.kind == "resident"
     refusals = _resident_refused if resident else _persistent_refused
     try:
-        kernel[(plan.programs,)](*args, **constexprs, **persistent_options(x.device, x.dtype, plan))
+        launch_specialised(kernel, (plan.programs,), *args, launch_options=persistent_options(x.device, x.dtype, plan),
+                           **constexprs)
     except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
             raise
@@ -230,7 +284,7 @@ def on_tensor_device(launcher):
 
     @functools.wraps(launcher)
     def on_device(x: Tensor, *args, **kwargs):
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" or x.device.index == torch.cuda.current_device():
             return launcher(x, *args, **kwargs)
         with torch.cuda.device(x.device):
             return launcher(x, *args, **kwargs)
@@ -543,6 +597,24 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
     ).squeeze(0)
 
 
+# a side of transposed_weight_dropout_kernel's square tile: at 64, the Philox draws of 32 elements a thread
+# spilled registers in the float32 and float64 sm_90 compiles
+TRANSPOSE_BLOCK = 32
+
+
+def transposed_dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
+    """dropped_weight(w, ...).t().contiguous() in one pass over W_hh [4H, H_out]: [H_out, 4H]."""
+    w = w.contiguous()
+    w_t = w.new_empty(w.shape[1], w.shape[0])
+    if w.numel():
+        launch_specialised(
+            transposed_weight_dropout_kernel, (cdiv(w.shape[0], TRANSPOSE_BLOCK), cdiv(w.shape[1], TRANSPOSE_BLOCK)),
+            w, w_t, ints, floats, stream, w.shape[0], w.shape[1], int(rows),
+            BLOCK_R=TRANSPOSE_BLOCK, BLOCK_C=TRANSPOSE_BLOCK,
+        )
+    return w_t
+
+
 def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> dict:
     """GPU launch options of a persistent or resident kernel: cooperative (the driver refuses the launch
     unless every program is resident), every register a thread may have (some ptxas releases otherwise
@@ -590,8 +662,10 @@ class RepeatedLaunch:
     Under the interpreter the JIT returns no compiled kernel, and every launch goes through it.
     """
 
-    def __init__(self, kernel, grid: tuple, **constexprs):
+    def __init__(self, kernel, grid: tuple, launch_options: dict | None = None, **constexprs):
         self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
+        # num_warps, launch_cooperative_grid and the like: compiled into the kernel and its launcher
+        self.launch_options = launch_options or {}
         self.compiled = None  # the compiled kernel's launcher on grid, after the first launch
         self.trailing: tuple = ()  # the constexprs' values, in the kernel's order after the positional arguments
 
@@ -599,7 +673,7 @@ class RepeatedLaunch:
         if self.compiled is not None:
             self.compiled(*args, *self.trailing)
             return
-        compiled = self.kernel[self.grid](*args, **self.constexprs)
+        compiled = self.kernel[self.grid](*args, **self.constexprs, **self.launch_options)
         if compiled is not None and hasattr(compiled, "__getitem__"):
             names = self.kernel.arg_names[len(args):]
             if set(names) == set(self.constexprs):
@@ -614,18 +688,20 @@ _specialised_launches: collections.OrderedDict = collections.OrderedDict()
 SPECIALISED_LAUNCHES_KEPT = 256
 
 
-def launch_specialised(kernel, grid: tuple, *args, **constexprs) -> None:
-    """kernel[grid](*args, **constexprs) of a kernel launched once per call (no launch options), straight
-    to the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
+def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None = None, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs, **launch_options) of a kernel launched once per call, straight to
+    the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
     each argument's value, a tensor's dtype and 16-byte alignment instead, the two things Triton
-    specialises a pointer on, and the current device, whose compiled kernel the launch runs."""
+    specialises a pointer on, the launch options, and the current device, whose compiled kernel the
+    launch runs. (A persistent launch through Triton's JIT took 95 us of the H100's host, with timers.)"""
+    options = tuple(launch_options.items()) if launch_options else ()
     key = (
-        kernel, grid, tuple(constexprs.items()), torch.cuda.current_device() if args[0].is_cuda else None,
+        kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
         *((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, Tensor) else (type(arg), arg) for arg in args),
     )
     launcher = _specialised_launches.get(key)
     if launcher is None:
-        launcher = _specialised_launches[key] = RepeatedLaunch(kernel, grid, **constexprs)
+        launcher = _specialised_launches[key] = RepeatedLaunch(kernel, grid, launch_options, **constexprs)
         if len(_specialised_launches) > SPECIALISED_LAUNCHES_KEPT:
             _specialised_launches.popitem(last=False)
     else:
@@ -709,11 +785,12 @@ def layer_forward(
 
 @on_tensor_device
 def layer_backward(
-    d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+    d_out: Tensor, d_h_n: Tensor | None, d_c_n: Tensor | None, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None,
     lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
     xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor, dgates: Tensor,
 ) -> tuple[Tensor, ...]:
     """Backward through time of layer_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (None without proj).
+    d_h_n, d_c_n: None where h_n, c_n were unused (zeros).
 
     dL/dgates [T, B, 4H] go to dgates, which may be xg itself: step t's program reads its own tile of xg[t]
     before writing the same elements of dgates[t], and nothing reads xg[t] after.
@@ -723,16 +800,18 @@ def layer_backward(
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
     w_hr = None if w_hr is None else w_hr.contiguous()
-    w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     # the carries are written in place: copies of their own
-    gh = d_h_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    gc = d_c_n.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    gh, gc = (
+        torch.zeros(batch, size, dtype=dtype, device=x.device) if grad is None
+        else grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        for grad, size in ((d_h_n, real_hidden), (d_c_n, hidden))
+    )
     d_out = d_out.to(x.dtype).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
-    precision = dot_precision(w.dtype, x.device)
+    precision = dot_precision(w_hh.dtype, x.device)
     replan = functools.partial(
-        recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden, forward=False
+        recurrence_plan, x.device, precision, w_hh.element_size(), batch, hidden, real_hidden, forward=False
     )
     plan = replan()
     step_arguments = (lengths_arg, ints, floats)
@@ -744,6 +823,7 @@ def layer_backward(
 
     if plan.kind == "resident":
         db = bias_partials()
+        w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
             (dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments), (int(reverse), stream, has_lengths, *sizes),
@@ -753,12 +833,15 @@ def layer_backward(
             plan = replan()
     if plan.kind != "resident":
         # the persistent and per-step products read W~ transposed, [H_out, 4H] (kernels.backward_h_tile)
-        w_t = w.t().contiguous()
+        if flags.weight:
+            w_t = transposed_dropped_weight(w_hh, ints, floats, stream, flags.weight_rows)
+        else:
+            w_t = w_hh.t().contiguous()
     if plan.kind == "persistent":
         db = bias_partials()
         done = _launch_persistent(
             backward_persistent_kernel, plan, x,
-            dgates, db, xg, w_t, w if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
+            dgates, db, xg, w_t, w_t if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
@@ -775,7 +858,7 @@ def layer_backward(
         # float32 tile spilled registers in the sm_90 compile)
         projection_cell_step = RepeatedLaunch(
             backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
-            **{**plan.tile_constexprs, "BLOCK_K": min(plan.block_k, block_depth(True, w.element_size()))},
+            **{**plan.tile_constexprs, "BLOCK_K": min(plan.block_k, block_depth(True, w_hh.element_size()))},
         )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates

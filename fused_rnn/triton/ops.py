@@ -59,19 +59,22 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
 
 
 def layer_backward_into(
-    dgates: Tensor, d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor,
+    dgates: Tensor, d_out: Tensor, d_h_n: Optional[Tensor], d_c_n: Optional[Tensor], x: Tensor, w_ih: Tensor, w_hh: Tensor,
     w_hr: Optional[Tensor], lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    states_wanted: tuple[bool, bool] = (True, True),
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection); dL/dgates go to
-    dgates [T, B, 4H], which may be xg itself (launch.layer_backward)."""
+    dgates [T, B, 4H], which may be xg itself (launch.layer_backward). d_h_n, d_c_n: None for zeros.
+    states_wanted: whether dh0, dc0 are (None where not: their float32 carries are not converted)."""
     ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
         d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre, dgates
     )
     if dw_hr is None:
         dw_hr = x.new_empty(0)
-    return dx.to(x.dtype), dh0.to(x.dtype), dc0.to(x.dtype), dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
+    dh0, dc0 = (state.to(x.dtype) if wanted else None for state, wanted in zip((dh0, dc0), states_wanted))
+    return dx.to(x.dtype), dh0, dc0, dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
 
 
 def _lstm_layer_backward(
@@ -151,20 +154,24 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
     def kernel():
         seq_len, batch, _ = x.shape
         hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
-        # outputs nobody used come back as None
-        grads = (
-            x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out,
-            x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n,
-            x.new_zeros(batch, hidden) if d_c_n is None else d_c_n,
-        )
-        arguments = (*grads, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
-        if reserve_is_spent(ctx, xg, grads):
+        # outputs nobody used come back as None; the final state's gradients (h_n and c_n are seldom used)
+        # may stay None where the launcher is called directly, which starts them at zero in its own buffers
+        d_out_or_zeros = x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out
+        given = (d_out_or_zeros, *(g for g in (d_h_n, d_c_n) if g is not None))
+        settings = (x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
+        if reserve_is_spent(ctx, xg, given):
             ctx.reserve_overwritten = True
-            results = layer_backward_into(xg, *arguments, xg, rs, cs, hpre)
+            results = layer_backward_into(xg, d_out_or_zeros, d_h_n, d_c_n, *settings, xg, rs, cs, hpre,
+                                          states_wanted=tuple(ctx.needs_input_grad[1:3]))
         else:
+            grads = (
+                d_out_or_zeros,
+                x.new_zeros(batch, real_hidden) if d_h_n is None else d_h_n,
+                x.new_zeros(batch, hidden) if d_c_n is None else d_c_n,
+            )
             results = _call(lstm_layer_backward, _lstm_layer_backward, None,
                             (*grads, x, w_ih, w_hh, w_hr, lengths, seed, xg, rs, cs, hpre), (),
-                            (*arguments, xg, rs, cs, hpre))
+                            (*grads, *settings, xg, rs, cs, hpre))
         dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = results
         return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
 
