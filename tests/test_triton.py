@@ -233,6 +233,7 @@ def test_matches_the_reference_in_float32(mode, monkeypatch):
         ("persistent", {"FUSED_RNN_BLOCK_K": "16,256"}),
         ("persistent", {"FUSED_RNN_BLOCK_K": "32"}),
         ("steps", {"FUSED_RNN_STEP_TILE": "16x16"}),
+        ("steps", {"FUSED_RNN_STEP_TILE": ",16x16"}),
     ],
 )
 def test_matches_the_reference_at_other_tiles(mode, tuning, monkeypatch):
@@ -275,10 +276,16 @@ def test_gpu_tiles_follow_the_batch_the_dtype_and_the_tuning_variables(monkeypat
     monkeypatch.setenv("FUSED_RNN_STEP_TILE", "32x64")
     monkeypatch.setenv("FUSED_RNN_BLOCK_K", "16")
     assert launch.tile_sizes(80, False, True, 2) == (32, 64, 16)
+    assert launch.tile_sizes(80, False, False, 2) == (32, 64, 16)
     assert launch.tile_sizes(20, True, True, 2) == (16, 16, 16)
-    for bad in ("32", "32x48", "8x64", "32x64x2", "ax64"):
+    # the forward's and the backward's apart, an empty side the default
+    monkeypatch.setenv("FUSED_RNN_STEP_TILE", ",16x64")
+    assert (launch.tile_sizes(80, False, True, 2), launch.tile_sizes(80, False, False, 2)) == ((32, 16, 16), (16, 64, 16))
+    monkeypatch.setenv("FUSED_RNN_STEP_TILE", "32x32,")
+    assert (launch.tile_sizes(80, False, True, 2), launch.tile_sizes(80, False, False, 2)) == ((32, 32, 16), (32, 16, 16))
+    for bad in ("32", "32x48", "8x64", "32x64x2", "ax64", ",", "32x32,16x16,16x16", "32x32;16x16"):
         monkeypatch.setenv("FUSED_RNN_STEP_TILE", bad)
-        with pytest.raises(ValueError, match="FUSED_RNN_STEP_TILE must be two sides"):
+        with pytest.raises(ValueError, match="FUSED_RNN_STEP_TILE must be a tile of two sides"):
             launch.tile_sizes(80, False, True, 2)
 
 

@@ -496,7 +496,7 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
     persistent program's (which inlines every phase) at the smallest, 16 x 16. BLOCK_K: block_depth.
     FUSED_RNN_BLOCK_K and FUSED_RNN_STEP_TILE (tuned_depth, tuned_step_tile) override them everywhere."""
     tuned_k = tuned_depth(forward)
-    tuned_tile = None if persistent else tuned_step_tile()
+    tuned_tile = None if persistent else tuned_step_tile(forward)
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
         return (*(tuned_tile or (max(16, next_power_of_2(batch)), 64)), tuned_k or 64)
@@ -514,18 +514,26 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
 STEP_TILE_CHOICES = (16, 32, 64, 128)
 
 
-def tuned_step_tile() -> tuple[int, int] | None:
-    """FUSED_RNN_STEP_TILE's (BLOCK_B, BLOCK_H) of a per-step launch ("32x64"), for tuning (bench.tune's
-    "steps BxH" variants), or None. Wider unit tiles read each row tile's dgates from L2 fewer times (at
-    PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the cell's step."""
+def tuned_step_tile(forward: bool) -> tuple[int, int] | None:
+    """FUSED_RNN_STEP_TILE's (BLOCK_B, BLOCK_H) of the forward's or the backward's per-step launches, for
+    tuning (bench.tune's "steps BxH" variants), or None: "BxH" for both, or "FORWARD,BACKWARD" with either
+    side empty for the default ("32x16,32x32", ",16x64"). Wider unit tiles read each row tile's dgates from
+    L2 fewer times (at PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the
+    cell's step (the sm_90 compile of the 16-bit backward spilled at 32 x 64, not at 32 x 32 or 16 x 64;
+    the forward spilled at all three)."""
     chosen = os.environ.get("FUSED_RNN_STEP_TILE", "")
     if not chosen:
         return None
-    sides = chosen.split("x")
-    if len(sides) != 2 or not all(side.isdigit() and int(side) in STEP_TILE_CHOICES for side in sides):
-        raise ValueError(f"FUSED_RNN_STEP_TILE must be two sides, rows x units, each one of "
-                         f"{', '.join(map(str, STEP_TILE_CHOICES))}, like 32x64; got {chosen!r}")
-    return int(sides[0]), int(sides[1])
+    tiles = chosen.split(",")
+    sides = [tile.split("x") for tile in tiles if tile]
+    if len(tiles) > 2 or not sides or not all(
+        len(pair) == 2 and all(side.isdigit() and int(side) in STEP_TILE_CHOICES for side in pair) for pair in sides
+    ):
+        raise ValueError(f"FUSED_RNN_STEP_TILE must be a tile of two sides, rows x units, each one of "
+                         f"{', '.join(map(str, STEP_TILE_CHOICES))}, like 32x64, or two (forward,backward), "
+                         f"either one empty for the default; got {chosen!r}")
+    tile = tiles[0] if forward or len(tiles) == 1 else tiles[1]
+    return tuple(int(side) for side in tile.split("x")) if tile else None
 
 
 # The depth of a product's K tile in the per-step and persistent loops, in bytes of W~: forward 128 (64
