@@ -13,8 +13,9 @@ ran). The rows (the kF/kB and BxH variants only where --variants names them, or 
 - steps / persistent kF/kB: the same with the products' K tiles of the forward F and the backward B deep
   (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's); steps BxH: the backward's per-step
   tiles of B rows and H units (FUSED_RNN_STEP_TILE; the forward's, and the others, launch.tile_sizes').
+- persistent / resident load: their grid barriers poll with acquire loads (FUSED_RNN_BARRIER=load).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
-  the floor under a persistent step.
+  the floor under a persistent step; "barrier load" polls with acquire loads (GPU only).
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
 and unit tile. "host ms": until the call returned, before the GPU finished; close to the total, the GPU
 waited for the host's launches (a launch per step), not for its own work. On CPU (under
@@ -63,15 +64,17 @@ VARIANTS = (
     # the backward's tiles only: the forward's spilled registers at these in the sm_90 compile (and at PTB in
     # 16-bit the forward runs resident); 32 x 64 spilled in the backward's too
     (f"steps {tile}", "steps", None, {"FUSED_RNN_STEP_TILE": f",{tile}"}) for tile in ("16x32", "32x32", "16x64")
+) + tuple(
+    (f"{mode} load", mode, None, {"FUSED_RNN_BARRIER": "load"}) for mode in ("persistent", "resident")
 )
 
 
 @triton.jit(do_not_specialize=["steps"])
-def barrier_loop_kernel(arrivals_ptr, steps):
+def barrier_loop_kernel(arrivals_ptr, steps, POLL_LOADS: tl.constexpr):
     expected = 0
     for _ in range(steps):
         expected += tl.num_programs(0)
-        grid_barrier(arrivals_ptr, expected)
+        grid_barrier(arrivals_ptr, expected, POLL_LOADS)
 
 
 @contextlib.contextmanager
@@ -202,8 +205,9 @@ def cudnn_times(layer: Layer, reps: int) -> tuple[Timing, Timing]:
     return forward_time, total - forward_time
 
 
-def barrier_time(layer: Layer, reps: int) -> tuple[Timing, int]:
-    """Seconds of seq_len grid barriers among the resident forward's programs (or one program)."""
+def barrier_time(layer: Layer, reps: int, poll_loads: bool) -> tuple[Timing, int]:
+    """Seconds of seq_len grid barriers among the resident forward's programs (or one program), polling with
+    acquire loads or atomic adds (launch.barrier_poll_loads)."""
     plan = launch.resident_plan(launch.gpu_limits(layer.device), layer.x.element_size(), layer.shape.batch,
                                 layer.shape.hidden_size) if layer.device.type == "cuda" else None
     programs = plan.programs if plan is not None else 1
@@ -212,7 +216,7 @@ def barrier_time(layer: Layer, reps: int) -> tuple[Timing, int]:
     options = launch.persistent_options(layer.device, layer.dtype, plan) if plan is not None else {}
 
     def run():
-        barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, **options)
+        barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, POLL_LOADS=poll_loads, **options)
 
     return timed(run, arrivals.zero_, reps, layer.device), programs
 
@@ -283,8 +287,8 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
             # the plans after the run: a refused launch has ruled its kind out
             return layer.plans(), forward, backward
 
-    def barrier(layer: Layer):
-        timing, programs = barrier_time(layer, args.reps)
+    def barrier(layer: Layer, poll_loads: bool):
+        timing, programs = barrier_time(layer, args.reps, poll_loads)
         return f"{programs} programs", timing, None
 
     for shape in shapes:
@@ -292,7 +296,9 @@ def run(args, device: torch.device, dtype: torch.dtype, shapes: list, sink) -> N
         if device.type == "cuda" and not args.no_reference:
             attempt(shape, "cudnn", lambda: ("nn.LSTM", *cudnn_times(layer, args.reps)))
         if "resident" in args.modes.split(",") and not args.no_reference:
-            attempt(shape, "barrier", lambda: barrier(layer))
+            attempt(shape, "barrier", lambda: barrier(layer, False))
+            if device.type == "cuda":
+                attempt(shape, "barrier load", lambda: barrier(layer, True))
         for name, mode, warps, environment in VARIANTS:
             chosen = name in args.variants.split(",") if args.variants else not environment
             if mode not in args.modes.split(",") or not (chosen or args.variants == "all"):

@@ -468,6 +468,42 @@ def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layer
         assert error_ratio(t, k) <= 2 * error_ratio(t, p), f"result {index}: kernel {error_ratio(t, k):.3g} vs PyTorch {error_ratio(t, p):.3g}"
 
 
+def test_barriers_poll_with_loads_only_where_asked_and_compiled(monkeypatch):
+    """FUSED_RNN_BARRIER chooses how grid barriers poll: atomic adds of 0 by default, acquire loads (inline
+    PTX) with "load" on a GPU; the interpreter has no PTX and keeps the atomic adds."""
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.delenv("FUSED_RNN_BARRIER", raising=False)
+    assert launch.barrier_poll_loads() is False
+    for poll, loads in (("atomic", False), ("load", True)):
+        monkeypatch.setenv("FUSED_RNN_BARRIER", poll)
+        assert launch.barrier_poll_loads() is loads
+    monkeypatch.setattr(launch, "interpreted", lambda: True)
+    assert launch.barrier_poll_loads() is False
+    monkeypatch.setenv("FUSED_RNN_BARRIER", "spin")
+    with pytest.raises(ValueError, match="FUSED_RNN_BARRIER must be one of atomic, load"):
+        launch.barrier_poll_loads()
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mode", ["persistent", "resident"])
+def test_gpu_barriers_that_poll_with_loads_give_the_same_bits(mode, monkeypatch):
+    """FUSED_RNN_BARRIER=load changes how the programs wait at each grid barrier, nothing they compute: the
+    outputs and every gradient bit for bit those of the default barrier."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    runs = []
+    for poll in ("atomic", "load"):
+        monkeypatch.setenv("FUSED_RNN_BARRIER", poll)
+        torch.manual_seed(0)
+        model = fused_rnn.LSTM(48, 200, 2, bidirectional=True, device="cuda", dtype=torch.float16, backend="triton",
+                               **EVERY)
+        x = torch.randn(25, 33, 48, device="cuda", dtype=torch.float16, requires_grad=True)
+        out, (h_n, c_n) = model(x, seed=5)
+        out.float().square().sum().backward()
+        runs.append([out, h_n, c_n, x.grad, *(p.grad for p in model.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("mode", RECURRENCE_MODES)

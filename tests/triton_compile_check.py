@@ -89,6 +89,13 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
                             drive_layer(dtype, batch, hidden, 0, False, seed)
         for locked in (False, True):
             launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
+    # grid barriers that poll with acquire loads (FUSED_RNN_BARRIER=load, inline PTX): each loop that has them
+    os.environ["FUSED_RNN_BARRIER"] = "load"
+    launch.persistent_programs = lambda device, tiles: 8
+    for mode, proj in (("persistent", 3), ("resident", 0)):
+        os.environ["FUSED_RNN_RECURRENCE"] = mode
+        drive_layer(torch.float16, 20, 6, proj, False, seed)
+    del os.environ["FUSED_RNN_BARRIER"]
     return launches
 
 

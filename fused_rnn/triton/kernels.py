@@ -452,19 +452,34 @@ def backward_projection_cell_kernel(
 
 
 @triton.jit
-def grid_barrier(arrivals_ptr, expected):
+def grid_barrier(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
     """Wait until the launch's arrival counter reaches `expected`, after adding this program's arrival.
 
     Every program of the launch must be resident (a cooperative launch guarantees it). The release
     add publishes this program's stores, after a CTA barrier has gathered them; the acquire reads make
-    every other program's stores visible here.
+    every other program's stores visible here. POLL_LOADS: the reads are acquire loads (acquire_load),
+    else atomic adds of 0 (launch.barrier_poll_loads chooses; the interpreter has only the latter).
     """
     tl.debug_barrier()
     tl.atomic_add(arrivals_ptr, 1, sem="release")
-    arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
-    while arrived < expected:
+    if POLL_LOADS:
+        arrived = acquire_load(arrivals_ptr)
+        while arrived < expected:
+            arrived = acquire_load(arrivals_ptr)
+    else:
         arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+        while arrived < expected:
+            arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
     tl.debug_barrier()
+
+
+@triton.jit
+def acquire_load(ptr):
+    """The int32 at ptr, read with acquire semantics at GPU scope (PTX ld.acquire.gpu), in every thread: a
+    poll that is a load at the counter's L2 slice, where an atomic add of 0 is a read-modify-write that
+    queues there behind every other program's."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
 
 
 @triton.jit
@@ -488,6 +503,7 @@ def forward_persistent_kernel(
     xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
@@ -506,7 +522,7 @@ def forward_persistent_kernel(
                 ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
-        grid_barrier(arrivals_ptr, expected)
+        grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
         if has_proj != 0:
             for tile in range(pid, tiles_b * tiles_out, programs):
                 projection_tile(
@@ -515,7 +531,7 @@ def forward_persistent_kernel(
                     B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                 )
             expected += programs
-            grid_barrier(arrivals_ptr, expected)
+            grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
 
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
@@ -523,6 +539,7 @@ def backward_persistent_kernel(
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
     pid = tl.program_id(0)
@@ -541,7 +558,7 @@ def backward_persistent_kernel(
                 floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
-        grid_barrier(arrivals_ptr, expected)
+        grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
         if has_proj != 0:
             if back < seq_len:
                 for tile in range(pid, tiles_b * tiles_h, programs):
@@ -551,7 +568,7 @@ def backward_persistent_kernel(
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                     )
                 expected += programs
-                grid_barrier(arrivals_ptr, expected)
+                grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
@@ -635,6 +652,7 @@ def forward_resident_kernel(
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns units
     [p * BLOCK_H, ...) for every row and step, and loads their four gates' rows of W~ once, before the
@@ -666,7 +684,7 @@ def forward_resident_kernel(
                         lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
-            grid_barrier(arrivals_ptr, expected)
+            grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
 
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
@@ -674,6 +692,7 @@ def backward_resident_kernel(
     dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns units [p * BLOCK_H, ...) for
@@ -698,4 +717,4 @@ def backward_resident_kernel(
                               lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
-            grid_barrier(arrivals_ptr, expected)
+            grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)

@@ -256,7 +256,7 @@ def _launch_persistent(kernel, plan: "Plan", x: Tensor, *args, **constexprs) -> 
     refusals = _resident_refused if resident else _persistent_refused
     try:
         launch_specialised(kernel, (plan.programs,), *args, launch_options=persistent_options(x.device, x.dtype, plan),
-                           **constexprs)
+                           BARRIER_POLL_LOADS=barrier_poll_loads(), **constexprs)
     except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
             raise
@@ -290,6 +290,20 @@ def on_tensor_device(launcher):
             return launcher(x, *args, **kwargs)
 
     return on_device
+
+
+BARRIER_POLLS = ("atomic", "load")
+
+
+def barrier_poll_loads() -> bool:
+    """FUSED_RNN_BARRIER: how a persistent or resident launch's programs wait at a grid barrier (kernels.grid_barrier),
+    polling the arrival counter with atomic adds of 0 ("atomic", the default: what the H100's tables were
+    measured with) or with acquire loads ("load"; GPUs only, the interpreter has no inline PTX). For tuning:
+    bench.tune's "load" variants and barrier row."""
+    poll = os.environ.get("FUSED_RNN_BARRIER", "atomic")
+    if poll not in BARRIER_POLLS:
+        raise ValueError(f"FUSED_RNN_BARRIER must be one of {', '.join(BARRIER_POLLS)}, got {poll!r}")
+    return poll == "load" and not interpreted()
 
 
 def recurrence_mode() -> str:
@@ -655,7 +669,7 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
         )
     for s in range(steps):
         kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
-                                 **plan.resident_constexprs)
+                                 BARRIER_POLL_LOADS=False, **plan.resident_constexprs)
     return True
 
 
