@@ -1013,6 +1013,30 @@ def test_a_training_steps_backward_reuses_the_parameters_its_forward_sent(monkey
     assert len(sent) == 1 and sent[0][0] == 12
 
 
+def test_a_forwards_parameter_sets_sent_together_are_those_its_launches_ask_for(monkeypatch):
+    """send_call_parameters sends the layers' and each feature dropout's parameters in one copy, under the
+    keys launch_parameters looks up: the launches then find every set (no copy of their own), with their
+    values. (A GPU's stream and copy stood in for on CPU.)"""
+    sent = []
+    monkeypatch.setattr(launch, "_sent_parameters", collections.OrderedDict())
+    monkeypatch.setattr(launch, "host_to_device", lambda values, device: sent.append(values) or values)
+    monkeypatch.setattr(launch, "_sent_key", lambda ints, floats, dtype, device: (tuple(ints), tuple(floats), dtype))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cuda = torch.device("cuda", 0)
+    reg = Regularizers(**EVERY)
+    seed = seed_tensor(SEEDS[1])
+    dropouts = [reg.input_dropout, reg.dropout, reg.output_dropout]
+    launch.send_call_parameters(reg, True, seed, cuda, torch.float16, dropouts)
+    assert len(sent) == 1
+    layer_reg = Regularizers.of_recurrence_arguments(*reg.recurrence_arguments())  # what the layer ops rebuild
+    ints, floats = launch.step_parameters(layer_reg, True, seed, cuda, torch.float16)
+    assert ints.tolist() == launch._step_values_with_seed(reg, True, seed)[0] and floats.dtype == torch.float32
+    for p in dropouts:
+        ints, floats = launch.dropout_parameters(p, seed, cuda, torch.float16)
+        assert ints.tolist() == [SEEDS[1], philox.threshold(p)] and floats.tolist() == [float(torch.tensor(philox.keep_scale(p)))]
+    assert len(sent) == 1, "every launch found its set"
+
+
 def test_parameter_sets_sent_together_keep_their_values_and_16_byte_alignment():
     """launch._send_packed: each (ints, floats) set comes back as it went, ints as int64 and floats in the
     compute dtype, every view starting on a 16-byte boundary, as a set sent alone does."""
