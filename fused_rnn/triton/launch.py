@@ -157,7 +157,8 @@ SENT_PARAMETERS_KEPT = 64
 
 def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
-    floats' bits after the ints (padded to whole int64 words), sent in one copy (see host_to_device)."""
+    floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
+    those sent before (send_parameters)."""
     if device.type == "cuda":
         key = _sent_key(ints, floats, float_dtype, device)
         sent = _sent_parameters.get(key)
