@@ -561,6 +561,38 @@ def test_resident_backward_plan_fits_the_gpu(batch, hidden, element_size, expect
     assert plan is None or not plan.forward
 
 
+@pytest.mark.parametrize(
+    "batch, hidden, element_size, forward, expected",
+    [
+        # T=100 B=64 H=512: 128 programs of 16 units, each one row tile of 16 (a persistent launch's tiles)
+        (64, 512, 2, True, (128, 16, 16, 512, 0)),
+        (64, 512, 2, False, (128, 16, 16, 2048, 0)),
+        (64, 512, 4, True, (128, 32, 4, 512, 0)),  # fp32: split tiles over 2 KB (RESIDENT_TILE_BYTES); not split
+        (64, 1024, 2, True, (128, 32, 8, 1024, 0)),  # no split fits 132 SMs: a program per unit tile
+        (16, 768, 2, True, (96, 16, 8, 512, 256)),  # one row tile: nothing to split
+    ],
+)
+def test_a_resident_plan_that_splits_rows_gives_each_program_one_row_tile(batch, hidden, element_size, forward,
+                                                                         expected):
+    plan = launch.resident_plan(H100, element_size, batch, hidden, forward=forward, split_rows=True)
+    _assert_resident_plan(plan, element_size, expected)
+    assert plan.programs == triton.cdiv(hidden, plan.block_h) * plan.row_programs
+    assert plan.row_programs in (1, triton.cdiv(batch, plan.block_b)), "no program walks row tiles where split"
+
+
+def test_resident_kernels_split_row_tiles_among_programs_and_walk_them(monkeypatch):
+    """Under the interpreter a resident plan of more than 16 rows has two programs per unit tile: with 40 rows
+    (3 tiles of 16), one program takes tiles 0 and 2, the other tile 1; against the reference, packed rows
+    of several lengths, every regularizer."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    device = require_backend("triton", torch.float64)
+    for forward in (True, False):
+        plan = launch.recurrence_plan(device, "ieee", 8, 40, 8, 8, forward=forward)
+        assert (plan.kind, plan.row_programs, plan.programs, plan.block_b) == ("resident", 2, 4, 16)
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=40, inputs=3, hidden=8, proj=0, layers=1,
+                            bidirectional=False, packed=True, training=True, reg=EVERY)
+
+
 def _assert_resident_plan(plan, element_size, expected):
     if expected is None:
         assert plan is None

@@ -647,6 +647,15 @@ def resident_dot(a_ptr, rows, B, a_stride, K, main_low, main_high, rest_low, res
     return acc
 
 
+@triton.jit
+def resident_program(unit_tiles):
+    """(unit tile, first row tile, row tiles apart) of this resident program: the launch's programs are
+    unit_tiles for each of its row programs (launch.Plan.row_programs), a program per unit tile where it
+    is one."""
+    pid = tl.program_id(0)
+    return pid % unit_tiles, pid // unit_tiles, tl.num_programs(0) // unit_tiles
+
+
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
@@ -654,15 +663,16 @@ def forward_resident_kernel(
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr,
 ):
-    """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns units
-    [p * BLOCK_H, ...) for every row and step, and loads their four gates' rows of W~ once, before the
-    first step. With synchronize, a grid barrier ends each step (the whole sequence in one launch);
-    without, the caller launches one step at a time."""
-    pid = tl.program_id(0)
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+    """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns the units
+    of unit tile p % tiles (tiles = H / BLOCK_H) for the row tiles p // tiles, p // tiles + R, ... (R =
+    programs / tiles, launch.Plan.row_programs) at every step, and loads their four gates' rows of W~
+    once, before the first step. With synchronize, a grid barrier ends each step (the whole sequence in
+    one launch); without, the caller launches one step at a time."""
+    unit_tile, row_program, row_programs = resident_program(tl.cdiv(H, BLOCK_H))
+    units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
     n = tl.arange(0, 4 * BLOCK_H)[None, :]
-    n_unit = pid * BLOCK_H + n // 4
+    n_unit = unit_tile * BLOCK_H + n // 4
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
         w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST
     )
@@ -670,7 +680,7 @@ def forward_resident_kernel(
     for s in range(first, last):
         t = position(s, seq_len, reverse)
         r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
-        for row0 in range(0, B, BLOCK_B):
+        for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main_low, w_main_high, w_rest_low, w_rest_high,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
@@ -697,16 +707,16 @@ def backward_resident_kernel(
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns units [p * BLOCK_H, ...) for
     every row, and loads W~'s columns for them, a [4H, BLOCK_H] slab, once. Each call, per row tile:
-    dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and launches as the forward's."""
-    pid = tl.program_id(0)
-    units = pid * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
+    dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Row tiles, barriers and launches as the forward's."""
+    unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
+    units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
         w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST
     )
     expected = 0
     for back in range(first, last):
         t, t_next = backward_positions(back, seq_len, reverse)
-        for row0 in range(0, B, BLOCK_B):
+        for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:

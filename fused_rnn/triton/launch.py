@@ -358,6 +358,7 @@ class Plan:
     k_rest: int = 0
     synchronize: bool = True
     forward: bool = True  # resident: the forward's slab of W~'s rows, or the backward's of its columns
+    row_programs: int = 1  # resident: programs per unit tile, each taking every row_programs-th row tile
 
     @property
     def product_columns(self) -> int:
@@ -439,29 +440,44 @@ def resident_shared_bytes(plan: Plan, element_size: int) -> int:
 
 
 def resident_plan(
-    limits: GpuLimits, element_size: int, batch: int, hidden: int, forward: bool = True
+    limits: GpuLimits, element_size: int, batch: int, hidden: int, forward: bool = True, split_rows: bool = False
 ) -> Plan | None:
     """The W~-resident plan for a layer without projection (hidden units, W~ of element_size bytes), its
-    forward or its backward, or None where it does not fit the GPU: every unit tile needs an SM of its
+    forward or its backward, or None where it does not fit the GPU: every program needs an SM of its
     own, its slabs and the product's left operand [BLOCK_B, depth] shared memory (depth H forward, 4H
     backward).
 
-    The smallest unit tile that fits in the SMs spreads the work widest; then the fewest row tiles
-    (each reads the slabs from shared memory again), the smaller of equal counts.
+    A program per unit tile: the smallest unit tile that fits in the SMs spreads the work widest; then
+    the fewest row tiles (each reads the slabs from shared memory again), the smaller of equal counts.
+    With split_rows, where the SMs hold a program per unit tile and row tile (Plan.row_programs: no
+    program walks row tiles, as none does in a persistent launch), that plan: the fewest rows a tile (the
+    least of r_prev or dgates each program reads from L2 a step), then the smallest unit tile.
     """
     k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
+
+    def fits(plan: Plan) -> bool:
+        return (plan.programs <= limits.sms
+                and plan.block_b * plan.product_columns * element_size <= RESIDENT_TILE_BYTES
+                and resident_shared_bytes(plan, element_size) <= limits.shared_bytes)
+
+    row_tiles = [block_b for block_b in RESIDENT_BLOCK_B if block_b <= max(16, next_power_of_2(batch))]
+    if split_rows:
+        split = [
+            Plan("resident", cdiv(hidden, block_h) * cdiv(batch, block_b), block_b, block_h, k_main=k_main,
+                 k_rest=k_rest, forward=forward, row_programs=cdiv(batch, block_b))
+            for block_h in RESIDENT_BLOCK_H for block_b in row_tiles if cdiv(batch, block_b) > 1
+        ]
+        chosen = min(filter(fits, split), key=lambda plan: (plan.block_b, plan.block_h), default=None)
+        if chosen is not None:
+            return chosen
     block_h = next((b for b in RESIDENT_BLOCK_H if cdiv(hidden, b) <= limits.sms), None)
     if block_h is None:
         return None
     plans = [
-        Plan("resident", cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest,
-             forward=forward)
-        for block_b in RESIDENT_BLOCK_B
-        if block_b <= max(16, next_power_of_2(batch))
+        Plan("resident", cdiv(hidden, block_h), block_b, block_h, k_main=k_main, k_rest=k_rest, forward=forward)
+        for block_b in row_tiles
     ]
-    plans = [plan for plan in plans if plan.block_b * plan.product_columns * element_size <= RESIDENT_TILE_BYTES]
-    fitting = [plan for plan in plans if resident_shared_bytes(plan, element_size) <= limits.shared_bytes]
-    return min(fitting, key=lambda plan: (cdiv(batch, plan.block_b), plan.block_b), default=None)
+    return min(filter(fits, plans), key=lambda plan: (cdiv(batch, plan.block_b), plan.block_b), default=None)
 
 
 def recurrence_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
@@ -485,19 +501,24 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
     programs = 0 if device.type == "cuda" and precision == "ieee" else persistent_programs(device, tiles)
     if interpreted():
         if mode == "resident" and resident:
-            units = 4
+            # tiles of 4 units and 16 rows; two programs per unit tile beyond 16 rows, so that the kernels'
+            # row tiles are both split among programs and walked by each (from 33 rows on)
+            units, row_programs = 4, min(2, cdiv(batch, 16))
             k_main, k_rest = resident_depths(hidden if forward else 4 * hidden)
-            return Plan("resident", cdiv(hidden, units), max(16, next_power_of_2(batch)), units,
-                        k_main=k_main, k_rest=k_rest, synchronize=hidden <= units, forward=forward)
+            programs = cdiv(hidden, units) * row_programs
+            return Plan("resident", programs, 16, units, k_main=k_main, k_rest=k_rest, synchronize=programs == 1,
+                        forward=forward, row_programs=row_programs)
     elif device.type == "cuda" and precision != "ieee" and resident and (forward or precision != "tf32"):
         # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
         # step loop at every size the compile check tries: it runs persistent)
-        plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward)
+        # FUSED_RNN_RECURRENCE=resident splits the row tiles among programs where they fit (resident_plan);
+        # auto keeps a program per unit tile until bench.tune has timed the split on a GPU
+        plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward, split_rows=mode == "resident")
         # a resident program walks its row tiles one after another. H100 (bench.tune at 9ab8d3d, fp16): with
         # two (B=64 H=512) the persistent loop, a tile a program, took 16 us a step against 22 forward, 20
         # against 36 backward; with one (B=16 H=768) the resident loop 5.8 against 12.8, 10 against 21.
         # (auto's persistent_programs is nonzero only where every program has a tile of its own.)
-        walks_rows = plan is not None and cdiv(batch, plan.block_b) > 1
+        walks_rows = plan is not None and cdiv(cdiv(batch, plan.block_b), plan.row_programs) > 1
         if plan is not None and not (mode == "auto" and walks_rows and programs):
             return plan
     if programs:
