@@ -457,29 +457,28 @@ def grid_barrier(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
 
     Every program of the launch must be resident (a cooperative launch guarantees it). The release
     add publishes this program's stores, after a CTA barrier has gathered them; the acquire reads make
-    every other program's stores visible here. POLL_LOADS: the reads are acquire loads (acquire_load),
+    every other program's stores visible here. POLL_LOADS: the reads are acquire loads (arrivals),
     else atomic adds of 0 (launch.barrier_poll_loads chooses; the interpreter has only the latter).
     """
     tl.debug_barrier()
     tl.atomic_add(arrivals_ptr, 1, sem="release")
-    if POLL_LOADS:
-        arrived = acquire_load(arrivals_ptr)
-        while arrived < expected:
-            arrived = acquire_load(arrivals_ptr)
-    else:
-        arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
-        while arrived < expected:
-            arrived = tl.atomic_add(arrivals_ptr, 0, sem="acquire")
+    arrived = arrivals(arrivals_ptr, POLL_LOADS)
+    while arrived < expected:
+        arrived = arrivals(arrivals_ptr, POLL_LOADS)
     tl.debug_barrier()
 
 
 @triton.jit
-def acquire_load(ptr):
-    """The int32 at ptr, read with acquire semantics at GPU scope (PTX ld.acquire.gpu), in every thread: a
-    poll that is a load at the counter's L2 slice, where an atomic add of 0 is a read-modify-write that
-    queues there behind every other program's."""
-    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                     is_pure=False, pack=1)
+def arrivals(ptr, LOAD: tl.constexpr):
+    """The arrival counter at ptr, read with acquire semantics at GPU scope: with LOAD, by a load in every
+    thread (PTX ld.acquire.gpu), else by an atomic add of 0 (Triton 3.9 makes it thread 0's acquire load,
+    passed to the CTA through shared memory: two bar.sync a poll)."""
+    if LOAD:
+        count = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+    else:
+        count = tl.atomic_add(ptr, 0, sem="acquire")
+    return count
 
 
 @triton.jit
@@ -705,9 +704,10 @@ def backward_resident_kernel(
     BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
-    seq_len + 1 calls of backward_positions), W~ on chip: program p owns units [p * BLOCK_H, ...) for
-    every row, and loads W~'s columns for them, a [4H, BLOCK_H] slab, once. Each call, per row tile:
-    dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Row tiles, barriers and launches as the forward's."""
+    seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
+    row tiles, as the forward's (resident_program), and loads W~'s columns for them, a [4H, BLOCK_H] slab,
+    once. Each call, per row tile: dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and
+    launches as the forward's."""
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(

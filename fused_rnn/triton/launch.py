@@ -536,7 +536,7 @@ def tile_sizes(batch: int, persistent: bool, forward: bool, element_size: int) -
     if interpreted():
         # the interpreter runs programs one after another: few programs, wide tiles
         return (*(tuned_tile or (max(16, next_power_of_2(batch)), 64)), tuned_k or 64)
-    block_k = block_depth(forward, element_size)
+    block_k = tuned_k or default_block_depth(forward, element_size)
     if persistent:
         if forward and batch % 16 and tuned_k is None:
             # the row masks of a batch that is no multiple of 16 (which Triton leaves unspecialised) take
@@ -557,19 +557,30 @@ def tuned_step_tile(forward: bool) -> tuple[int, int] | None:
     L2 fewer times (at PTB, 32 x 16 tiles read 85 MB a backward step), at the price of registers in the
     cell's step (the sm_90 compile of the 16-bit backward spilled at 32 x 64, not at 32 x 32 or 16 x 64;
     the forward spilled at all three)."""
-    chosen = os.environ.get("FUSED_RNN_STEP_TILE", "")
-    if not chosen:
-        return None
-    tiles = chosen.split(",")
+    tiles = tuning_values("FUSED_RNN_STEP_TILE")
     sides = [tile.split("x") for tile in tiles if tile]
-    if len(tiles) > 2 or not sides or not all(
+    if tiles and (len(tiles) > 2 or not sides or not all(
         len(pair) == 2 and all(side.isdigit() and int(side) in STEP_TILE_CHOICES for side in pair) for pair in sides
-    ):
+    )):
         raise ValueError(f"FUSED_RNN_STEP_TILE must be a tile of two sides, rows x units, each one of "
                          f"{', '.join(map(str, STEP_TILE_CHOICES))}, like 32x64, or two (forward,backward), "
-                         f"either one empty for the default; got {chosen!r}")
-    tile = tiles[0] if forward or len(tiles) == 1 else tiles[1]
+                         f"either one empty for the default; got {','.join(tiles)!r}")
+    tile = forward_or_backward(tiles, forward)
     return tuple(int(side) for side in tile.split("x")) if tile else None
+
+
+def tuning_values(name: str) -> list[str]:
+    """A tuning variable's comma-separated values ([] where unset): one for the forward and the backward,
+    or the forward's then the backward's (forward_or_backward)."""
+    chosen = os.environ.get(name, "")
+    return chosen.split(",") if chosen else []
+
+
+def forward_or_backward(values: list, forward: bool):
+    """Of tuning_values, the forward's or the backward's (None where there is none)."""
+    if not values:
+        return None
+    return values[0] if forward or len(values) == 1 else values[1]
 
 
 # The depth of a product's K tile in the per-step and persistent loops, in bytes of W~: forward 128 (64
@@ -587,23 +598,24 @@ BLOCK_K_CHOICES = (16, 32, 64, 128, 256)
 def block_depth(forward: bool, element_size: int) -> int:
     """BLOCK_K of the forward's or the backward's per-step and persistent products, W~ of element_size
     bytes: tuned_depth's where FUSED_RNN_BLOCK_K is set."""
-    return tuned_depth(forward) or max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
+    return tuned_depth(forward) or default_block_depth(forward, element_size)
+
+
+def default_block_depth(forward: bool, element_size: int) -> int:
+    return max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
 
 
 def tuned_depth(forward: bool) -> int | None:
     """FUSED_RNN_BLOCK_K's BLOCK_K of the forward's or the backward's products ("K" for both, or
     "K_FORWARD,K_BACKWARD"), for tuning (bench.tune's kF/kB variants), or None."""
-    chosen = os.environ.get("FUSED_RNN_BLOCK_K", "")
-    if not chosen:
-        return None
-    try:
-        values = [int(depth) for depth in chosen.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or not set(values) <= set(BLOCK_K_CHOICES):
-        raise ValueError(f"FUSED_RNN_BLOCK_K must be one depth or two (forward,backward) of "
-                         f"{', '.join(map(str, BLOCK_K_CHOICES))}, got {chosen!r}")
-    return values[0] if forward or len(values) == 1 else values[1]
+    chosen = tuning_values("FUSED_RNN_BLOCK_K")
+    if chosen:
+        depths = [int(depth) if depth.isdigit() else 0 for depth in chosen]
+        if len(depths) > 2 or not set(depths) <= set(BLOCK_K_CHOICES):
+            raise ValueError(f"FUSED_RNN_BLOCK_K must be one depth or two (forward,backward) of "
+                             f"{', '.join(map(str, BLOCK_K_CHOICES))}, got {','.join(chosen)!r}")
+        chosen = depths
+    return forward_or_backward(chosen, forward)
 
 
 def packed_dropout(
