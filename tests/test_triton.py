@@ -89,12 +89,13 @@ def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_
 
 
 @triton.jit
-def _unit_masks_kernel(ints_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def _unit_masks_kernel(ints_ptr, floats_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    ints, _ = cell.step_settings(ints_ptr, floats_ptr)
     rows = tl.arange(0, BLOCK_B)[:, None]
     units = tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H)
     here = rows * H + units
-    hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints_ptr, rows, units, H, t, stream)
+    hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints, rows, units, H, t, stream)
     tl.store(out_ptr + here, hidden.to(tl.int8), mask=inside)
     tl.store(out_ptr + B * H + here, update.to(tl.int8), mask=inside)
     tl.store(out_ptr + 2 * B * H + here, cell_keep.to(tl.int8), mask=inside)
@@ -116,10 +117,10 @@ def test_unit_masks_are_the_references(seed, reg):
     device = require_backend("triton", torch.float32)
     seq_len, batch, hidden, real_hidden, k = 3, 5, 7, 4, 2
     expected = masks.unit_masks(reg, seed, k, seq_len, batch, hidden, real_hidden, device)
-    ints, _ = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
+    ints, floats = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
     for t in range(seq_len):
         out = torch.zeros(5, batch, hidden, dtype=torch.int8, device=device)
-        _unit_masks_kernel[(1,)](ints, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
+        _unit_masks_kernel[(1,)](ints, floats, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
         got = dict(zip(("hidden", "update", "cell", "zoneout_h", "zoneout_c"), out.bool()))
         off = dict(hidden=True, update=True, cell=True, zoneout_h=False, zoneout_c=False)  # what a mask that is off reads
         for name, mask in expected.items():
@@ -129,6 +130,30 @@ def test_unit_masks_are_the_references(seed, reg):
             if name in ("update", "zoneout_h", "zoneout_c"):
                 mask = mask[t if mask.shape[0] > 1 else 0]
             assert torch.equal(got[name][:, : mask.shape[1]], mask), f"{name} at t={t}"
+
+
+@triton.jit
+def _settings_kernel(ints_ptr, floats_ptr, out_ints_ptr, out_floats_ptr, HOISTED: tl.constexpr):
+    ints, floats = ints_ptr, floats_ptr
+    if HOISTED:
+        ints, floats = cell.step_settings(ints_ptr, floats_ptr)
+    for slot in tl.static_range(cell.INT_SLOTS):
+        tl.store(out_ints_ptr + slot, cell.setting(ints, slot).to(tl.int64))
+    for slot in tl.static_range(cell.FLOAT_SLOTS):
+        tl.store(out_floats_ptr + slot, cell.setting(floats, slot))
+
+
+@pytest.mark.parametrize("hoisted", [True, False], ids=["step_settings", "where-used"])
+def test_settings_read_every_slot_as_the_launch_parameters_hold_it(hoisted):
+    """step_settings' tuples are in slot order, and setting() reads a slot from them or from the tensors alike."""
+    device = require_backend("triton", torch.float32)
+    reg = Regularizers(recurrent_dropout=0.3, weight_dropout=0.2, update_dropout=0.1, update_dropout_mode="sequence",
+                       cell_dropout=0.4, zoneout_h=0.25, zoneout_c=1.0)
+    ints, floats = launch.step_parameters(reg, True, seed_tensor(2**63 - 1), device, torch.float32)
+    got_ints, got_floats = torch.zeros_like(ints), torch.zeros_like(floats)
+    _settings_kernel[(1,)](ints, floats, got_ints, got_floats, HOISTED=hoisted)
+    assert torch.equal(got_ints, ints) and torch.equal(got_floats, floats)
+    assert len(set(ints.tolist())) > 4 and len(set(floats.tolist())) > 4  # the slots hold distinct values
 
 
 @triton.jit

@@ -69,6 +69,49 @@ def tanh(x):
 
 
 @triton.jit
+def step_settings(ints_ptr, floats_ptr):
+    """The per-call parameters as two tuples indexed by slot, ints[INT_*] and floats[FLOAT_*], loaded
+    once: a persistent or resident kernel loads them before its time loop. Loaded where they were used,
+    they were trips to L2 at every step, some after branches on others, since each grid barrier's acquire
+    empties L1. The flag and mode words as int32; the seed and the thresholds (up to 2**32) as int64."""
+    ints = (
+        tl.load(ints_ptr + INT_SEED),
+        tl.load(ints_ptr + INT_HIDDEN),
+        tl.load(ints_ptr + INT_UPDATE),
+        tl.load(ints_ptr + INT_CELL),
+        tl.load(ints_ptr + INT_ZONEOUT_H),
+        tl.load(ints_ptr + INT_ZONEOUT_C),
+        tl.load(ints_ptr + INT_WEIGHT),
+        tl.load(ints_ptr + INT_SEQUENCE_DRAWS).to(tl.int32),
+        tl.load(ints_ptr + INT_STEP_DRAWS).to(tl.int32),
+        tl.load(ints_ptr + INT_UPDATE_MODE).to(tl.int32),
+        tl.load(ints_ptr + INT_ZONEOUT_H_MODE).to(tl.int32),
+        tl.load(ints_ptr + INT_ZONEOUT_C_MODE).to(tl.int32),
+    )
+    floats = (
+        tl.load(floats_ptr + FLOAT_HIDDEN),
+        tl.load(floats_ptr + FLOAT_UPDATE),
+        tl.load(floats_ptr + FLOAT_CELL),
+        tl.load(floats_ptr + FLOAT_ZONEOUT_H),
+        tl.load(floats_ptr + FLOAT_ZONEOUT_C),
+        tl.load(floats_ptr + FLOAT_WEIGHT),
+    )
+    return ints, floats
+
+
+@triton.jit
+def setting(settings, SLOT: tl.constexpr):
+    """Slot SLOT of a call's ints or floats: from step_settings' tuple, or loaded here, where it is used, from
+    the parameter tensor itself (a launch per step, whose registers are all taken by its product and cell,
+    holds none of them from its start)."""
+    if isinstance(settings, tl.tensor):
+        value = tl.load(settings + SLOT)
+    else:
+        value = settings[SLOT]
+    return value
+
+
+@triton.jit
 def unit_draws(seed, rows, units, H, t, stream, KIND: tl.constexpr):
     """Philox words of the per-unit masks of layer-direction `stream`: counter (b * H + j, t, stream, KIND).
 
@@ -79,30 +122,30 @@ def unit_draws(seed, rows, units, H, t, stream, KIND: tl.constexpr):
 
 
 @triton.jit
-def unit_masks(ints_ptr, rows, units, H, t, stream):
+def unit_masks(ints, rows, units, H, t, stream):
     """Every per-unit mask of step t for units (rows, units), as docs/randomness.md lays them out.
 
     Returns [BB, BJ] booleans (hidden keep, update keep, cell keep, zoneout_h, zoneout_c). A dropout
     that is off keeps everything (its threshold is 0) and a zoneout that is off never fires, so the
     cell math applies every mask unconditionally; Philox runs only for the kinds in use.
     """
-    seed = tl.load(ints_ptr + INT_SEED)
-    update_mode = tl.load(ints_ptr + INT_UPDATE_MODE)
+    seed = setting(ints, INT_SEED)
+    update_mode = setting(ints, INT_UPDATE_MODE)
     keep_all = (rows + units) >= 0
     hidden_keep, update_keep, cell_keep = keep_all, keep_all, keep_all
     zone_h, zone_c = ~keep_all, ~keep_all
-    if tl.load(ints_ptr + INT_SEQUENCE_DRAWS) != 0:
+    if setting(ints, INT_SEQUENCE_DRAWS) != 0:
         w0, w1, w2, _ = unit_draws(seed, rows, units, H, 0, stream, KIND_SEQUENCE)
-        hidden_keep = not_fires(w0, tl.load(ints_ptr + INT_HIDDEN))
-        cell_keep = not_fires(w1, tl.load(ints_ptr + INT_CELL))
+        hidden_keep = not_fires(w0, setting(ints, INT_HIDDEN))
+        cell_keep = not_fires(w1, setting(ints, INT_CELL))
         if update_mode == UPDATE_SEQUENCE:
-            update_keep = not_fires(w2, tl.load(ints_ptr + INT_UPDATE))
-    if tl.load(ints_ptr + INT_STEP_DRAWS) != 0:
+            update_keep = not_fires(w2, setting(ints, INT_UPDATE))
+    if setting(ints, INT_STEP_DRAWS) != 0:
         w0, w1, w2, _ = unit_draws(seed, rows, units, H, t, stream, KIND_STEP)
-        zone_h = fires(w0, tl.load(ints_ptr + INT_ZONEOUT_H))
-        zone_c = fires(w1, tl.load(ints_ptr + INT_ZONEOUT_C))
+        zone_h = fires(w0, setting(ints, INT_ZONEOUT_H))
+        zone_c = fires(w1, setting(ints, INT_ZONEOUT_C))
         if update_mode == UPDATE_STEP:
-            update_keep = not_fires(w2, tl.load(ints_ptr + INT_UPDATE))
+            update_keep = not_fires(w2, setting(ints, INT_UPDATE))
     return hidden_keep, update_keep, cell_keep, zone_h, zone_c
 
 

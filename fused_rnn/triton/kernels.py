@@ -42,6 +42,8 @@ from .cell import (
     cell_forward,
     keep_scaled,
     not_fires,
+    setting,
+    step_settings,
     store_rounded,
     tile_dot,
     unit_masks,
@@ -108,13 +110,14 @@ def hidden_dropout_kernel(
 ):
     """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
     copy where recurrent dropout is off)."""
+    ints, floats = step_settings(ints_ptr, floats_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream)
+    hidden_keep, _, _, _, _ = unit_masks(ints, rows, units, H, 0, stream)
     here = rows * H_out + units
     h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
-    r = keep_scaled(h, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
+    r = keep_scaled(h, hidden_keep, setting(floats, FLOAT_HIDDEN))
     store_rounded(rs_ptr + state.to(tl.int64) * B * H_out + here, r, inside)
 
 
@@ -129,21 +132,30 @@ def row_is_active(lengths_ptr, rows, B, t, has_lengths):
 
 @triton.jit
 def finish_h(
-    h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-    h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out,
+    h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse,
+    h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out,
 ):
     """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy
-    (in rs, for the next step's product) and the output."""
+    (in rs, for the next step's product) and the output. h_prev: the state before, loaded here where None."""
+    if h_prev is None:
+        h_prev = previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out)
     here = rows * H_out + units
-    h_prev = tl.load(h_carry_ptr + (prev % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
-    h_new = zoneout(h_prev, h_tilde, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE))
+    new = t + 1 - reverse
+    h_new = zoneout(h_prev, h_tilde, zone_h, setting(floats, FLOAT_ZONEOUT_H), setting(ints, INT_ZONEOUT_H_MODE))
     h_state = tl.where(active, h_new, h_prev)
     tl.store(h_carry_ptr + (new % 2).to(tl.int64) * B * H_out + here, h_state, mask=inside)
     store_rounded(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), inside)
     # without recurrent dropout every unit is kept at scale 1, exactly h; the mask is fixed for the
     # sequence, so a frozen row's dropped copy stays what it was
-    r = keep_scaled(h_state, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
+    r = keep_scaled(h_state, hidden_keep, setting(floats, FLOAT_HIDDEN))
     store_rounded(rs_ptr + new.to(tl.int64) * B * H_out + here, r, inside)
+
+
+@triton.jit
+def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
+    """[BB, BH]: the h state before position t of the tile (rows, units of H_out)."""
+    return tl.load(h_carry_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out + rows * H_out + units, mask=inside,
+                   other=0.0)
 
 
 # Runtime integers (not specialised, so one compiled kernel serves every step and option). In the
@@ -161,12 +173,14 @@ SHARED: tl.constexpr = tl.constexpr(".cg")
 @triton.jit
 def forward_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
-    floats_ptr, B, H, H_out,
+    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints,
+    floats, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
-    projection follows (has_proj: hpre[t] is stored and projection_tile finishes h).
+    projection follows (has_proj: hpre[t] is stored and projection_tile finishes h). AHEAD: the step's
+    inputs are loaded before the product (step_inputs), else after it, where they are used.
 
     w: [4H, H_out] W_hh after weight drop.
     """
@@ -174,7 +188,10 @@ def forward_cell_tile(
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     inside = (rows < B) & (units < H)
     dtype = c_carry_ptr.dtype.element_ty
-
+    inputs = None
+    if AHEAD:
+        inputs = step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse,
+                             has_lengths, has_proj, B, H, H_out)
     # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T
     r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype)
@@ -191,35 +208,67 @@ def forward_cell_tile(
         acc_f = tile_dot(r, tl.load(w_t + H * H_out, mask=w_inside, other=0.0), acc_f, PRECISION)
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
-    finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-                xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
-                floats_ptr, B, H, H_out)
+    finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+                xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats,
+                B, H, H_out)
+
+
+@triton.jit
+def gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H):
+    """xg[t]'s four gates [BB, BH] of the tile's units, and c before the step."""
+    xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
+    x_i = tl.load(xg_here, mask=inside, other=0.0)
+    x_f = tl.load(xg_here + H, mask=inside, other=0.0)
+    x_g = tl.load(xg_here + 2 * H, mask=inside, other=0.0)
+    x_o = tl.load(xg_here + 3 * H, mask=inside, other=0.0)
+    c_prev = tl.load(c_carry_ptr + ((t + reverse) % 2).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0)
+    return x_i, x_f, x_g, x_o, c_prev
+
+
+@triton.jit
+def step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse, has_lengths, has_proj,
+                B, H, H_out):
+    """Everything step t of a tile reads besides its product, for loading before the product, so that these
+    trips to memory overlap its own (xg[t] at long T comes from DRAM): gate_inputs, h before the step (only
+    without a projection: projection_tile reads its own) and which rows are active. None of it is written
+    by another program: xg came from the GEMM before the launch, and the tile's program wrote the states at
+    the step before. inside: (rows < B) & (units < H)."""
+    x_i, x_f, x_g, x_o, c_prev = gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H)
+    h_prev = c_prev
+    if has_proj == 0:
+        h_prev = previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out)
+    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
+    return x_i, x_f, x_g, x_o, c_prev, h_prev, active
 
 
 @triton.jit
 def finish_step(
-    acc_i, acc_f, acc_g, acc_o, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
-    xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    B, H, H_out,
+    acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+    xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats, B, H, H_out,
 ):
     """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
-    the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj:
-    hpre[t] is stored for projection_tile). inside: (rows < B) & (units < H)."""
-    prev = t + reverse
+    the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj: hpre[t]
+    is stored for projection_tile). inputs: step_inputs, or None to load each where it is used (a launch
+    per step's registers are taken by its product until it ends). inside: (rows < B) & (units < H)."""
+    h_prev = None
+    if inputs is None:
+        x_i, x_f, x_g, x_o, c_prev = gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H)
+    else:
+        x_i, x_f, x_g, x_o, c_prev, h_prev, active = inputs
     new = t + 1 - reverse
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    gi = tl.load(xg_here, mask=inside, other=0.0).to(acc_i.dtype) + acc_i
-    gf = tl.load(xg_here + H, mask=inside, other=0.0).to(acc_f.dtype) + acc_f
-    gg = tl.load(xg_here + 2 * H, mask=inside, other=0.0).to(acc_g.dtype) + acc_g
-    go = tl.load(xg_here + 3 * H, mask=inside, other=0.0).to(acc_o.dtype) + acc_o
+    gi = x_i.to(acc_i.dtype) + acc_i
+    gf = x_f.to(acc_f.dtype) + acc_f
+    gg = x_g.to(acc_g.dtype) + acc_g
+    go = x_o.to(acc_o.dtype) + acc_o
     c_here = rows * H + units
-    c_prev = tl.load(c_carry_ptr + (prev % 2).to(tl.int64) * B * H + c_here, mask=inside, other=0.0)
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, rows, units, H, t, stream)
     i, f, g, o, c_tilde, h_tilde = cell_forward(
-        gi, gf, gg, go, c_prev, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep, tl.load(floats_ptr + FLOAT_CELL)
+        gi, gf, gg, go, c_prev, update_keep, setting(floats, FLOAT_UPDATE), cell_keep, setting(floats, FLOAT_CELL)
     )
-    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    c_new = zoneout(c_prev, c_tilde, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE))
+    if inputs is None:
+        active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
+    c_new = zoneout(c_prev, c_tilde, zone_c, setting(floats, FLOAT_ZONEOUT_C), setting(ints, INT_ZONEOUT_C_MODE))
     c_state = tl.where(active, c_new, c_prev)
     tl.store(c_carry_ptr + (new % 2).to(tl.int64) * B * H + c_here, c_state, mask=inside)
     store_rounded(cs_ptr + new.to(tl.int64) * B * H + c_here, c_state, inside)
@@ -232,14 +281,14 @@ def finish_step(
     if has_proj != 0:
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
-        finish_h(h_tilde, hidden_keep, zone_h, rows, units, inside, active, t, prev, new,
-                 h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+        finish_h(h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse,
+                 h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out)
 
 
 @triton.jit
 def projection_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step at position t, after forward_cell_tile: h~ = hpre[t] W_hr^T for my units of H_out, then finish_h.
@@ -256,36 +305,47 @@ def projection_tile(
         a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0, cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + units * H + ks[:, None], mask=(ks[:, None] < H) & (units < H_out), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    hidden_keep, _, _, zone_h, _ = unit_masks(ints_ptr, rows, units, H, t, stream)
+    hidden_keep, _, _, zone_h, _ = unit_masks(ints, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    finish_h(acc, hidden_keep, zone_h, rows, units, inside, active, t, t + reverse, t + 1 - reverse,
-             h_carry_ptr, rs_ptr, out_ptr, ints_ptr, floats_ptr, B, H_out)
+    finish_h(acc, None, hidden_keep, zone_h, rows, units, inside, active, t, reverse, h_carry_ptr, rs_ptr, out_ptr,
+             ints, floats, B, H_out)
 
 
 @triton.jit
-def backward_cell(
-    d_h_tilde, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, prev,
-    xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H,
-):
-    """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
-    state, and my tile's share of dL/dbias."""
-    c_here = rows * H + units
-    g_c = tl.load(gc_ptr + c_here, mask=inside, other=0.0)
-    d_c_new = tl.where(active, g_c, 0.0)
-    # the stored activations and state, in the compute dtype
+def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H):
+    """What the cell backward of step t reads for a tile (units of H), for loading before the step's product:
+    dL/dc after the step, and c before it and i, f, g, o in the compute dtype. None of it is written by
+    another program: the activations and states came from the forward, and the tile's program wrote gc at
+    the step before (dgates, which may be xg, is written at other positions this step)."""
     compute = gc_ptr.dtype.element_ty
-    c_prev = tl.load(cs_ptr + prev.to(tl.int64) * B * H + c_here, mask=inside, other=0.0).to(compute)
+    g_c = tl.load(gc_ptr + rows * H + units, mask=inside, other=0.0)
+    c_prev = tl.load(cs_ptr + (t + reverse).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0).to(compute)
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
     i = tl.load(xg_here, mask=inside, other=0.0).to(compute)
     f = tl.load(xg_here + H, mask=inside, other=0.0).to(compute)
     g = tl.load(xg_here + 2 * H, mask=inside, other=0.0).to(compute)
     o = tl.load(xg_here + 3 * H, mask=inside, other=0.0).to(compute)
+    return g_c, c_prev, i, f, g, o
+
+
+@triton.jit
+def backward_cell(
+    d_h_tilde, inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
+    xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H,
+):
+    """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
+    state, and my tile's share of dL/dbias. inputs: cell_backward_inputs, or None to load them here."""
+    if inputs is None:
+        inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
+    g_c, c_prev, i, f, g, o = inputs
+    c_here = rows * H + units
+    d_c_new = tl.where(active, g_c, 0.0)
     g_c_prev, d_c_tilde = zoneout_backward(
-        d_c_new, zone_c, tl.load(floats_ptr + FLOAT_ZONEOUT_C), tl.load(ints_ptr + INT_ZONEOUT_C_MODE)
+        d_c_new, zone_c, setting(floats, FLOAT_ZONEOUT_C), setting(ints, INT_ZONEOUT_C_MODE)
     )
     d_gi, d_gf, d_gg, d_go, d_c_prev = cell_backward(
-        i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, tl.load(floats_ptr + FLOAT_UPDATE), cell_keep,
-        tl.load(floats_ptr + FLOAT_CELL),
+        i, f, g, o, c_prev, d_h_tilde, d_c_tilde, update_keep, setting(floats, FLOAT_UPDATE), cell_keep,
+        setting(floats, FLOAT_CELL),
     )
     # rows past their length pass the gradient of their frozen state straight through
     tl.store(gc_ptr + c_here, g_c_prev + d_c_prev + tl.where(active, 0.0, g_c), mask=inside)
@@ -311,8 +371,9 @@ def add_row_sum(ptr, x, inside, units_inside):
 @triton.jit
 def backward_h_tile(
     pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
 
@@ -320,10 +381,20 @@ def backward_h_tile(
     add the recurrent part dL/dr_{t_next} = dgates[t_next] W~ through recurrent dropout, completing
     dL/dh of the state after step t. Then (step) zoneout and frozen rows on h: gh becomes the part for
     the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
-    follows here. The final call (has_next, not step) completes gh into dL/dh0.
+    follows here. The final call (has_next, not step) completes gh into dL/dh0. AHEAD: the step's inputs
+    are loaded before the product (h_backward_inputs, cell_backward_inputs), else where they are used.
     """
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    inside = (rows < B) & (units < H_out)
+    h_inputs = None
+    cell_inputs = None
+    if AHEAD:
+        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out)
+        # with a projection the cell backward is backward_projection_cell_tile's, which loads its own: none here
+        cell_units = tl.where(has_proj == 0, H, 0)
+        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, (rows < B) & (units < cell_units), t,
+                                           reverse, B, H)
     acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
@@ -336,37 +407,52 @@ def backward_h_tile(
             # lets the compiler copy it asynchronously (rows of H_out, 1150 on PTB, would not)
             w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
-    finish_h_backward(acc, pid_b, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-                      dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-                      B, H, H_out)
+    finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, has_lengths,
+                      has_proj, has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
+                      lengths_ptr, ints, floats, B, H, H_out)
+
+
+@triton.jit
+def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out):
+    """What the backward of step t reads for a tile of h besides the product and the cell's inputs, for
+    loading before the product: dL/dh so far (the tile's program wrote it), dL/dout[t], and which rows are
+    active. (The final call, at no step, reads dL/dout at a valid position it does not use.)"""
+    h_here = rows * H_out + units
+    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
+    return g_h, d_out, row_is_active(lengths_ptr, rows, B, t, has_lengths)
 
 
 @triton.jit
 def finish_h_backward(
-    acc, pid_b, rows, units, t, reverse, stream, has_lengths, has_proj, has_next, step,
-    dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out,
+    acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, has_lengths, has_proj, has_next, step,
+    dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats, B, H, H_out,
 ):
-    """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update,
-    and the step's backward if `step`."""
-    inside = (rows < B) & (units < H_out)
+    """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
+    the step's backward if `step`. h_inputs, cell_inputs: loaded before the product, or None to load each
+    where it is used. inside: (rows < B) & (units < H_out)."""
     h_here = rows * H_out + units
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
-    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, rows, units, H, t, stream)
+    if h_inputs is None:
+        g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    else:
+        g_h, d_out, active = h_inputs
     if has_next != 0:
-        g_h += keep_scaled(acc, hidden_keep, tl.load(floats_ptr + FLOAT_HIDDEN))
+        g_h += keep_scaled(acc, hidden_keep, setting(floats, FLOAT_HIDDEN))
     if step != 0:
-        active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-        d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
+        if h_inputs is None:
+            active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
+            d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
         d_h_new = tl.where(active, d_out + g_h, 0.0)
         g_h_prev, d_h_tilde = zoneout_backward(
-            d_h_new, zone_h, tl.load(floats_ptr + FLOAT_ZONEOUT_H), tl.load(ints_ptr + INT_ZONEOUT_H_MODE)
+            d_h_new, zone_h, setting(floats, FLOAT_ZONEOUT_H), setting(ints, INT_ZONEOUT_H_MODE)
         )
         tl.store(gh_ptr + h_here, g_h_prev + tl.where(active, 0.0, g_h), mask=inside)
         if has_proj != 0:
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
-            backward_cell(d_h_tilde, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                          xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+            backward_cell(d_h_tilde, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t,
+                          reverse, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
@@ -374,13 +460,18 @@ def finish_h_backward(
 @triton.jit
 def backward_projection_cell_tile(
     pid_b, pid_h, t, reverse, stream, has_lengths,
-    dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
-    """With a projection, after backward_h_tile: dL/dhpre = dh~[t] W_hr for my units of H, then the cell backward."""
+    """With a projection, after backward_h_tile: dL/dhpre = dh~[t] W_hr for my units of H, then the cell
+    backward, its inputs loaded before the product with AHEAD."""
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # of H
     inside = (rows < B) & (units < H)
+    cell_inputs = None
+    if AHEAD:
+        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
     dht_t = dht_ptr + t.to(tl.int64) * B * H_out
     acc = tl.zeros([BLOCK_B, BLOCK_H], gc_ptr.dtype.element_ty)
     for k0 in range(0, H_out, BLOCK_K):
@@ -389,10 +480,10 @@ def backward_projection_cell_tile(
                     cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + ks[:, None] * H + units, mask=(ks[:, None] < H_out) & (units < H), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    _, update_keep, cell_keep, _, zone_c = unit_masks(ints_ptr, rows, units, H, t, stream)
+    _, update_keep, cell_keep, _, zone_c = unit_masks(ints, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    backward_cell(acc, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, t + reverse,
-                  xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints_ptr, floats_ptr, B, H)
+    backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
+                  xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
@@ -405,7 +496,7 @@ def forward_step_kernel(
     forward_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
         xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
-        floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+        floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
 
@@ -433,7 +524,7 @@ def backward_step_kernel(
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
         dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
 
@@ -447,7 +538,7 @@ def backward_projection_cell_kernel(
     backward_projection_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
 
@@ -506,6 +597,9 @@ def forward_persistent_kernel(
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
+    # each setting and input loaded where it is used (AHEAD off): the call's settings held through the
+    # loop, or the step's inputs loaded before the product, spilled registers inside the step loop
+    # (sm_90 compile, 16-bit 16 x 16 tiles)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -518,7 +612,7 @@ def forward_persistent_kernel(
             forward_cell_tile(
                 tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
                 xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
-                ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
             )
         expected += programs
         grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -541,6 +635,13 @@ def backward_persistent_kernel(
     BARRIER_POLL_LOADS: tl.constexpr,
 ):
     """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
+    # 16-bit tiles load the call's settings before the time loop, and each step's inputs before its
+    # product (step_settings, step_inputs); TF32 tiles spilled registers inside the step loop with them
+    # held (sm_90 compile) and load them after the product, as a launch per step does
+    AHEAD: tl.constexpr = PRECISION != "tf32"
+    ints, floats = ints_ptr, floats_ptr
+    if AHEAD:
+        ints, floats = step_settings(ints_ptr, floats_ptr)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -553,8 +654,8 @@ def backward_persistent_kernel(
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
                 back > 0, back < seq_len,
-                dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
-                floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
+                floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
             )
         expected += programs
         grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -563,8 +664,8 @@ def backward_persistent_kernel(
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
                         tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths,
-                        dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-                        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
+                        dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
+                        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
                     )
                 expected += programs
                 grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -612,24 +713,44 @@ def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl
 
 
 @triton.jit
-def resident_part(a_ptr, rows, B, a_stride, K, slab, K_START: tl.constexpr, K_SIZE: tl.constexpr,
-                  zeros, PRECISION: tl.constexpr):
-    """a[:, K_START : K_START + K_SIZE] @ slab, into an accumulator of its own."""
+def resident_left(a_ptr, rows, B, a_stride, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """a[:, K_START : K_START + K_SIZE] [BB, K_SIZE], 0 past B and K: a part of a product's left operand."""
     ks = K_START + tl.arange(0, K_SIZE)[None, :]
-    a = tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
-    return tile_dot(a, slab, zeros, PRECISION)
+    return tl.load(a_ptr + rows * a_stride + ks, mask=(rows < B) & (ks < K), other=0.0, cache_modifier=SHARED)
 
 
 @triton.jit
-def resident_product(a_ptr, rows, B, a_stride, K, low, high, K_START: tl.constexpr, K_SIZE: tl.constexpr,
-                     zeros, PRECISION: tl.constexpr):
-    """a[:, K_START : K_START + K_SIZE] @ (low; high) of resident_halves, the halves' products apart."""
+def resident_left_halves(a_ptr, rows, B, a_stride, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """The left operand's columns K_START .. K_START + K_SIZE, split as resident_halves splits the slab's rows."""
     if K_SIZE >= SPLIT_SLAB_DEPTH:
-        product = resident_part(a_ptr, rows, B, a_stride, K, low, K_START, K_SIZE // 2, zeros, PRECISION)
-        product += resident_part(a_ptr, rows, B, a_stride, K, high, K_START + K_SIZE // 2, K_SIZE // 2, zeros,
-                                 PRECISION)
+        low = resident_left(a_ptr, rows, B, a_stride, K, K_START, K_SIZE // 2)
+        high = resident_left(a_ptr, rows, B, a_stride, K, K_START + K_SIZE // 2, K_SIZE // 2)
     else:
-        product = resident_part(a_ptr, rows, B, a_stride, K, low, K_START, K_SIZE, zeros, PRECISION)
+        low = resident_left(a_ptr, rows, B, a_stride, K, K_START, K_SIZE)
+        high = low
+    return low, high
+
+
+@triton.jit
+def resident_product(a_halves, low, high, K_SIZE: tl.constexpr, zeros, PRECISION: tl.constexpr):
+    """a_halves @ (low; high): halves of resident_left_halves and resident_halves, each product apart."""
+    a_low, a_high = a_halves
+    product = tile_dot(a_low, low, zeros, PRECISION)
+    if K_SIZE >= SPLIT_SLAB_DEPTH:
+        product += tile_dot(a_high, high, zeros, PRECISION)
+    return product
+
+
+@triton.jit
+def resident_product_loading(a_ptr, rows, B, a_stride, K, low, high, K_START: tl.constexpr, K_SIZE: tl.constexpr,
+                             zeros, PRECISION: tl.constexpr):
+    """resident_product of a[:, K_START : K_START + K_SIZE], each half of a loaded just before its product."""
+    if K_SIZE >= SPLIT_SLAB_DEPTH:
+        product = tile_dot(resident_left(a_ptr, rows, B, a_stride, K, K_START, K_SIZE // 2), low, zeros, PRECISION)
+        product += tile_dot(resident_left(a_ptr, rows, B, a_stride, K, K_START + K_SIZE // 2, K_SIZE // 2), high,
+                            zeros, PRECISION)
+    else:
+        product = tile_dot(resident_left(a_ptr, rows, B, a_stride, K, K_START, K_SIZE), low, zeros, PRECISION)
     return product
 
 
@@ -638,11 +759,26 @@ def resident_dot(a_ptr, rows, B, a_stride, K, main_low, main_high, rest_low, res
                  K_MAIN: tl.constexpr, K_REST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a [BB, K] @ the slabs of resident_weight, a's row b at a_ptr + b * a_stride. Each slab's
     product accumulates on its own: one accumulator for all of K made the MMAs one dependent chain (192
-    in a row for the T=1024 H=768 backward's 16 x 8 tile, in the sm_90 code), each waiting for the last."""
+    in a row for the T=1024 H=768 backward's 16 x 8 tile, in the sm_90 code), each waiting for the last.
+    A 16-bit a is loaded whole before the first product: loaded part by part, each part's trip to L2
+    waited for the layout conversion (through shared memory) of the part before it. A float32 a whole,
+    or both halves of its 1024-deep part, spilled registers inside the step loop (TF32, H = 768 and
+    1024, in the sm_90 compile): there each half is loaded just before its product."""
     zeros = tl.zeros(acc.shape, acc.dtype)
-    acc += resident_product(a_ptr, rows, B, a_stride, K, main_low, main_high, 0, K_MAIN, zeros, PRECISION)
-    if K_REST > 0:
-        acc += resident_product(a_ptr, rows, B, a_stride, K, rest_low, rest_high, K_MAIN, K_REST, zeros, PRECISION)
+    if a_ptr.dtype.element_ty.primitive_bitwidth <= 16:
+        a_main = resident_left_halves(a_ptr, rows, B, a_stride, K, 0, K_MAIN)
+        a_rest = a_main
+        if K_REST > 0:
+            a_rest = resident_left_halves(a_ptr, rows, B, a_stride, K, K_MAIN, K_REST)
+        acc += resident_product(a_main, main_low, main_high, K_MAIN, zeros, PRECISION)
+        if K_REST > 0:
+            acc += resident_product(a_rest, rest_low, rest_high, K_REST, zeros, PRECISION)
+    else:
+        acc += resident_product_loading(a_ptr, rows, B, a_stride, K, main_low, main_high, 0, K_MAIN, zeros,
+                                        PRECISION)
+        if K_REST > 0:
+            acc += resident_product_loading(a_ptr, rows, B, a_stride, K, rest_low, rest_high, K_MAIN, K_REST, zeros,
+                                            PRECISION)
     return acc
 
 
@@ -667,6 +803,12 @@ def forward_resident_kernel(
     programs / tiles, launch.Plan.row_programs) at every step, and loads their four gates' rows of W~
     once, before the first step. With synchronize, a grid barrier ends each step (the whole sequence in
     one launch); without, the caller launches one step at a time."""
+    # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs), except in TF32,
+    # which spilled registers inside the step loop with them (sm_90 compile, H = 256 and 1024)
+    AHEAD: tl.constexpr = PRECISION != "tf32"
+    ints, floats = ints_ptr, floats_ptr
+    if AHEAD:
+        ints, floats = step_settings(ints_ptr, floats_ptr)
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
@@ -681,6 +823,11 @@ def forward_resident_kernel(
         r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
         for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+            inside = (rows < B) & (units < H)
+            inputs = None
+            if AHEAD:
+                inputs = step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse,
+                                     has_lengths, 0, B, H, H_out)
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main_low, w_main_high, w_rest_low, w_rest_high,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
                                PRECISION)
@@ -688,9 +835,9 @@ def forward_resident_kernel(
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
             acc_f, acc_o = tl.split(odd)
-            finish_step(acc_i, acc_f, acc_g, acc_o, rows, units, (rows < B) & (units < H), t, reverse, stream,
-                        has_lengths, 0, xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr,
-                        lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+            finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, 0,
+                        xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr, lengths_ptr, ints, floats,
+                        B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -708,6 +855,11 @@ def backward_resident_kernel(
     row tiles, as the forward's (resident_program), and loads W~'s columns for them, a [4H, BLOCK_H] slab,
     once. Each call, per row tile: dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and
     launches as the forward's."""
+    # each step's inputs loaded ahead of the product where a tile has at most 128 elements: at 16 x 16
+    # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
+    # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
+    INPUTS_AHEAD: tl.constexpr = BLOCK_B * BLOCK_H <= 128
+    ints, floats = ints_ptr, floats_ptr
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
@@ -718,13 +870,20 @@ def backward_resident_kernel(
         t, t_next = backward_positions(back, seq_len, reverse)
         for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+            inside = (rows < B) & (units < H_out)
+            h_inputs = None
+            cell_inputs = None
+            if INPUTS_AHEAD:
+                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B,
+                                             H_out)
+                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION)
-            finish_h_backward(acc, row0 // BLOCK_B, rows, units, t, reverse, stream, has_lengths, 0, back > 0,
-                              back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dout_ptr,
-                              lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+            finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
+                              has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
+                              gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints, floats, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
