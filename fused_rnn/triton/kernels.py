@@ -562,7 +562,7 @@ def grid_barrier(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
 @triton.jit
 def arrivals(ptr, LOAD: tl.constexpr):
     """The arrival counter at ptr, read with acquire semantics at GPU scope: with LOAD, by a load in every
-    thread (PTX ld.acquire.gpu), else by an atomic add of 0 (Triton 3.9 makes it thread 0's acquire load,
+    thread (PTX ld.acquire.gpu), else by an atomic add of 0 (Triton 3.9 and 3.6 make it thread 0's acquire load,
     passed to the CTA through shared memory: two bar.sync a poll)."""
     if LOAD:
         count = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
