@@ -38,7 +38,7 @@ def check_seed(seed) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
-def _check_packed(data: Tensor, batch_sizes: Tensor) -> None:
+def _check_packed(data: Tensor, batch_sizes: Tensor, sorted_indices: Tensor | None) -> None:
     if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
         raise RuntimeError("PackedSequence batch_sizes must be a 1-D int64 CPU tensor")
     sizes = batch_sizes.tolist()
@@ -49,6 +49,14 @@ def _check_packed(data: Tensor, batch_sizes: Tensor) -> None:
         )
     if sum(sizes) != data.shape[0]:
         raise RuntimeError(f"PackedSequence data has {data.shape[0]} rows but its batch_sizes sum to {sum(sizes)}")
+    # its values are not read here (on a GPU that would wait for the queue); nn.LSTM checks none of this
+    if sorted_indices is not None and (
+        sorted_indices.dim() != 1 or sorted_indices.dtype != torch.int64 or sorted_indices.numel() != sizes[0]
+    ):
+        raise RuntimeError(
+            f"PackedSequence sorted_indices must be a 1-D int64 tensor of the batch's {sizes[0]} rows, got "
+            f"{sorted_indices.dtype} of shape {tuple(sorted_indices.shape)}"
+        )
 
 
 def _packed_index(batch_sizes: Tensor, sorted_indices: Tensor | None, device) -> tuple[Tensor, Tensor, Tensor]:
@@ -249,7 +257,7 @@ def lstm(
     if data.size(-1) != input_size:
         raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {input_size}, got {data.size(-1)}")
     if packed:
-        _check_packed(data, batch_sizes)
+        _check_packed(data, batch_sizes, sorted_indices)
         batch = int(batch_sizes[0])
     elif batched:
         batch = data.shape[0] if batch_first else data.shape[1]
@@ -287,10 +295,6 @@ def lstm(
 
     dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     chosen = backends.resolve(backend, data.device, dtype)
-    if not (training and reg.draws_masks(num_layers)):
-        seed = torch.zeros((), dtype=torch.int64)
-    elif seed is None:
-        seed = draw_seed()
     weights = [w.to(dtype) for w in weights]
 
     # [T, B, I] time-major, rows in the caller's order; lengths [B] for packed input
@@ -308,6 +312,12 @@ def lstm(
         c0 = x.new_zeros(num_layers * num_directions, batch, hidden_size)
     else:
         h0, c0 = h0.to(dtype), c0.to(dtype)
+    # drawn once the input is laid out, which reads the packed input's sorted_indices: a failure there leaves
+    # the generator as it was
+    if not (training and reg.draws_masks(num_layers)):
+        seed = torch.zeros((), dtype=torch.int64)
+    elif seed is None:
+        seed = draw_seed()
 
     if chosen != "reference" and _transformed(x, h0, c0, *weights):
         chosen = "reference"

@@ -118,6 +118,11 @@ class LSTM(nn.RNNBase):
 
         seq_len is at least 1 and batch_size at least 0, the inputs a forward accepts: like nn.LSTM, it rejects
         an empty sequence and runs an empty batch.
+
+        Laid out as SPEC 4 indexes them: masks["output"] is one mask, or None where output_dropout is off;
+        every other entry is a list (masks["input"] one per layer l, the rest one per k = layer * directions +
+        direction) whose elements are None where that regularizer is off, so masks["hidden"][k] is None
+        without recurrent dropout, and masks["input"][l] is None for a layer whose input is not dropped.
         """
         seq_len = check_count("seq_len", seq_len, 1)
         batch_size = check_count("batch_size", batch_size, 0)

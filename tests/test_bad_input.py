@@ -252,6 +252,27 @@ def test_bad_packed_sequence(make, exc, pattern):
     rejects(lstm, lambda: lstm(data), exc, pattern, data.data, data.batch_sizes)
 
 
+@pytest.mark.parametrize(
+    "sorted_indices,exc,pattern",
+    [
+        (torch.tensor([1, 0]), RuntimeError, r"sorted_indices must be a 1-D int64 tensor of the batch's 3 rows"),
+        (torch.tensor([1, 0, 2], dtype=torch.int32), RuntimeError, r"sorted_indices must be a 1-D int64 tensor"),
+        (torch.tensor([1.0, 0.0, 2.0]), RuntimeError, r"sorted_indices must be a 1-D int64 tensor"),
+        (torch.tensor([5, 0, 1]), IndexError, r"index 5 is out of bounds"),
+    ],
+    ids=["length", "int32", "float", "out_of_range"],
+)
+def test_bad_sorted_indices_fail_before_the_seed_is_drawn(sorted_indices, exc, pattern):
+    """A hand-made PackedSequence whose sorted_indices cannot index the batch (nn.LSTM checks none of this)
+    fails before the training call draws its seed: the generator is where it was."""
+    _, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    data = packed([3, 2])
+    bad = PackedSequence(data.data, data.batch_sizes, sorted_indices, torch.tensor([1, 0, 2]))
+    before = torch.get_rng_state()
+    rejects(lstm, lambda: lstm(bad), exc, pattern, data.data)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_packed_hx_batch_must_match():
     _, lstm = make_pair(Cfg())
     data = packed([3, 2])

@@ -126,6 +126,11 @@ def test_eval_zoneout_one_freezes_the_state(backend):
     h0, c0 = inputs.hx
     assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
     assert torch.equal(out, torch.cat([h0[2], h0[3]], dim=-1).expand_as(out))
+    # backward works in eval mode (SPEC 3) with an initial state that takes no gradient: every weight's is 0
+    out, (h_n, c_n) = fused(inputs.x)
+    (out.sum() + h_n.sum() + c_n.sum()).backward()
+    for name, param in fused.named_parameters():
+        assert param.grad is not None and not param.grad.any(), name
 
 
 def test_strided_parameters_and_inputs_match_contiguous_ones(backend):

@@ -31,7 +31,9 @@ def apply_zoneout(previous: Tensor, new: Tensor, zone: Tensor | None, p: float, 
     if training:
         return torch.where(zone, previous, new)
     if p == 1:
-        return previous
+        # selected rather than returned, so that the result stays in the graph (a backward in eval mode
+        # through states that are all frozen gives zero gradients, as the fused backends do)
+        return torch.where(torch.ones((), dtype=torch.bool, device=previous.device), previous, new)
     return p * previous + (1.0 - p) * new
 
 
