@@ -176,11 +176,11 @@ def forward_cell_tile(
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints,
     floats, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    AHEAD: tl.constexpr,
 ):
     """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
-    projection follows (has_proj: hpre[t] is stored and projection_tile finishes h). AHEAD: the step's
-    inputs are loaded before the product (step_inputs), else after it, where they are used.
+    projection follows (has_proj: hpre[t] is stored and projection_tile finishes h). Its inputs are loaded
+    after the product, where they are used (finish_step's None): loaded before it, they spilled registers
+    (sm_90 compile: the 16 x 32 per-step tile, and inside the step loop the persistent 16 x 16 one).
 
     w: [4H, H_out] W_hh after weight drop.
     """
@@ -188,10 +188,6 @@ def forward_cell_tile(
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     inside = (rows < B) & (units < H)
     dtype = c_carry_ptr.dtype.element_ty
-    inputs = None
-    if AHEAD:
-        inputs = step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse,
-                             has_lengths, has_proj, B, H, H_out)
     # [BB, BH] per gate: r_prev [BB, H_out] @ W~[gate rows of my units]^T
     r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
     acc_i = tl.zeros([BLOCK_B, BLOCK_H], dtype)
@@ -208,37 +204,38 @@ def forward_cell_tile(
         acc_f = tile_dot(r, tl.load(w_t + H * H_out, mask=w_inside, other=0.0), acc_f, PRECISION)
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
-    finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+    finish_step(acc_i, acc_f, acc_g, acc_o, None, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
                 xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats,
                 B, H, H_out)
 
 
 @triton.jit
-def gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H):
-    """xg[t]'s four gates [BB, BH] of the tile's units, and c before the step."""
+def gate_inputs(xg_ptr, rows, units, inside, t, B, H):
+    """xg[t]'s four gates [BB, BH] of the tile's units."""
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
     x_i = tl.load(xg_here, mask=inside, other=0.0)
     x_f = tl.load(xg_here + H, mask=inside, other=0.0)
     x_g = tl.load(xg_here + 2 * H, mask=inside, other=0.0)
     x_o = tl.load(xg_here + 3 * H, mask=inside, other=0.0)
-    c_prev = tl.load(c_carry_ptr + ((t + reverse) % 2).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0)
-    return x_i, x_f, x_g, x_o, c_prev
+    return x_i, x_f, x_g, x_o
 
 
 @triton.jit
-def step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse, has_lengths, has_proj,
-                B, H, H_out):
-    """Everything step t of a tile reads besides its product, for loading before the product, so that these
-    trips to memory overlap its own (xg[t] at long T comes from DRAM): gate_inputs, h before the step (only
-    without a projection: projection_tile reads its own) and which rows are active. None of it is written
-    by another program: xg came from the GEMM before the launch, and the tile's program wrote the states at
-    the step before. inside: (rows < B) & (units < H)."""
-    x_i, x_f, x_g, x_o, c_prev = gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H)
-    h_prev = c_prev
-    if has_proj == 0:
-        h_prev = previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out)
-    active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    return x_i, x_f, x_g, x_o, c_prev, h_prev, active
+def previous_c(c_carry_ptr, rows, units, inside, t, reverse, B, H):
+    """[BB, BH]: the c state before position t of the tile."""
+    return tl.load(c_carry_ptr + ((t + reverse) % 2).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0)
+
+
+@triton.jit
+def step_inputs(gates, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse, has_lengths, B, H, H_out):
+    """What step t of a tile without projection reads besides its product, for loading before the product
+    so that these trips to memory overlap its own: with the gates (gate_inputs), c and h before the step
+    and which rows are active. None of it is written by another program: xg came from the GEMM before the
+    launch, and the tile's program wrote the states at the step before. inside: (rows < B) & (units < H)."""
+    x_i, x_f, x_g, x_o = gates
+    c_prev = previous_c(c_carry_ptr, rows, units, inside, t, reverse, B, H)
+    h_prev = previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out)
+    return x_i, x_f, x_g, x_o, c_prev, h_prev, row_is_active(lengths_ptr, rows, B, t, has_lengths)
 
 
 @triton.jit
@@ -252,7 +249,8 @@ def finish_step(
     per step's registers are taken by its product until it ends). inside: (rows < B) & (units < H)."""
     h_prev = None
     if inputs is None:
-        x_i, x_f, x_g, x_o, c_prev = gate_inputs(xg_ptr, c_carry_ptr, rows, units, inside, t, reverse, B, H)
+        x_i, x_f, x_g, x_o = gate_inputs(xg_ptr, rows, units, inside, t, B, H)
+        c_prev = previous_c(c_carry_ptr, rows, units, inside, t, reverse, B, H)
     else:
         x_i, x_f, x_g, x_o, c_prev, h_prev, active = inputs
     new = t + 1 - reverse
@@ -496,7 +494,7 @@ def forward_step_kernel(
     forward_cell_tile(
         tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
         xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
-        floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
+        floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
 
 
@@ -551,8 +549,22 @@ def grid_barrier(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
     every other program's stores visible here. POLL_LOADS: the reads are acquire loads (arrivals),
     else atomic adds of 0 (launch.barrier_poll_loads chooses; the interpreter has only the latter).
     """
+    barrier_arrive(arrivals_ptr)
+    barrier_wait(arrivals_ptr, expected, POLL_LOADS)
+
+
+@triton.jit
+def barrier_arrive(arrivals_ptr):
+    """grid_barrier's first half: this program's arrival, once its threads' stores are gathered. Loads
+    issued after it and before barrier_wait overlap the wait; issued before, the release's fence would
+    wait for them to complete first."""
     tl.debug_barrier()
     tl.atomic_add(arrivals_ptr, 1, sem="release")
+
+
+@triton.jit
+def barrier_wait(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
+    """grid_barrier's second half: poll until every program has arrived."""
     arrived = arrivals(arrivals_ptr, POLL_LOADS)
     while arrived < expected:
         arrived = arrivals(arrivals_ptr, POLL_LOADS)
@@ -597,9 +609,8 @@ def forward_persistent_kernel(
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
-    # each setting and input loaded where it is used (AHEAD off): the call's settings held through the
-    # loop, or the step's inputs loaded before the product, spilled registers inside the step loop
-    # (sm_90 compile, 16-bit 16 x 16 tiles)
+    # each setting loaded where it is used: held through the loop, they spilled registers inside the step
+    # loop (sm_90 compile, 16-bit 16 x 16 tiles)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -612,7 +623,7 @@ def forward_persistent_kernel(
             forward_cell_tile(
                 tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
                 xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
-                ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
+                ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
         expected += programs
         grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -803,8 +814,9 @@ def forward_resident_kernel(
     programs / tiles, launch.Plan.row_programs) at every step, and loads their four gates' rows of W~
     once, before the first step. With synchronize, a grid barrier ends each step (the whole sequence in
     one launch); without, the caller launches one step at a time."""
-    # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs), except in TF32,
-    # which spilled registers inside the step loop with them (sm_90 compile, H = 256 and 1024)
+    # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs; the gates during
+    # the barrier), except in TF32, which spilled registers inside the step loop with them (sm_90, H = 256
+    # and 1024)
     AHEAD: tl.constexpr = PRECISION != "tf32"
     ints, floats = ints_ptr, floats_ptr
     if AHEAD:
@@ -818,16 +830,26 @@ def forward_resident_kernel(
         w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST
     )
     expected = 0
+    # xg's gates at the program's first row tile for the step to come, loaded while the program waits at
+    # the barrier before it: at long T xg comes from DRAM, and the wait hides the trip
+    first_row = row_program * BLOCK_B
+    first_rows = first_row + tl.arange(0, BLOCK_B)[:, None]
+    if AHEAD:
+        next_i, next_f, next_g, next_o = gate_inputs(xg_ptr, first_rows, units, (first_rows < B) & (units < H),
+                                                     position(first, seq_len, reverse), B, H)
     for s in range(first, last):
         t = position(s, seq_len, reverse)
         r_prev_ptr = rs_ptr + (t + reverse).to(tl.int64) * B * H_out
-        for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
+        for row0 in range(first_row, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             inside = (rows < B) & (units < H)
             inputs = None
             if AHEAD:
-                inputs = step_inputs(xg_ptr, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside, t, reverse,
-                                     has_lengths, 0, B, H, H_out)
+                x_i, x_f, x_g, x_o = next_i, next_f, next_g, next_o
+                if row0 != first_row:
+                    x_i, x_f, x_g, x_o = gate_inputs(xg_ptr, rows, units, inside, t, B, H)
+                inputs = step_inputs((x_i, x_f, x_g, x_o), h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, inside,
+                                     t, reverse, has_lengths, B, H, H_out)
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main_low, w_main_high, w_rest_low, w_rest_high,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
                                PRECISION)
@@ -839,8 +861,17 @@ def forward_resident_kernel(
                         xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr, lengths_ptr, ints, floats,
                         B, H, H_out)
         if synchronize != 0:
+            barrier_arrive(arrivals_ptr)
+        if AHEAD:
+            # between the arrival and the wait (see barrier_arrive); none past the last step
+            rows_ahead = tl.where(s + 1 < last, B, 0)
+            next_i, next_f, next_g, next_o = gate_inputs(
+                xg_ptr, first_rows, units, (first_rows < rows_ahead) & (units < H),
+                position(tl.minimum(s + 1, last - 1), seq_len, reverse), B, H,
+            )
+        if synchronize != 0:
             expected += tl.num_programs(0)
-            grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
+            barrier_wait(arrivals_ptr, expected, BARRIER_POLL_LOADS)
 
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
