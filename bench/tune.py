@@ -14,6 +14,8 @@ ran). The rows (the kF/kB and BxH variants only where --variants names them, or 
   (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's); steps BxH: the backward's per-step
   tiles of B rows and H units (FUSED_RNN_STEP_TILE; the forward's, and the others, launch.tile_sizes').
 - persistent / resident load: their grid barriers poll with acquire loads (FUSED_RNN_BARRIER=load).
+- persistent / resident where-used: each step input and setting loaded where it is used, not ahead
+  (FUSED_RNN_LOAD_AHEAD=0: the kernels as they were before loading ahead).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step; "barrier load" polls with acquire loads (GPU only).
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -66,6 +68,8 @@ VARIANTS = (
     (f"steps {tile}", "steps", None, {"FUSED_RNN_STEP_TILE": f",{tile}"}) for tile in ("16x32", "32x32", "16x64")
 ) + tuple(
     (f"{mode} load", mode, None, {"FUSED_RNN_BARRIER": "load"}) for mode in ("persistent", "resident")
+) + tuple(
+    (f"{mode} where-used", mode, None, {"FUSED_RNN_LOAD_AHEAD": "0"}) for mode in ("persistent", "resident")
 )
 
 

@@ -273,6 +273,28 @@ def test_matches_the_reference_at_other_tiles(mode, tuning, monkeypatch):
                             bidirectional=False, packed=False, training=True, reg=EVERY)
 
 
+@pytest.mark.parametrize("mode", ["persistent", "resident"])
+def test_loops_that_load_where_used_match_the_reference(mode, monkeypatch):
+    """FUSED_RNN_LOAD_AHEAD=0 (bench.tune's where-used variants): the resident loops and the persistent
+    backward load each input and setting where it is used, and compute what they compute by default."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    monkeypatch.setenv("FUSED_RNN_LOAD_AHEAD", "0")
+    device = require_backend("triton", torch.float64)
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=3, inputs=4, hidden=4, proj=0, layers=1,
+                            bidirectional=True, packed=True, training=True, reg=EVERY)
+
+
+def test_loading_ahead_is_the_default_and_validated(monkeypatch):
+    monkeypatch.delenv("FUSED_RNN_LOAD_AHEAD", raising=False)
+    assert launch.loads_ahead() is True
+    for value, ahead in (("1", True), ("0", False)):
+        monkeypatch.setenv("FUSED_RNN_LOAD_AHEAD", value)
+        assert launch.loads_ahead() is ahead
+    monkeypatch.setenv("FUSED_RNN_LOAD_AHEAD", "yes")
+    with pytest.raises(ValueError, match="FUSED_RNN_LOAD_AHEAD must be 0 or 1"):
+        launch.loads_ahead()
+
+
 def test_k_tile_depths_follow_the_weights_bytes_and_the_tuning_variable(monkeypatch):
     monkeypatch.delenv("FUSED_RNN_BLOCK_K", raising=False)
     # forward 128 bytes of W~, backward 256

@@ -96,6 +96,18 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
         os.environ["FUSED_RNN_RECURRENCE"] = mode
         drive_layer(torch.float16, 20, 6, proj, False, seed)
     del os.environ["FUSED_RNN_BARRIER"]
+    # each input and setting loaded where it is used (FUSED_RNN_LOAD_AHEAD=0, for tuning): the loops that
+    # load ahead by default, at the benchmarks' layers too
+    os.environ["FUSED_RNN_LOAD_AHEAD"] = "0"
+    for dtype in (torch.float16, torch.bfloat16):
+        for mode in ("persistent", "resident"):
+            os.environ["FUSED_RNN_RECURRENCE"] = mode
+            drive_layer(dtype, 20, 6, 0, True, seed)
+        for gpu in GPU_LIMITS[arch]:
+            limits[0] = gpu
+            for batch, hidden in BENCHMARK_LAYERS:
+                drive_layer(dtype, batch, hidden, 0, False, seed)
+    del os.environ["FUSED_RNN_LOAD_AHEAD"]
     return launches
 
 

@@ -605,12 +605,12 @@ def forward_persistent_kernel(
     xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
-    # each setting loaded where it is used: held through the loop, they spilled registers inside the step
-    # loop (sm_90 compile, 16-bit 16 x 16 tiles)
+    # each setting loaded where it is used, whatever LOAD_AHEAD says: held through the loop, they spilled
+    # registers inside the step loop (sm_90 compile, 16-bit 16 x 16 tiles)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -643,13 +643,13 @@ def backward_persistent_kernel(
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
     # 16-bit tiles load the call's settings before the time loop, and each step's inputs before its
     # product (step_settings, step_inputs); TF32 tiles spilled registers inside the step loop with them
     # held (sm_90 compile) and load them after the product, as a launch per step does
-    AHEAD: tl.constexpr = PRECISION != "tf32"
+    AHEAD: tl.constexpr = LOAD_AHEAD and PRECISION != "tf32"
     ints, floats = ints_ptr, floats_ptr
     if AHEAD:
         ints, floats = step_settings(ints_ptr, floats_ptr)
@@ -767,16 +767,17 @@ def resident_product_loading(a_ptr, rows, B, a_stride, K, low, high, K_START: tl
 
 @triton.jit
 def resident_dot(a_ptr, rows, B, a_stride, K, main_low, main_high, rest_low, rest_high, acc,
-                 K_MAIN: tl.constexpr, K_REST: tl.constexpr, PRECISION: tl.constexpr):
+                 K_MAIN: tl.constexpr, K_REST: tl.constexpr, PRECISION: tl.constexpr, WHOLE: tl.constexpr):
     """acc + a [BB, K] @ the slabs of resident_weight, a's row b at a_ptr + b * a_stride. Each slab's
     product accumulates on its own: one accumulator for all of K made the MMAs one dependent chain (192
     in a row for the T=1024 H=768 backward's 16 x 8 tile, in the sm_90 code), each waiting for the last.
     A 16-bit a is loaded whole before the first product: loaded part by part, each part's trip to L2
     waited for the layout conversion (through shared memory) of the part before it. A float32 a whole,
     or both halves of its 1024-deep part, spilled registers inside the step loop (TF32, H = 768 and
-    1024, in the sm_90 compile): there each half is loaded just before its product."""
+    1024, in the sm_90 compile): there each half is loaded just before its product, as a 16-bit one is
+    without WHOLE (launch.loads_ahead)."""
     zeros = tl.zeros(acc.shape, acc.dtype)
-    if a_ptr.dtype.element_ty.primitive_bitwidth <= 16:
+    if WHOLE and a_ptr.dtype.element_ty.primitive_bitwidth <= 16:
         a_main = resident_left_halves(a_ptr, rows, B, a_stride, K, 0, K_MAIN)
         a_rest = a_main
         if K_REST > 0:
@@ -807,7 +808,7 @@ def forward_resident_kernel(
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns the units
     of unit tile p % tiles (tiles = H / BLOCK_H) for the row tiles p // tiles, p // tiles + R, ... (R =
@@ -817,7 +818,7 @@ def forward_resident_kernel(
     # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs; the gates during
     # the barrier), except in TF32, which spilled registers inside the step loop with them (sm_90, H = 256
     # and 1024)
-    AHEAD: tl.constexpr = PRECISION != "tf32"
+    AHEAD: tl.constexpr = LOAD_AHEAD and PRECISION != "tf32"
     ints, floats = ints_ptr, floats_ptr
     if AHEAD:
         ints, floats = step_settings(ints_ptr, floats_ptr)
@@ -852,7 +853,7 @@ def forward_resident_kernel(
                                      t, reverse, has_lengths, B, H, H_out)
             acc = resident_dot(r_prev_ptr, rows, B, H_out, H_out, w_main_low, w_main_high, w_rest_low, w_rest_high,
                                tl.zeros([BLOCK_B, 4 * BLOCK_H], c_carry_ptr.dtype.element_ty), K_MAIN, K_REST,
-                               PRECISION)
+                               PRECISION, LOAD_AHEAD)
             # column u * 4 + 2 a + b as [BB, BH, a, b]: split on b gives gates (i, g) and (f, o), on a each one
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
@@ -879,7 +880,7 @@ def backward_resident_kernel(
     dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
@@ -889,7 +890,7 @@ def backward_resident_kernel(
     # each step's inputs loaded ahead of the product where a tile has at most 128 elements: at 16 x 16
     # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
     # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
-    INPUTS_AHEAD: tl.constexpr = BLOCK_B * BLOCK_H <= 128
+    INPUTS_AHEAD: tl.constexpr = LOAD_AHEAD and BLOCK_B * BLOCK_H <= 128
     ints, floats = ints_ptr, floats_ptr
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
@@ -911,7 +912,7 @@ def backward_resident_kernel(
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
-                                   w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION)
+                                   w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
                               has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints, floats, B, H, H_out)

@@ -257,7 +257,7 @@ def _launch_persistent(kernel, plan: "Plan", x: Tensor, *args, **constexprs) -> 
     refusals = _resident_refused if resident else _persistent_refused
     try:
         launch_specialised(kernel, (plan.programs,), *args, launch_options=persistent_options(x.device, x.dtype, plan),
-                           BARRIER_POLL_LOADS=barrier_poll_loads(), **constexprs)
+                           BARRIER_POLL_LOADS=barrier_poll_loads(), LOAD_AHEAD=loads_ahead(), **constexprs)
     except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
             raise
@@ -305,6 +305,17 @@ def barrier_poll_loads() -> bool:
     if poll not in BARRIER_POLLS:
         raise ValueError(f"FUSED_RNN_BARRIER must be one of {', '.join(BARRIER_POLLS)}, got {poll!r}")
     return poll == "load" and not interpreted()
+
+
+def loads_ahead() -> bool:
+    """FUSED_RNN_LOAD_AHEAD: whether the resident loops and the persistent backward load a step's inputs,
+    the call's settings and (resident, 16-bit) the whole product operand ahead of their use ("1", the
+    default; kernels.py and README.md, "What a resident step waits for"), or each where it is used, as
+    before 2026-11-27 ("0"). For tuning: bench.tune's "where-used" variants."""
+    ahead = os.environ.get("FUSED_RNN_LOAD_AHEAD", "1")
+    if ahead not in ("0", "1"):
+        raise ValueError(f"FUSED_RNN_LOAD_AHEAD must be 0 or 1, got {ahead!r}")
+    return ahead == "1"
 
 
 def recurrence_mode() -> str:
@@ -703,7 +714,7 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
         )
     for s in range(steps):
         kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
-                                 BARRIER_POLL_LOADS=False, **plan.resident_constexprs)
+                                 BARRIER_POLL_LOADS=False, LOAD_AHEAD=loads_ahead(), **plan.resident_constexprs)
     return True
 
 
