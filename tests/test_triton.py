@@ -291,7 +291,7 @@ def test_loading_ahead_is_the_default_and_validated(monkeypatch):
         monkeypatch.setenv("FUSED_RNN_LOAD_AHEAD", value)
         assert launch.loads_ahead() is ahead
     monkeypatch.setenv("FUSED_RNN_LOAD_AHEAD", "yes")
-    with pytest.raises(ValueError, match="FUSED_RNN_LOAD_AHEAD must be 0 or 1"):
+    with pytest.raises(ValueError, match="FUSED_RNN_LOAD_AHEAD must be one of 1, 0"):
         launch.loads_ahead()
 
 

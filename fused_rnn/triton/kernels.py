@@ -110,14 +110,13 @@ def hidden_dropout_kernel(
 ):
     """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
     copy where recurrent dropout is off)."""
-    ints, floats = step_settings(ints_ptr, floats_ptr)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints, rows, units, H, 0, stream)
+    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream)
     here = rows * H_out + units
     h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
-    r = keep_scaled(h, hidden_keep, setting(floats, FLOAT_HIDDEN))
+    r = keep_scaled(h, hidden_keep, setting(floats_ptr, FLOAT_HIDDEN))
     store_rounded(rs_ptr + state.to(tl.int64) * B * H_out + here, r, inside)
 
 
@@ -211,7 +210,7 @@ def forward_cell_tile(
 
 @triton.jit
 def gate_inputs(xg_ptr, rows, units, inside, t, B, H):
-    """xg[t]'s four gates [BB, BH] of the tile's units."""
+    """xg[t]'s four gates [BB, BH] of the tile's units, as stored."""
     xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
     x_i = tl.load(xg_here, mask=inside, other=0.0)
     x_f = tl.load(xg_here + H, mask=inside, other=0.0)
@@ -318,12 +317,8 @@ def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse
     compute = gc_ptr.dtype.element_ty
     g_c = tl.load(gc_ptr + rows * H + units, mask=inside, other=0.0)
     c_prev = tl.load(cs_ptr + (t + reverse).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0).to(compute)
-    xg_here = xg_ptr + t.to(tl.int64) * B * 4 * H + rows * 4 * H + units
-    i = tl.load(xg_here, mask=inside, other=0.0).to(compute)
-    f = tl.load(xg_here + H, mask=inside, other=0.0).to(compute)
-    g = tl.load(xg_here + 2 * H, mask=inside, other=0.0).to(compute)
-    o = tl.load(xg_here + 3 * H, mask=inside, other=0.0).to(compute)
-    return g_c, c_prev, i, f, g, o
+    i, f, g, o = gate_inputs(xg_ptr, rows, units, inside, t, B, H)  # the forward wrote the activations over xg
+    return g_c, c_prev, i.to(compute), f.to(compute), g.to(compute), o.to(compute)
 
 
 @triton.jit
@@ -646,9 +641,9 @@ def backward_persistent_kernel(
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
-    # 16-bit tiles load the call's settings before the time loop, and each step's inputs before its
-    # product (step_settings, step_inputs); TF32 tiles spilled registers inside the step loop with them
-    # held (sm_90 compile) and load them after the product, as a launch per step does
+    # the call's settings before the time loop (step_settings) and each step's inputs before its product
+    # (h_backward_inputs, cell_backward_inputs), except in TF32, whose persistent forward spilled registers
+    # inside the step loop with the settings held (sm_90 compile): there each where used
     AHEAD: tl.constexpr = LOAD_AHEAD and PRECISION != "tf32"
     ints, floats = ints_ptr, floats_ptr
     if AHEAD:
@@ -891,7 +886,6 @@ def backward_resident_kernel(
     # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
     # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
     INPUTS_AHEAD: tl.constexpr = LOAD_AHEAD and BLOCK_B * BLOCK_H <= 128
-    ints, floats = ints_ptr, floats_ptr
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
@@ -915,7 +909,7 @@ def backward_resident_kernel(
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
                               has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
-                              gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints, floats, B, H, H_out)
+                              gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)

@@ -294,6 +294,15 @@ def on_tensor_device(launcher):
 
 
 BARRIER_POLLS = ("atomic", "load")
+LOAD_AHEAD_CHOICES = ("1", "0")
+
+
+def environment_choice(name: str, choices: tuple[str, ...]) -> str:
+    """A tuning variable's value, one of `choices` (the first where unset)."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def barrier_poll_loads() -> bool:
@@ -301,10 +310,7 @@ def barrier_poll_loads() -> bool:
     polling the arrival counter with atomic adds of 0 ("atomic", the default: what the H100's tables were
     measured with) or with acquire loads ("load"; GPUs only, the interpreter has no inline PTX). For tuning:
     bench.tune's "load" variants and barrier row."""
-    poll = os.environ.get("FUSED_RNN_BARRIER", "atomic")
-    if poll not in BARRIER_POLLS:
-        raise ValueError(f"FUSED_RNN_BARRIER must be one of {', '.join(BARRIER_POLLS)}, got {poll!r}")
-    return poll == "load" and not interpreted()
+    return environment_choice("FUSED_RNN_BARRIER", BARRIER_POLLS) == "load" and not interpreted()
 
 
 def loads_ahead() -> bool:
@@ -312,18 +318,12 @@ def loads_ahead() -> bool:
     the call's settings and (resident, 16-bit) the whole product operand ahead of their use ("1", the
     default; kernels.py and README.md, "What a resident step waits for"), or each where it is used, as
     before 2026-11-27 ("0"). For tuning: bench.tune's "where-used" variants."""
-    ahead = os.environ.get("FUSED_RNN_LOAD_AHEAD", "1")
-    if ahead not in ("0", "1"):
-        raise ValueError(f"FUSED_RNN_LOAD_AHEAD must be 0 or 1, got {ahead!r}")
-    return ahead == "1"
+    return environment_choice("FUSED_RNN_LOAD_AHEAD", LOAD_AHEAD_CHOICES) == "1"
 
 
 def recurrence_mode() -> str:
     """FUSED_RNN_RECURRENCE: steps | persistent | resident | auto (default); see Plan."""
-    mode = os.environ.get("FUSED_RNN_RECURRENCE", "auto")
-    if mode not in RECURRENCE_MODES:
-        raise ValueError(f"FUSED_RNN_RECURRENCE must be one of {', '.join(RECURRENCE_MODES)}, got {mode!r}")
-    return mode
+    return environment_choice("FUSED_RNN_RECURRENCE", RECURRENCE_MODES)
 
 
 def persistent_programs(device: torch.device, tiles: int) -> int:
