@@ -7,6 +7,7 @@ caller's row order, draws the seed, and hands that to a backend.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Sequence
 
@@ -107,10 +108,11 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
 
 
+@functools.lru_cache(maxsize=64)
 def _weight_layout(
     input_size: int, hidden_size: int, proj_size: int, num_layers: int, num_directions: int, has_biases: bool
-) -> list[tuple[str, tuple[int, ...]]]:
-    """The name and shape nn.LSTM gives each of its flat weights, in their order."""
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The name and shape nn.LSTM gives each of its flat weights, in their order (cached: every forward asks)."""
     real_hidden_size = proj_size if proj_size > 0 else hidden_size
     gates = 4 * hidden_size
     layout = []
@@ -123,7 +125,7 @@ def _weight_layout(
                 layout += [(f"bias_ih{suffix}", (gates,)), (f"bias_hh{suffix}", (gates,))]
             if proj_size > 0:
                 layout.append((f"weight_hr{suffix}", (proj_size, hidden_size)))
-    return layout
+    return tuple(layout)
 
 
 def _size_from(weight: Tensor, name: str, dim: int) -> int:

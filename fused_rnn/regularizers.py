@@ -123,6 +123,21 @@ class Regularizers:
         return self.input_dropout if layer == 0 else self.dropout
 
 
+def of_fields(values: tuple) -> Regularizers:
+    """Regularizers(*values), values in field order: validated once per distinct values and their types, as
+    a module's attributes give them to each forward (True == 1.0, but only the float is a probability)."""
+    try:
+        hash(values)
+    except TypeError:  # not numbers or strings: the checks say so
+        return Regularizers(*values)
+    return _of_fields(values, tuple(map(type, values)))
+
+
+@functools.lru_cache(maxsize=64)
+def _of_fields(values: tuple, _types: tuple) -> Regularizers:
+    return Regularizers(*values)
+
+
 @functools.lru_cache(maxsize=64)
 def _of_recurrence_arguments(cls: type, probabilities: tuple, modes: tuple, _types: tuple) -> Regularizers:
     weight_rows, update_per_step = modes

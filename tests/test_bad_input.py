@@ -346,6 +346,17 @@ def test_bad_probability_set_later_is_rejected_at_the_call(name):
     rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} should be a number", x)
 
 
+def test_a_bool_set_later_is_rejected_after_the_equal_float_ran():
+    """A module's settings are validated once per distinct values and their types (regularizers.of_fields):
+    True equals 1.0 and hashes as it does, but only the float is a probability."""
+    _, lstm = make_pair(BIG_CFG)
+    x = randn(T_, B_, I)
+    lstm.zoneout_h = 1.0
+    lstm(x)
+    lstm.zoneout_h = True
+    rejects(lstm, lambda: lstm(x), ValueError, r"^zoneout_h should be a number in range \[0, 1\]", x)
+
+
 @pytest.mark.parametrize("value", [-0.5, 2.0, float("nan")], ids=repr)
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from torch import Tensor
 
 from ..regularizers import Regularizers
@@ -23,6 +25,8 @@ def run(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""
     probabilities, modes = reg.recurrence_arguments()
+    # the ops' tensors all derive from these, in this call's modes: one dispatch_free for all of its ops
+    free = ops.dispatch_free((x, h0, c0, *(w for layer in weights for w in layer), lengths, seed))
     if training:
         num_layers = len(weights) // num_directions
         dropouts = [reg.layer_input_dropout(index) for index in range(num_layers)] + [reg.output_dropout]
@@ -32,11 +36,11 @@ def run(
         bias = None if w.b_ih is None else w.b_ih + w.b_hh
         out, h_n, c_n, *_ = ops.layer(
             x.contiguous(), h0.contiguous(), c0.contiguous(), w.w_ih, w.w_hh, bias, w.w_hr, lengths, seed, k, reverse,
-            training, probabilities, modes,
+            training, probabilities, modes, free,
         )
         return out, h_n, c_n
 
     return run_fused_stack(
         x, h0, c0, weights, num_directions=num_directions, reg=reg, training=training, seed=seed,
-        feature_dropout=ops.dropout, layer=layer,
+        feature_dropout=functools.partial(ops.dropout, free=free), layer=layer,
     )

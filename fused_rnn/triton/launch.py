@@ -185,7 +185,12 @@ def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, dev
 
 
 def _sent_key(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple:
-    return tuple(ints), tuple(floats), float_dtype, device, torch.cuda.current_stream(device).cuda_stream
+    return tuple(ints), tuple(floats), float_dtype, device, current_stream_handle(device)
+
+
+def current_stream_handle(device: torch.device) -> int:
+    """torch.cuda.current_stream(device).cuda_stream, without building a Stream object."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _keep_sent(key: tuple, sent: tuple[Tensor, Tensor]) -> None:
@@ -197,18 +202,29 @@ def _keep_sent(key: tuple, sent: tuple[Tensor, Tensor]) -> None:
 def _send_packed(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, Tensor]]:
     """Each (ints, floats) set as an int64 and a float_dtype view of one tensor sent in one copy. Each view
     starts 16 bytes apart (the alignment Triton specialises a pointer on), its elements padded with zeros."""
-    parts, views, start = [], [], 0
+    words, views = [], []
     for ints, floats in sets:
-        floats_per_word = 8 // float_dtype.itemsize
-        float_words = -(-len(floats) // floats_per_word)
-        int_words, float_words = len(ints) + len(ints) % 2, float_words + float_words % 2
-        parts += [torch.tensor(ints + [0] * (int_words - len(ints)), dtype=torch.int64),
-                  torch.tensor(floats + [0.0] * (float_words * floats_per_word - len(floats)), dtype=float_dtype).view(torch.int64)]
-        views.append((start, start + int_words, start + int_words + float_words, len(ints), len(floats)))
-        start += int_words + float_words
-    packed = host_to_device(torch.cat(parts), device)
+        begin = len(words)
+        words += ints
+        if len(ints) % 2:
+            words.append(0)
+        middle = len(words)
+        words += _float_words(tuple(floats), float_dtype)
+        views.append((begin, middle, len(words), len(ints), len(floats)))
+    packed = host_to_device(torch.tensor(words, dtype=torch.int64), device)
     return [(packed[begin : begin + n_ints], packed[middle:end].view(float_dtype)[:n_floats])
             for begin, middle, end, n_ints, n_floats in views]
+
+
+@functools.lru_cache(maxsize=256)
+def _float_words(floats: tuple[float, ...], float_dtype: torch.dtype) -> tuple[int, ...]:
+    """floats in float_dtype, zero-padded to whole pairs of int64 words (16 bytes), as those words: a call's
+    floats are its regularizers', which rarely change, while its seed changes every call."""
+    per_word = 8 // float_dtype.itemsize
+    count = -(-len(floats) // per_word)
+    count += count % 2
+    padded = list(floats) + [0.0] * (count * per_word - len(floats))
+    return tuple(torch.tensor(padded, dtype=float_dtype).view(torch.int64).tolist())
 
 
 def host_to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -635,7 +651,7 @@ def packed_dropout(
 ) -> Tensor:
     """out[t] = bulk dropout of x[t] with the layout's packed draws; x, out: [steps, ...] contiguous."""
     steps = x.shape[0]
-    numel = x[0].numel() if steps else 0
+    numel = x.numel() // steps if steps else 0
     if numel:
         blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
         launch_specialised(

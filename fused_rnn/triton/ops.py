@@ -259,10 +259,11 @@ _DropoutFunction = _eager_autograd(_feature_dropout, _dropout_setup_context, _dr
 
 
 def _call(op, function, eager: Optional[type[torch.autograd.Function]], tensors: tuple, differentiable: tuple,
-          arguments: tuple):
-    """op(*arguments) where a trace or transform needs the custom op (dispatch_free), else its autograd.Function,
-    or its function alone where no gradient is recorded (nothing differentiable: an op without autograd)."""
-    if not dispatch_free(tensors):
+          arguments: tuple, free: Optional[bool] = None):
+    """op(*arguments) where a trace or transform needs the custom op (dispatch_free of tensors, or `free` where
+    the caller asked it of tensors these derive from), else its autograd.Function, or its function alone
+    where no gradient is recorded (nothing differentiable: an op without autograd)."""
+    if not (dispatch_free(tensors) if free is None else free):
         return op(*arguments)
     if _records_gradients(differentiable):
         return eager.apply(*arguments)
@@ -272,14 +273,15 @@ def _call(op, function, eager: Optional[type[torch.autograd.Function]], tensors:
 def layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
-    probabilities: list[float], modes: list[int],
+    probabilities: list[float], modes: list[int], free: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """lstm_layer, through its custom op only where a trace or transform needs it (_call)."""
     differentiable = (x, h0, c0, w_ih, w_hh, bias, w_hr)
     return _call(lstm_layer, _lstm_layer, _LayerFunction, (*differentiable, lengths, seed), differentiable,
-                 (*differentiable, lengths, seed, stream, reverse, training, probabilities, modes))
+                 (*differentiable, lengths, seed, stream, reverse, training, probabilities, modes), free)
 
 
-def dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
+def dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool, free: Optional[bool] = None) -> Tensor:
     """feature_dropout, through its custom op only where a trace or transform needs it (_call)."""
-    return _call(feature_dropout, _feature_dropout, _DropoutFunction, (x, seed), (x,), (x, seed, kind, index, p, locked))
+    return _call(feature_dropout, _feature_dropout, _DropoutFunction, (x, seed), (x,), (x, seed, kind, index, p, locked),
+                 free)
