@@ -9,6 +9,7 @@ launch is one program walking every tile.
 from __future__ import annotations
 
 import collections
+import os
 import types
 
 import pytest
@@ -1127,6 +1128,24 @@ def test_parameter_sets_sent_together_keep_their_values_and_16_byte_alignment():
         assert len({ints.untyped_storage().data_ptr() for ints, _ in sent}) == 1, "one tensor, one copy"
         offsets = [t.storage_offset() * t.element_size() for pair in sent for t in pair]
         assert all(offset % 16 == 0 for offset in offsets), offsets
+
+
+def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsys):
+    """bench/host_proxy.py: a time for each provider, and afterwards kernels run again and the recurrence
+    choice is as it was."""
+    from bench import host_proxy
+
+    before = os.environ.get("FUSED_RNN_RECURRENCE")
+    assert host_proxy.main(["--steps", "2", "--repeats", "1", "--layers", "2"]) == 0
+    rows = [line.split("|")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [name.strip() for name, _ in rows] == [
+        "fused_rnn (triton, every regularizer)", "fused_rnn (triton, none)", "nn.LSTM (CPU)"
+    ]
+    assert all(float(us) > 0 for _, us in rows)
+    assert os.environ.get("FUSED_RNN_RECURRENCE") == before
+    x = torch.randn(3, 2, 4)
+    out = launch.feature_dropout(x, seed_tensor(SEEDS[0]), 1, 0, 1.0, False)
+    assert torch.equal(out, torch.zeros_like(x)), "the kernel ran: p = 1 dropped everything"
 
 
 def test_the_breakdown_script_lists_each_providers_kernels(capsys):

@@ -141,16 +141,16 @@ def send_call_parameters(reg: Regularizers, training: bool, seed: Tensor, device
                          dropouts: list[float]) -> None:
     """send_parameters of one call of the stack: the layers' step_parameters and each feature dropout's
     (probabilities `dropouts`)."""
-    if device.type == "cuda":
-        sets = [_step_values_with_seed(reg, training, seed), *(_dropout_values(p, seed) for p in dropouts)]
-        send_parameters(sets, compute_dtype(dtype), device)
+    sets = [_step_values_with_seed(reg, training, seed), *(_dropout_values(p, seed) for p in dropouts)]
+    send_parameters(sets, compute_dtype(dtype), device)
 
 
-# The parameter tensors sent to a GPU, by their values (the seed's among them), device and stream, the
-# least recently used dropped past the limit: a training step's backward reads what its forward sent,
-# each layer's and each dropout's, rather than sending them again (a copy took 50 us of host time on the
+# The parameter tensors sent, by their values (the seed's among them), device and stream, the least
+# recently used dropped past the limit: a training step's backward reads what its forward sent, each
+# layer's and each dropout's, rather than sending them again (a copy took 50 us of host time on the
 # H200's host; the ints and floats go in one). Kernels only read them, and a dropped one is freed to its
-# stream's allocator, in order after the kernels that read it.
+# stream's allocator, in order after the kernels that read it. Kept for CPU tensors too, so that the
+# interpreter runs the host calls a GPU does (bench.host_proxy).
 _sent_parameters: collections.OrderedDict = collections.OrderedDict()
 SENT_PARAMETERS_KEPT = 64
 
@@ -159,23 +159,21 @@ def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
     those sent before (send_parameters)."""
-    if device.type == "cuda":
-        key = _sent_key(ints, floats, float_dtype, device)
-        sent = _sent_parameters.get(key)
-        if sent is not None and not torch.cuda.is_current_stream_capturing():
-            _sent_parameters.move_to_end(key)
-            return sent
+    key = _sent_key(ints, floats, float_dtype, device)
+    sent = _sent_parameters.get(key)
+    if sent is not None and not _capturing(device):
+        _sent_parameters.move_to_end(key)
+        return sent
     (sent,) = _send_packed([(ints, floats)], float_dtype, device)
-    if device.type == "cuda":
-        _keep_sent(key, sent)
+    _keep_sent(key, sent)
     return sent
 
 
 def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> None:
-    """Send the (ints, floats) sets a call's launches will ask launch_parameters for to a GPU in one copy,
-    and keep them where it finds them: a training step's seed is new, so each of its sets (the layers' and
-    each feature dropout's) would otherwise be a copy of its own."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """Send the (ints, floats) sets a call's launches will ask launch_parameters for in one copy, and keep
+    them where it finds them: a training step's seed is new, so each of its sets (the layers' and each
+    feature dropout's) would otherwise be a copy of its own."""
+    if _capturing(device):
         return
     keys = {_sent_key(ints, floats, float_dtype, device): (ints, floats) for ints, floats in sets}
     missing = [key for key in keys if key not in _sent_parameters]
@@ -184,12 +182,19 @@ def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, dev
             _keep_sent(key, sent)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on device's current stream (where host_to_device refuses)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _sent_key(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple:
     return tuple(ints), tuple(floats), float_dtype, device, current_stream_handle(device)
 
 
-def current_stream_handle(device: torch.device) -> int:
-    """torch.cuda.current_stream(device).cuda_stream, without building a Stream object."""
+def current_stream_handle(device: torch.device) -> int | None:
+    """torch.cuda.current_stream(device).cuda_stream, without building a Stream object; None off CUDA."""
+    if device.type != "cuda":
+        return None
     return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
