@@ -228,24 +228,17 @@ class FixedRhs {
 };
 
 // c [M, N] (contiguous) = A B for the products over a whole sequence, A(m, k) = a[m sm + k sk],
-// B(k, n) = b[k bsk + n bsn]. Threads share the packing of B (in the calling thread's workspace), then split the rows.
+// B(k, n) = b[k bsk + n bsn]: ATen's mm, which packs both operands for these large products. gemm.h, which reads A
+// in place, is made for the per-step products of M = B rows; over a sequence (M = S B or 4H, A read with a
+// 4H stride) it took 1.5x the time of ATen's mm in the backward at cpu_h256x2 (Intel Xeon, AVX-512, 2 threads).
 template <typename scalar_t>
 void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int64_t sk, const scalar_t* b, int64_t bsk, int64_t bsn,
             scalar_t* c) {
   if (M == 0 || N == 0) {
     return;
   }
-  if (!vector_gemm()) {
-    Tensor c_view = strided(c, M, N, N, 1);
-    at::mm_out(c_view, strided(a, M, K, sm, sk), strided(b, K, N, bsk, bsn));
-    return;
-  }
-  PackedB<scalar_t> packed;
-  packed.attach(K, N, Workspace::local().take<scalar_t>(PackedB<scalar_t>::size(K, N)));
-  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) {
-    packed.pack_panels([&](int64_t n) { return b + n * bsn; }, bsk, p0, p1);
-  });
-  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) { gemm_rows(packed, m0, m1, a, sm, sk, c, N, Init::kZero); });
+  Tensor c_view = strided(c, M, N, N, 1);
+  at::mm_out(c_view, strided(a, M, K, sm, sk), strided(b, K, N, bsk, bsn));
 }
 
 // ---- threads ----------------------------------------------------------------------------------------------------
@@ -330,8 +323,8 @@ int64_t team_size() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
-// pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once; W_ih's rows are
-// packed in perm order straight away.
+// pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once: W_ih's rows copied
+// in perm order, then one ATen product (see matmul).
 template <typename scalar_t>
 void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, const scalar_t* x, const scalar_t* w_ih,
                       const scalar_t* bias, scalar_t* pre, Workspace& ws) {
@@ -348,25 +341,15 @@ void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, c
   if (rows == 0) {
     return;
   }
-  auto column = [&](int64_t n) { return w_ih + row_of[n] * I; };
-  if (!vector_gemm()) {
-    scalar_t* w_perm = ws.take<scalar_t>(N * I);
-    for (int64_t n = 0; n < N; ++n) std::memcpy(w_perm + n * I, column(n), sizeof(scalar_t) * I);
-    Tensor c_view = strided(pre, rows, N, N, 1);
-    const Tensor a_view = strided(x, rows, I, I, 1), b_view = strided(w_perm, I, N, 1, I);
-    if (bias_perm) {
-      at::addmm_out(c_view, strided(bias_perm, rows, N, 0, 1), a_view, b_view);
-    } else {
-      at::mm_out(c_view, a_view, b_view);
-    }
-    return;
+  scalar_t* w_perm = ws.take<scalar_t>(N * I);
+  for (int64_t n = 0; n < N; ++n) std::memcpy(w_perm + n * I, w_ih + row_of[n] * I, sizeof(scalar_t) * I);
+  Tensor c_view = strided(pre, rows, N, N, 1);
+  const Tensor a_view = strided(x, rows, I, I, 1), b_view = strided(w_perm, I, N, 1, I);
+  if (bias_perm) {
+    at::addmm_out(c_view, strided(bias_perm, rows, N, 0, 1), a_view, b_view);
+  } else {
+    at::mm_out(c_view, a_view, b_view);
   }
-  PackedB<scalar_t> packed;
-  packed.attach(I, N, ws.take<scalar_t>(PackedB<scalar_t>::size(I, N)));
-  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(column, 1, p0, p1); });
-  at::parallel_for(0, rows, 64, [&](int64_t m0, int64_t m1) {
-    gemm_rows(packed, m0, m1, x, I, 1, pre, N, bias_perm ? Init::kBias : Init::kZero, bias_perm);
-  });
 }
 
 // ---- masks ------------------------------------------------------------------------------------------------------
