@@ -19,7 +19,6 @@ about 5.5 times the proxy's here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -31,20 +30,6 @@ import torch  # noqa: E402
 
 SIZE = dict(seq_len=20, batch=4, features=16)
 LOOPS = ("persistent", "resident", "steps")
-
-
-@contextlib.contextmanager
-def recurrence(loop: str):
-    """FUSED_RNN_RECURRENCE=loop for the duration."""
-    saved = os.environ.get("FUSED_RNN_RECURRENCE")
-    os.environ["FUSED_RNN_RECURRENCE"] = loop
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["FUSED_RNN_RECURRENCE"]
-        else:
-            os.environ["FUSED_RNN_RECURRENCE"] = saved
 
 
 def step_time(step, steps: int, repeats: int) -> float:
@@ -66,7 +51,8 @@ def measure(layers: int, loop: str, steps: int, repeats: int) -> dict[str, float
     from fused_rnn import backends
 
     from .allocations import kernels_skipped
-    from .providers import EVERY_REGULARIZER, Built, Shape, build_step, make_input
+    from .providers import Built, Shape, build_step, make_input, regularizer_kwargs
+    from .tune import recurrence
 
     if not backends.triton_interpreted():
         raise RuntimeError("bench.host_proxy needs Triton's interpreter: run it where TRITON_INTERPRET=1 was set "
@@ -74,19 +60,20 @@ def measure(layers: int, loop: str, steps: int, repeats: int) -> dict[str, float
     import fused_rnn
 
     shape = Shape("host_proxy", SIZE["seq_len"], SIZE["batch"], SIZE["features"], SIZE["features"], layers, ("cpu",))
-    regularizers = dict(EVERY_REGULARIZER, dropout=EVERY_REGULARIZER["dropout"] if layers > 1 else 0.0)
-    cpu = torch.device("cpu")
+    x = make_input(shape, torch.float32, torch.device("cpu"))
+
+    def timed(module: torch.nn.Module) -> float:
+        step = build_step(Built(module, lambda x: module(x)[0], {}), shape, x, "fwdbwd")
+        return step_time(step, steps, repeats)
+
     times = {}
-    with kernels_skipped(), recurrence(loop):
-        for name, kwargs in (("fused_rnn (triton, every regularizer)", regularizers), ("fused_rnn (triton, none)", {})):
+    with kernels_skipped(), recurrence(loop, None):
+        for name, kwargs in (("fused_rnn (triton, every regularizer)", regularizer_kwargs(shape)),
+                             ("fused_rnn (triton, none)", {})):
             torch.manual_seed(0)
-            lstm = fused_rnn.LSTM(shape.input_size, shape.hidden_size, layers, backend="triton", **kwargs)
-            built = Built(lstm, lambda x, lstm=lstm: lstm(x)[0], {})
-            times[name] = step_time(build_step(built, shape, make_input(shape, torch.float32, cpu), "fwdbwd"), steps, repeats)
+            times[name] = timed(fused_rnn.LSTM(shape.input_size, shape.hidden_size, layers, backend="triton", **kwargs))
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(shape.input_size, shape.hidden_size, layers)
-    built = Built(lstm, lambda x: lstm(x)[0], {})
-    times["nn.LSTM (CPU)"] = step_time(build_step(built, shape, make_input(shape, torch.float32, cpu), "fwdbwd"), steps, repeats)
+    times["nn.LSTM (CPU)"] = timed(torch.nn.LSTM(shape.input_size, shape.hidden_size, layers))
     return times
 
 
