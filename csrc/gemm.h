@@ -1,5 +1,6 @@
-// The per-step matrix products of the recurrence: C[M, N] = (0 | C | bias) + A[M, K] B[K, N], M the batch's rows.
-// (The products over a whole sequence go to ATen's mm, which packs A too: lstm.cpp's matmul.)
+// C[M, N] = (0 | C | bias) + A[M, K] B[K, N]: the recurrence's products at each step (M the batch's rows), forward and
+// backward, and the forward's input projection of all steps. (The backward's products over a whole sequence, whose
+// A is strided, go to ATen's mm, which packs A too: lstm.cpp's matmul.)
 //
 // B is packed once into panels of V columns (V = the vector width): panel p holds B(k, p V + v) at [p][k][v],
 // zero-padded past N, an even number of panels. A is read in place through its strides (row stride sm, column

@@ -227,10 +227,10 @@ class FixedRhs {
   PackedB<scalar_t> pack_;
 };
 
-// c [M, N] (contiguous) = A B for the products over a whole sequence, A(m, k) = a[m sm + k sk],
-// B(k, n) = b[k bsk + n bsn]: ATen's mm, which packs both operands for these large products. gemm.h, which reads A
-// in place, is made for the per-step products of M = B rows; over a sequence (M = S B or 4H, A read with a
-// 4H stride) it took 1.5x the time of ATen's mm in the backward at cpu_h256x2 (Intel Xeon, AVX-512, 2 threads).
+// c [M, N] (contiguous) = A B for the backward's products over a whole sequence, A(m, k) = a[m sm + k sk],
+// B(k, n) = b[k bsk + n bsn]: ATen's mm, which packs both operands. gemm.h, which reads A in place (here dgates^T,
+// a 4H stride between its k), made the backward at cpu_h256x2 1.5x slower on the Intel Xeon VM (AVX-512, 2
+// threads), and slower still with MKL held to AVX2.
 template <typename scalar_t>
 void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int64_t sk, const scalar_t* b, int64_t bsk, int64_t bsn,
             scalar_t* c) {
@@ -323,8 +323,10 @@ int64_t team_size() {
   return at::in_parallel_region() ? 1 : at::get_num_threads();
 }
 
-// pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once: W_ih's rows copied
-// in perm order, then one ATen product (see matmul).
+// pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once; W_ih's rows are
+// packed in perm order straight away. gemm.h here, unlike matmul: x is read in place row by row, and with MKL held to
+// AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2, as MKL runs on non-Intel CPUs) ATen's mm made the forward at cpu_h256x2 1.2x
+// slower on the Intel Xeon VM; with MKL's AVX-512 the two were even.
 template <typename scalar_t>
 void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, const scalar_t* x, const scalar_t* w_ih,
                       const scalar_t* bias, scalar_t* pre, Workspace& ws) {
@@ -341,15 +343,25 @@ void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, c
   if (rows == 0) {
     return;
   }
-  scalar_t* w_perm = ws.take<scalar_t>(N * I);
-  for (int64_t n = 0; n < N; ++n) std::memcpy(w_perm + n * I, w_ih + row_of[n] * I, sizeof(scalar_t) * I);
-  Tensor c_view = strided(pre, rows, N, N, 1);
-  const Tensor a_view = strided(x, rows, I, I, 1), b_view = strided(w_perm, I, N, 1, I);
-  if (bias_perm) {
-    at::addmm_out(c_view, strided(bias_perm, rows, N, 0, 1), a_view, b_view);
-  } else {
-    at::mm_out(c_view, a_view, b_view);
+  auto column = [&](int64_t n) { return w_ih + row_of[n] * I; };
+  if (!vector_gemm()) {
+    scalar_t* w_perm = ws.take<scalar_t>(N * I);
+    for (int64_t n = 0; n < N; ++n) std::memcpy(w_perm + n * I, column(n), sizeof(scalar_t) * I);
+    Tensor c_view = strided(pre, rows, N, N, 1);
+    const Tensor a_view = strided(x, rows, I, I, 1), b_view = strided(w_perm, I, N, 1, I);
+    if (bias_perm) {
+      at::addmm_out(c_view, strided(bias_perm, rows, N, 0, 1), a_view, b_view);
+    } else {
+      at::mm_out(c_view, a_view, b_view);
+    }
+    return;
   }
+  PackedB<scalar_t> packed;
+  packed.attach(I, N, ws.take<scalar_t>(PackedB<scalar_t>::size(I, N)));
+  at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(column, 1, p0, p1); });
+  at::parallel_for(0, rows, 64, [&](int64_t m0, int64_t m1) {
+    gemm_rows(packed, m0, m1, x, I, 1, pre, N, bias_perm ? Init::kBias : Init::kZero, bias_perm);
+  });
 }
 
 // ---- masks ------------------------------------------------------------------------------------------------------
