@@ -97,16 +97,26 @@ struct Lanes {
   typedef T type __attribute__((vector_size(V * sizeof(T))));
 };
 
+// n of the V lanes from p, the rest 0. A whole vector is one load: a copy of n elements goes through the stack, 8
+// bytes at a time, and the vector read back from there waits for those stores (a store-forwarding stall).
 template <typename T>
 inline typename Lanes<T>::type load(const T* p, int64_t n) {
   typename Lanes<T>::type v = {};
-  std::memcpy(&v, p, sizeof(T) * n);
+  if (n == Lanes<T>::V) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    std::memcpy(&v, p, sizeof(T) * n);
+  }
   return v;
 }
 
 template <typename T>
 inline void store(typename Lanes<T>::type v, T* p, int64_t n) {
-  std::memcpy(p, &v, sizeof(T) * n);
+  if (n == Lanes<T>::V) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    std::memcpy(p, &v, sizeof(T) * n);
+  }
 }
 
 // C rows [0, MR) x columns of panels p, p + 1, over k in [k0, k1); a points at A(0, k0).
