@@ -1117,6 +1117,16 @@ def test_a_forwards_parameter_sets_sent_together_are_those_its_launches_ask_for(
     assert len(sent) == 1, "every launch found its set"
 
 
+def test_a_cache_entry_another_thread_dropped_is_not_an_error():
+    """launch._recently_used: between a lookup that found a launch's entry and marking it used, another
+    thread's insertion may have dropped it from the LRU cache."""
+    cache = collections.OrderedDict(a=1, b=2)
+    launch._recently_used(cache, "a")
+    assert list(cache) == ["b", "a"]
+    launch._recently_used(cache, "dropped")
+    assert list(cache) == ["b", "a"]
+
+
 def test_parameter_sets_sent_together_keep_their_values_and_16_byte_alignment():
     """launch._send_packed: each (ints, floats) set comes back as it went, ints as int64 and floats in the
     compute dtype, every view starting on a 16-byte boundary, as a set sent alone does."""

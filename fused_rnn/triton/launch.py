@@ -162,7 +162,7 @@ def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device
     key = _sent_key(ints, floats, float_dtype, device)
     sent = _sent_parameters.get(key)
     if sent is not None and not _capturing(device):
-        _sent_parameters.move_to_end(key)
+        _recently_used(_sent_parameters, key)
         return sent
     (sent,) = _send_packed([(ints, floats)], float_dtype, device)
     _keep_sent(key, sent)
@@ -180,6 +180,14 @@ def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, dev
     if len(missing) > 1:
         for key, sent in zip(missing, _send_packed([keys[key] for key in missing], float_dtype, device)):
             _keep_sent(key, sent)
+
+
+def _recently_used(cache: collections.OrderedDict, key) -> None:
+    """Move key to the end of an LRU cache, if it is still there: another thread may have dropped it since."""
+    try:
+        cache.move_to_end(key)
+    except KeyError:
+        pass
 
 
 def _capturing(device: torch.device) -> bool:
@@ -793,7 +801,7 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
         if len(_specialised_launches) > SPECIALISED_LAUNCHES_KEPT:
             _specialised_launches.popitem(last=False)
     else:
-        _specialised_launches.move_to_end(key)
+        _recently_used(_specialised_launches, key)
     launcher(*args)
 
 
