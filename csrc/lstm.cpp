@@ -230,7 +230,7 @@ class FixedRhs {
 // c [M, N] (contiguous) = A B for the backward's products over a whole sequence, A(m, k) = a[m sm + k sk],
 // B(k, n) = b[k bsk + n bsn]: ATen's mm, which packs both operands. gemm.h, which reads A in place (here dgates^T,
 // a 4H stride between its k), made the backward at cpu_h256x2 1.5x slower on the Intel Xeon VM (AVX-512, 2
-// threads), and slower still with MKL held to AVX2.
+// threads); still slower with MKL held to AVX2, as MKL runs on non-Intel CPUs.
 template <typename scalar_t>
 void matmul(int64_t M, int64_t N, int64_t K, const scalar_t* a, int64_t sm, int64_t sk, const scalar_t* b, int64_t bsk, int64_t bsn,
             scalar_t* c) {
@@ -325,8 +325,8 @@ int64_t team_size() {
 
 // pre [rows, 4H] (perm layout of `units`) = x [rows, I] W_ih^T + bias, for all steps at once; W_ih's rows are
 // packed in perm order straight away. gemm.h here, unlike matmul: x is read in place row by row, and with MKL held to
-// AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2, as MKL runs on non-Intel CPUs) ATen's mm made the forward at cpu_h256x2 1.2x
-// slower on the Intel Xeon VM; with MKL's AVX-512 the two were even.
+// AVX2 (MKL_ENABLE_INSTRUCTIONS=AVX2) ATen's mm made the forward at cpu_h256x2 1.1-1.2x slower on the Intel Xeon VM;
+// with MKL's AVX-512 the two were even.
 template <typename scalar_t>
 void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, const scalar_t* x, const scalar_t* w_ih,
                       const scalar_t* bias, scalar_t* pre, Workspace& ws) {
