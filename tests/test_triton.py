@@ -369,6 +369,7 @@ def test_custom_ops_pass_opcheck(proj, lengths):
     torch.library.opcheck(ops.feature_dropout, (x, seed_tensor(3), philox.KIND_INPUT, 1, 0.3, False))
 
 
+@gpu  # the GPU check runs it on CUDA too: a training forward's host path differs there
 def test_torch_compile_fullgraph_matches_eager():
     device = require_backend("triton", torch.float64)
     model = fused_rnn.LSTM(4, 5, 2, backend="triton", device=device, dtype=torch.float64, **EVERY)
