@@ -3,8 +3,8 @@
 // A is strided, go to ATen's mm, which packs A too: lstm.cpp's matmul.)
 //
 // B is packed once into panels of V columns (V = the vector width): panel p holds B(k, p V + v) at [p][k][v],
-// zero-padded past N, an even number of panels. A is read in place through its strides (row stride sm, column
-// stride sk), so A and A^T need no copy. The micro-kernel keeps kRows rows x 2 panels of C in registers and
+// zero-padded past N, an even number of panels. A is read in place, its rows sm apart (a state or x as it is
+// stored, no copy). The micro-kernel keeps kRows rows x 2 panels of C in registers and
 // walks k, one broadcast of A and two vector loads of B per k. For M = 16 (a batch), where a library GEMM repacks
 // its operands on every call, this is about 1.4x faster per step than MKL's packed GEMM.
 //
@@ -121,8 +121,8 @@ inline void store(typename Lanes<T>::type v, T* p, int64_t n) {
 
 // C rows [0, MR) x columns of panels p, p + 1, over k in [k0, k1); a points at A(0, k0).
 template <typename T, int MR>
-inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T* a, int64_t sm, int64_t sk, T* c, int64_t ldc,
-                 Init init, const T* bias) {
+inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T* a, int64_t sm, T* c, int64_t ldc, Init init,
+                 const T* bias) {
   using vec = typename Lanes<T>::type;
   constexpr int64_t V = Lanes<T>::V;
   const int64_t n0 = p * V;
@@ -144,7 +144,7 @@ inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T
   const T* b0 = b.panel(p) + k0 * V;
   const T* b1 = b.panel(p + 1) + k0 * V;
   const T* ak = a;
-  for (int64_t k = k0; k < k1; ++k, b0 += V, b1 += V, ak += sk) {
+  for (int64_t k = k0; k < k1; ++k, b0 += V, b1 += V, ++ak) {
     const vec x0 = load(b0, V), x1 = load(b1, V);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
@@ -160,23 +160,23 @@ inline void tile(const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T
 }
 
 template <typename T, int MR>
-inline void rows_tail(int64_t mr, const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T* a, int64_t sm, int64_t sk, T* c,
+inline void rows_tail(int64_t mr, const PackedB<T>& b, int64_t p, int64_t k0, int64_t k1, const T* a, int64_t sm, T* c,
                       int64_t ldc, Init init, const T* bias) {
   if constexpr (MR > 0) {
     if (mr == MR) {
-      tile<T, MR>(b, p, k0, k1, a, sm, sk, c, ldc, init, bias);
+      tile<T, MR>(b, p, k0, k1, a, sm, c, ldc, init, bias);
     } else {
-      rows_tail<T, MR - 1>(mr, b, p, k0, k1, a, sm, sk, c, ldc, init, bias);
+      rows_tail<T, MR - 1>(mr, b, p, k0, k1, a, sm, c, ldc, init, bias);
     }
   }
 }
 
 }  // namespace gemm_detail
 
-// C[m0:m1, :] = init + A[m0:m1, :] B, A(m, k) = a[m sm + k sk], C row stride ldc; bias [N] for Init::kBias.
+// C[m0:m1, :] = init + A[m0:m1, :] B, A(m, k) = a[m sm + k], C row stride ldc; bias [N] for Init::kBias.
 // K is walked in blocks, so that a block of A rows stays in cache while every panel of B passes.
 template <typename T>
-void gemm_rows(const PackedB<T>& b, int64_t m0, int64_t m1, const T* a, int64_t sm, int64_t sk, T* c, int64_t ldc, Init init,
+void gemm_rows(const PackedB<T>& b, int64_t m0, int64_t m1, const T* a, int64_t sm, T* c, int64_t ldc, Init init,
                const T* bias = nullptr) {
   constexpr int MR = gemm_detail::rows<T>();
   const int64_t K = b.K();
@@ -195,7 +195,7 @@ void gemm_rows(const PackedB<T>& b, int64_t m0, int64_t m1, const T* a, int64_t 
     for (int64_t m = m0; m < m1; m += MR) {
       const int64_t mr = std::min<int64_t>(MR, m1 - m);
       for (int64_t p = 0; p < b.panels(); p += 2) {
-        gemm_detail::rows_tail<T, MR>(mr, b, p, k0, k1, a + m * sm + k0 * sk, sm, sk, c + m * ldc, ldc, block_init, bias);
+        gemm_detail::rows_tail<T, MR>(mr, b, p, k0, k1, a + m * sm + k0, sm, c + m * ldc, ldc, block_init, bias);
       }
     }
   }

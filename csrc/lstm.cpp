@@ -206,7 +206,7 @@ class FixedRhs {
       return;
     }
     if (packed_) {
-      gemm_rows(pack_, 0, m_, a, lda, 1, c, ldc, init, bias);
+      gemm_rows(pack_, 0, m_, a, lda, c, ldc, init, bias);
       return;
     }
     Tensor c_view = strided(c, m_, n_, ldc, 1);
@@ -360,7 +360,7 @@ void input_projection(int64_t rows, int64_t I, int64_t H, const Blocks& units, c
   packed.attach(I, N, ws.take<scalar_t>(PackedB<scalar_t>::size(I, N)));
   at::parallel_for(0, packed.panels(), 1, [&](int64_t p0, int64_t p1) { packed.pack_panels(column, 1, p0, p1); });
   at::parallel_for(0, rows, 64, [&](int64_t m0, int64_t m1) {
-    gemm_rows(packed, m0, m1, x, I, 1, pre, N, bias_perm ? Init::kBias : Init::kZero, bias_perm);
+    gemm_rows(packed, m0, m1, x, I, pre, N, bias_perm ? Init::kBias : Init::kZero, bias_perm);
   });
 }
 
