@@ -12,7 +12,6 @@ from .backends import check_backend_name
 from .masks import check_count, sample_masks
 from .regularizers import Regularizers, of_fields
 
-# Regularizers' fields after `dropout`, in their order
 _REGULARIZER_FIELDS = tuple(f.name for f in dataclasses.fields(Regularizers) if f.name != "dropout")
 
 
@@ -84,7 +83,7 @@ class LSTM(nn.RNNBase):
         return self._regularizers(self.dropout)
 
     def _regularizers(self, dropout) -> Regularizers:
-        return of_fields((dropout, *(getattr(self, name) for name in _REGULARIZER_FIELDS)))
+        return of_fields(dropout=dropout, **{name: getattr(self, name) for name in _REGULARIZER_FIELDS})
 
     def _forward_regularizers(self) -> Regularizers:
         """The regularizers of a forward. An out-of-range `dropout` set after construction is what nn.LSTM

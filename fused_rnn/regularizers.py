@@ -109,23 +109,29 @@ class Regularizers:
     @classmethod
     def of_recurrence_arguments(cls, probabilities, modes) -> "Regularizers":
         """The inverse of recurrence_arguments (the feature dropouts at 0). Each of a training step's layer
-        ops, forward and backward, asks for it: validated once per distinct arguments and their types
-        (_of_recurrence_arguments; True == 1.0, but only the float is a probability)."""
-        probabilities, modes = tuple(probabilities), tuple(modes)
-        try:
-            hash((probabilities, modes))
-        except TypeError:  # not numbers: the checks say so
-            return _of_recurrence_arguments.__wrapped__(cls, probabilities, modes, ())
-        return _of_recurrence_arguments(cls, probabilities, modes, tuple(map(type, probabilities + modes)))
+        ops, forward and backward, asks for it (of_fields)."""
+        weight_rows, update_per_step = modes
+        return of_fields(
+            **dict(zip(RECURRENCE_PROBABILITIES, probabilities)),
+            weight_dropout_mode="row" if weight_rows else "element",
+            update_dropout_mode="step" if update_per_step else "sequence",
+        )
 
     def layer_input_dropout(self, layer: int) -> float:
         """The probability of masks["input"][layer]: input_dropout for layer 0, dropout after."""
         return self.input_dropout if layer == 0 else self.dropout
 
 
-def of_fields(values: tuple) -> Regularizers:
-    """Regularizers(*values), values in field order: validated once per distinct values and their types, as
-    a module's attributes give them to each forward (True == 1.0, but only the float is a probability)."""
+# (name, default) of every field, in their order
+_FIELD_DEFAULTS = tuple((field.name, field.default) for field in dataclasses.fields(Regularizers))
+
+
+def of_fields(**fields) -> Regularizers:
+    """Regularizers(**fields), validated once per distinct values and their types: every forward of a module
+    and each of a training step's layer ops ask for one (True == 1.0, but only the float is a probability)."""
+    values = tuple(fields.pop(name, default) for name, default in _FIELD_DEFAULTS)
+    if fields:
+        raise TypeError(f"Regularizers has no field {', '.join(sorted(fields))}")
     try:
         hash(values)
     except TypeError:  # not numbers or strings: the checks say so
@@ -136,13 +142,3 @@ def of_fields(values: tuple) -> Regularizers:
 @functools.lru_cache(maxsize=64)
 def _of_fields(values: tuple, _types: tuple) -> Regularizers:
     return Regularizers(*values)
-
-
-@functools.lru_cache(maxsize=64)
-def _of_recurrence_arguments(cls: type, probabilities: tuple, modes: tuple, _types: tuple) -> Regularizers:
-    weight_rows, update_per_step = modes
-    return cls(
-        **dict(zip(RECURRENCE_PROBABILITIES, probabilities)),
-        weight_dropout_mode="row" if weight_rows else "element",
-        update_dropout_mode="step" if update_per_step else "sequence",
-    )
