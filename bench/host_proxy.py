@@ -3,17 +3,17 @@
     python -m bench.host_proxy [--layers 1] [--loop persistent] [--steps 300] [--repeats 7]
 
 At the small benchmark shapes a GPU waits for the host: fused_rnn's kernels take a fraction of a step,
-and the step's time is the host's (bench/README.md, "Host time"). This runs the benchmark's training step
+and the step's time is the host's (bench/README.md, "Host time without a GPU"). This runs the benchmark's training step
 (providers.build_step: forward, backward of a fixed gradient, gradients set to None) at a tiny size on CPU
 tensors, the Triton backend under Triton's interpreter with every kernel's run skipped: every host call
 around a launch runs (checks, plans, parameter sends, allocations, the launchers' argument binding,
 autograd), no kernel does any work. Beside it, nn.LSTM's step at the same size, whose host work is what
 cuDNN's is less its kernels. It prints the best of `repeats` means over `steps` steps of each.
 
-On the H100 benchmarked at de30c8a, small_h256 fp16 forward + backward took 4.07 ms (fused_rnn, every
-regularizer) and 1.50 ms (nn.LSTM), both host-bound; this proxy of the same commit on the 2-core CI VM
-gave 705-718 and 261-291 us: 5.7 and 5.4 times less. Where a step is host-bound, its time on that GPU is
-about 5.5 times the proxy's here.
+On the H100 benchmarked at de30c8a, small_h256 fp16 forward + backward took 1.50 ms with nn.LSTM,
+host-bound; this proxy's nn.LSTM on the 2-core CI VM took 261-291 us, 5.4 times less. Where a step is
+host-bound, its time on that GPU's host is about 5.4 times the proxy's here. (fused_rnn there: 4.07 ms;
+the proxy of de30c8a, 705-718 us, sent launch parameters at every launch on CPU, which a GPU did not.)
 """
 
 from __future__ import annotations
