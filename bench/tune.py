@@ -158,13 +158,13 @@ class Layer:
         self.c0 = torch.zeros(B, H, device=device, dtype=dtype)
         self.d_out = torch.randn(T, B, H, generator=generator).to(device, dtype)
         self.d_h_n, self.d_c_n = torch.zeros_like(self.h0), torch.zeros_like(self.c0)
-        seed = torch.tensor(12345, dtype=torch.int64)
-        self.ints, self.floats = launch.step_parameters(RECURRENCE, True, seed, device, dtype)
+        self.seed = 12345
+        self.ints, self.floats = launch.step_parameters(RECURRENCE, True, device, dtype)
         self.flags = launch.Recurrence.of(RECURRENCE, True)
 
     def forward(self):
         return launch.layer_forward(self.x, self.h0, self.c0, self.w_ih, self.w_hh, self.bias, None, None,
-                                    self.ints, self.floats, self.flags, 0, False)
+                                    self.seed, self.ints, self.floats, self.flags, 0, False)
 
     def plans(self) -> str:
         """The forward's and the backward's loop as the launcher would choose them now."""
@@ -186,7 +186,7 @@ class Layer:
 
         def backward():
             launch.layer_backward(self.d_out, self.d_h_n, self.d_c_n, self.x, self.w_ih, self.w_hh, None, None,
-                                  self.ints, self.floats, self.flags, 0, False, xg, rs, cs, hpre, dgates)
+                                  self.seed, self.ints, self.floats, self.flags, 0, False, xg, rs, cs, hpre, dgates)
 
         backward_time = timed(backward, lambda: None, reps, self.device)
         return forward_time, backward_time

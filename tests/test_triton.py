@@ -51,7 +51,7 @@ def test_bulk_dropout_masks_are_the_references(seed, kind, locked):
     device = require_backend("triton", torch.float32)
     steps, batch, features, index, p = 3, 5, 301, 2, 0.37  # 1505 elements a step: two programs, not a multiple of 4
     x = torch.ones(steps, batch, features, device=device)
-    y = launch.feature_dropout(x, seed_tensor(seed), kind, index, p, locked)
+    y = launch.feature_dropout(x, seed, kind, index, p, locked)
     keep = masks.feature_keep_mask(seed, kind, index, p, 1 if locked else steps, batch, features, device)
     assert torch.equal(y != 0, keep.expand_as(y))
     assert torch.equal(y[keep.expand_as(y)], torch.full_like(y, philox.keep_scale(p))[keep.expand_as(y)])
@@ -63,9 +63,9 @@ def test_weight_drop_masks_are_the_references(seed, rows):
     device = require_backend("triton", torch.float32)
     hidden, real_hidden, k, p = 7, 5, 3, 0.45
     reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
-    ints, floats = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
+    ints, floats = launch.step_parameters(reg, True, device, torch.float32)
     w = torch.ones(4 * hidden, real_hidden, device=device)
-    dropped = launch.dropped_weight(w, ints, floats, k, rows)
+    dropped = launch.dropped_weight(seed, w, ints, floats, k, rows)
     keep = masks.weight_keep_mask(seed, k, p, rows, hidden, real_hidden, device)
     assert torch.equal(dropped != 0, keep.expand_as(dropped))
     if rows:
@@ -80,23 +80,24 @@ def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_
     device = require_backend("triton", dtype)
     hidden, real_hidden, k, p = 17, 70, 2, 0.3  # W_hh [68, 70]
     reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
-    ints, floats = launch.step_parameters(reg, True, seed_tensor(SEEDS[0]), device, dtype)
+    ints, floats = launch.step_parameters(reg, True, device, dtype)
     w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
-    expected = launch.dropped_weight(w, ints, floats, k, rows).t()
-    transposed = launch.transposed_dropped_weight(w, ints, floats, k, rows)
+    expected = launch.dropped_weight(SEEDS[0], w, ints, floats, k, rows).t()
+    transposed = launch.transposed_dropped_weight(SEEDS[0], w, ints, floats, k, rows)
     assert transposed.is_contiguous() and transposed.shape == (real_hidden, 4 * hidden)
     assert torch.equal(transposed, expected)
     assert 0 < int((transposed == 0).sum()) < transposed.numel()
 
 
 @triton.jit
-def _unit_masks_kernel(ints_ptr, floats_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def _unit_masks_kernel(seed: tl.int64, ints_ptr, floats_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr,
+                       BLOCK_H: tl.constexpr):
     ints, _ = cell.step_settings(ints_ptr, floats_ptr)
     rows = tl.arange(0, BLOCK_B)[:, None]
     units = tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H)
     here = rows * H + units
-    hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints, rows, units, H, t, stream)
+    hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints, seed, rows, units, H, t, stream)
     tl.store(out_ptr + here, hidden.to(tl.int8), mask=inside)
     tl.store(out_ptr + B * H + here, update.to(tl.int8), mask=inside)
     tl.store(out_ptr + 2 * B * H + here, cell_keep.to(tl.int8), mask=inside)
@@ -118,10 +119,10 @@ def test_unit_masks_are_the_references(seed, reg):
     device = require_backend("triton", torch.float32)
     seq_len, batch, hidden, real_hidden, k = 3, 5, 7, 4, 2
     expected = masks.unit_masks(reg, seed, k, seq_len, batch, hidden, real_hidden, device)
-    ints, floats = launch.step_parameters(reg, True, seed_tensor(seed), device, torch.float32)
+    ints, floats = launch.step_parameters(reg, True, device, torch.float32)
     for t in range(seq_len):
         out = torch.zeros(5, batch, hidden, dtype=torch.int8, device=device)
-        _unit_masks_kernel[(1,)](ints, floats, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
+        _unit_masks_kernel[(1,)](seed, ints, floats, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
         got = dict(zip(("hidden", "update", "cell", "zoneout_h", "zoneout_c"), out.bool()))
         off = dict(hidden=True, update=True, cell=True, zoneout_h=False, zoneout_c=False)  # what a mask that is off reads
         for name, mask in expected.items():
@@ -150,7 +151,7 @@ def test_settings_read_every_slot_as_the_launch_parameters_hold_it(hoisted):
     device = require_backend("triton", torch.float32)
     reg = Regularizers(recurrent_dropout=0.3, weight_dropout=0.2, update_dropout=0.1, update_dropout_mode="sequence",
                        cell_dropout=0.4, zoneout_h=0.25, zoneout_c=1.0)
-    ints, floats = launch.step_parameters(reg, True, seed_tensor(2**63 - 1), device, torch.float32)
+    ints, floats = launch.step_parameters(reg, True, device, torch.float32)
     got_ints, got_floats = torch.zeros_like(ints), torch.zeros_like(floats)
     _settings_kernel[(1,)](ints, floats, got_ints, got_floats, HOISTED=hoisted)
     assert torch.equal(got_ints, ints) and torch.equal(got_floats, floats)
@@ -1009,29 +1010,36 @@ def test_repeated_launches_go_through_the_jit_when_it_returns_no_compiled_kernel
     assert [args for _, args, _ in jit.launches] == [("x", 0), ("x", 1), ("x", 2)]
 
 
+class FakeSeededJit(FakeJit):
+    """A kernel that draws masks: the seed first, as launch_specialised passes it."""
+
+    arg_names = ["seed", "x_ptr", "t", "BLOCK_B", "PRECISION"]
+
+
 def test_specialised_launches_reuse_a_compiled_kernel_for_the_same_specialisation_only(monkeypatch):
     """launch_specialised: a second launch whose arguments Triton would specialise the same way goes to the
-    kernel compiled for the first; another dtype, a pointer off 16-byte alignment, another integer (or a
-    bool for an int), other constexprs or another grid go through the JIT."""
+    kernel compiled for the first, with its own seed (typed and never specialised: not in the key); another
+    dtype, a pointer off 16-byte alignment, another integer (or a bool for an int), other constexprs or
+    another grid go through the JIT."""
     monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
     compiled = FakeCompiled()
-    jit = FakeJit(compiled)
+    jit = FakeSeededJit(compiled)
     x, y = torch.zeros(8), torch.zeros(8)
     calls = [
-        ((2,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (x[1:], 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (x.double(), 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (x, 6), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (x, True), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (x, 5), dict(BLOCK_B=32, PRECISION="ieee")),
-        ((3,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (1, x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (2, y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (3, x[1:], 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (4, x.double(), 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (5, x, 6), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (6, x, True), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (7, x, 5), dict(BLOCK_B=32, PRECISION="ieee")),
+        ((3,), (8, x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (2**62, y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
     ]
     for grid, args, constexprs in calls:
         launch.launch_specialised(jit, grid, *args, **constexprs)
     assert [(grid, args) for grid, args, _ in jit.launches] == [(grid, args) for grid, args, _ in calls[:1] + calls[2:8]]
-    assert compiled.launches == [((2, 1, 1), (y, 5, 16, "ieee"))] * 2
+    assert compiled.launches == [((2, 1, 1), (2, y, 5, 16, "ieee")), ((2, 1, 1), (2**62, y, 5, 16, "ieee"))]
 
 
 def test_specialised_launches_compile_their_launch_options_and_keep_them_apart(monkeypatch):
@@ -1040,17 +1048,17 @@ def test_specialised_launches_compile_their_launch_options_and_keep_them_apart(m
     options are other specialisations."""
     monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
     compiled = FakeCompiled()
-    jit = FakeJit(compiled)
+    jit = FakeSeededJit(compiled)
     x = torch.zeros(8)
     cooperative = dict(launch_cooperative_grid=True, num_warps=4)
     for options in (cooperative, cooperative, dict(cooperative, num_warps=8), None):
-        launch.launch_specialised(jit, (2,), x, 5, launch_options=options, BLOCK_B=16, PRECISION="ieee")
+        launch.launch_specialised(jit, (2,), 9, x, 5, launch_options=options, BLOCK_B=16, PRECISION="ieee")
     assert [kwargs for _, _, kwargs in jit.launches] == [
         dict(BLOCK_B=16, PRECISION="ieee", **cooperative),
         dict(BLOCK_B=16, PRECISION="ieee", launch_cooperative_grid=True, num_warps=8),
         dict(BLOCK_B=16, PRECISION="ieee"),
     ]
-    assert compiled.launches == [((2, 1, 1), (x, 5, 16, "ieee"))]
+    assert compiled.launches == [((2, 1, 1), (9, x, 5, 16, "ieee"))]
 
 
 def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
@@ -1078,44 +1086,40 @@ def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
     ]
 
 
-@gpu
-@needs_gpu
-def test_a_training_steps_backward_reuses_the_parameters_its_forward_sent(monkeypatch):
+def _count_parameter_sends(monkeypatch) -> list:
+    """Every tensor of launch parameters sent from now on, the cache of those sent before emptied."""
     sent = []
     original = launch.host_to_device
+    monkeypatch.setattr(launch, "_sent_parameters", collections.OrderedDict())
     monkeypatch.setattr(launch, "host_to_device", lambda values, device: sent.append(values.tolist()) or original(values, device))
-    lstm = fused_rnn.LSTM(8, 16, device="cuda", backend="triton", **EVERY)
-    x = torch.randn(5, 3, 8, device="cuda", requires_grad=True)
+    return sent
+
+
+def _check_parameters_sent_once(monkeypatch, device):
+    """A training loop sends its launch parameters at its first step only: they hold the regularizers, and
+    each launch takes the step's new seed as an argument."""
+    sent = _count_parameter_sends(monkeypatch)
+    lstm = fused_rnn.LSTM(8, 16, device=device, backend="triton", **EVERY)
+    x = torch.randn(5, 3, 8, device=device, requires_grad=True)
     lstm(x, seed=11)[0].sum().backward()
-    # the layer's ints and floats, the input and output dropouts' each, all in one copy: sent by the forward only
-    assert len(sent) == 1
+    # the layer's ints and floats, the input dropout's and the output dropout's
+    assert len(sent) == 3
+    assert not any(11 in words for words in sent), "no seed among the parameters"
     sent.clear()
     lstm(x, seed=12)[0].sum().backward()
-    assert len(sent) == 1 and sent[0][0] == 12
+    lstm(x)[0].sum().backward()
+    assert sent == []
 
 
-def test_a_forwards_parameter_sets_sent_together_are_those_its_launches_ask_for(monkeypatch):
-    """send_call_parameters sends the layers' and each feature dropout's parameters in one copy, under the
-    keys launch_parameters looks up: the launches then find every set (no copy of their own), with their
-    values. (A GPU's stream and copy stood in for on CPU.)"""
-    sent = []
-    monkeypatch.setattr(launch, "_sent_parameters", collections.OrderedDict())
-    monkeypatch.setattr(launch, "host_to_device", lambda values, device: sent.append(values) or values)
-    monkeypatch.setattr(launch, "_sent_key", lambda ints, floats, dtype, device: (tuple(ints), tuple(floats), dtype))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    cuda = torch.device("cuda", 0)
-    reg = Regularizers(**EVERY)
-    seed = seed_tensor(SEEDS[1])
-    dropouts = [reg.input_dropout, reg.dropout, reg.output_dropout]
-    launch.send_call_parameters(reg, True, seed, cuda, torch.float16, dropouts)
-    assert len(sent) == 1
-    layer_reg = Regularizers.of_recurrence_arguments(*reg.recurrence_arguments())  # what the layer ops rebuild
-    ints, floats = launch.step_parameters(layer_reg, True, seed, cuda, torch.float16)
-    assert ints.tolist() == launch._step_values_with_seed(reg, True, seed)[0] and floats.dtype == torch.float32
-    for p in dropouts:
-        ints, floats = launch.dropout_parameters(p, seed, cuda, torch.float16)
-        assert ints.tolist() == [SEEDS[1], philox.threshold(p)] and floats.tolist() == [float(torch.tensor(philox.keep_scale(p)))]
-    assert len(sent) == 1, "every launch found its set"
+def test_a_training_loop_sends_its_launch_parameters_once(monkeypatch):
+    require_backend("triton", torch.float32)
+    _check_parameters_sent_once(monkeypatch, "cpu")
+
+
+@gpu
+@needs_gpu
+def test_a_training_loop_sends_its_launch_parameters_once_on_a_gpu(monkeypatch):
+    _check_parameters_sent_once(monkeypatch, "cuda")
 
 
 def test_a_cache_entry_another_thread_dropped_is_not_an_error():
@@ -1128,17 +1132,16 @@ def test_a_cache_entry_another_thread_dropped_is_not_an_error():
     assert list(cache) == ["b", "a"]
 
 
-def test_parameter_sets_sent_together_keep_their_values_and_16_byte_alignment():
-    """launch._send_packed: each (ints, floats) set comes back as it went, ints as int64 and floats in the
-    compute dtype, every view starting on a 16-byte boundary, as a set sent alone does."""
-    sets = [([5, 2**40, 3], [0.5, 1.25, 2.0]), ([7, 9], [1.5]), ([1], [])]
-    for dtype in (torch.float32, torch.float64):
-        sent = launch._send_packed(sets, dtype, torch.device("cpu"))
-        assert [(ints.tolist(), floats.tolist()) for ints, floats in sent] == sets
-        assert all(ints.dtype == torch.int64 and floats.dtype == dtype for ints, floats in sent)
-        assert len({ints.untyped_storage().data_ptr() for ints, _ in sent}) == 1, "one tensor, one copy"
-        offsets = [t.storage_offset() * t.element_size() for pair in sent for t in pair]
-        assert all(offset % 16 == 0 for offset in offsets), offsets
+def test_launch_parameters_keep_their_values_and_16_byte_alignment():
+    """launch._send_packed: ints as int64 and floats in the compute dtype, as they went, two views of one
+    tensor (one copy), the floats starting on a 16-byte boundary (what Triton specialises a pointer on)."""
+    for ints, floats in (((5, 2**40, 3), (0.5, 1.25, 2.0)), ((7, 9), (1.5,)), ((1,), ())):
+        for dtype in (torch.float32, torch.float64):
+            sent_ints, sent_floats = launch._send_packed(ints, floats, dtype, torch.device("cpu"))
+            assert (tuple(sent_ints.tolist()), tuple(sent_floats.tolist())) == (ints, floats)
+            assert sent_ints.dtype == torch.int64 and sent_floats.dtype == dtype
+            assert sent_ints.untyped_storage().data_ptr() == sent_floats.untyped_storage().data_ptr()
+            assert sent_floats.storage_offset() * sent_floats.element_size() % 16 == 0
 
 
 def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsys):
@@ -1155,7 +1158,7 @@ def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsy
     assert all(float(us) > 0 for _, us in rows)
     assert os.environ.get("FUSED_RNN_RECURRENCE") == before
     x = torch.randn(3, 2, 4)
-    out = launch.feature_dropout(x, seed_tensor(SEEDS[0]), 1, 0, 1.0, False)
+    out = launch.feature_dropout(x, SEEDS[0], 1, 0, 1.0, False)
     assert torch.equal(out, torch.zeros_like(x)), "the kernel ran: p = 1 dropped everything"
 
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..regularizers import Regularizers
 from ..stack import LayerWeights, run_fused_stack
-from . import launch, ops
+from . import ops
 
 
 def run(
@@ -27,11 +27,6 @@ def run(
     probabilities, modes = reg.recurrence_arguments()
     # the ops' tensors all derive from these, in this call's modes: one dispatch_free for all of its ops
     free = ops.dispatch_free((x, h0, c0, *(w for layer in weights for w in layer), lengths, seed))
-    if training and free:
-        # (a trace would record the seed's value; the ops' own lookups send what is missing)
-        num_layers = len(weights) // num_directions
-        dropouts = [reg.layer_input_dropout(index) for index in range(num_layers)] + [reg.output_dropout]
-        launch.send_call_parameters(reg, training, seed, x.device, x.dtype, [p for p in dropouts if p > 0])
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh

@@ -16,21 +16,22 @@ KIND_WEIGHT = tl.constexpr(3)
 KIND_SEQUENCE = tl.constexpr(4)
 KIND_STEP = tl.constexpr(5)
 
-# Slots of the per-call int64 parameter tensor: the seed, thresholds (0 when a dropout is off, so it
-# keeps everything) and mode words; and of the float one: keep scales (1.0 when off) and zoneout's p.
-INT_SEED = tl.constexpr(0)
-INT_HIDDEN = tl.constexpr(1)
-INT_UPDATE = tl.constexpr(2)
-INT_CELL = tl.constexpr(3)
-INT_ZONEOUT_H = tl.constexpr(4)
-INT_ZONEOUT_C = tl.constexpr(5)
-INT_WEIGHT = tl.constexpr(6)
-INT_SEQUENCE_DRAWS = tl.constexpr(7)  # 1 when a kind-4 draw is needed (hidden, cell, update per sequence)
-INT_STEP_DRAWS = tl.constexpr(8)  # 1 when a kind-5 draw is needed (zoneout masks, update per step)
-INT_UPDATE_MODE = tl.constexpr(9)  # UPDATE_*
-INT_ZONEOUT_H_MODE = tl.constexpr(10)  # ZONEOUT_*
-INT_ZONEOUT_C_MODE = tl.constexpr(11)
-INT_SLOTS = tl.constexpr(12)
+# Slots of the per-call int64 parameter tensor: thresholds (0 when a dropout is off, so it keeps
+# everything) and mode words; and of the float one: keep scales (1.0 when off) and zoneout's p. The seed
+# is not among them: each launch passes it as an argument (`seed`), so that these tensors depend only on
+# the regularizers and are sent to a GPU once, not once a call.
+INT_HIDDEN = tl.constexpr(0)
+INT_UPDATE = tl.constexpr(1)
+INT_CELL = tl.constexpr(2)
+INT_ZONEOUT_H = tl.constexpr(3)
+INT_ZONEOUT_C = tl.constexpr(4)
+INT_WEIGHT = tl.constexpr(5)
+INT_SEQUENCE_DRAWS = tl.constexpr(6)  # 1 when a kind-4 draw is needed (hidden, cell, update per sequence)
+INT_STEP_DRAWS = tl.constexpr(7)  # 1 when a kind-5 draw is needed (zoneout masks, update per step)
+INT_UPDATE_MODE = tl.constexpr(8)  # UPDATE_*
+INT_ZONEOUT_H_MODE = tl.constexpr(9)  # ZONEOUT_*
+INT_ZONEOUT_C_MODE = tl.constexpr(10)
+INT_SLOTS = tl.constexpr(11)
 FLOAT_HIDDEN = tl.constexpr(0)
 FLOAT_UPDATE = tl.constexpr(1)
 FLOAT_CELL = tl.constexpr(2)
@@ -73,9 +74,8 @@ def step_settings(ints_ptr, floats_ptr):
     """The per-call parameters as two tuples indexed by slot, ints[INT_*] and floats[FLOAT_*], loaded
     once: a persistent or resident kernel loads them before its time loop. Loaded where they were used,
     they were trips to L2 at every step, some after branches on others, since each grid barrier's acquire
-    empties L1. The flag and mode words as int32; the seed and the thresholds (up to 2**32) as int64."""
+    empties L1. The flag and mode words as int32; the thresholds (up to 2**32) as int64."""
     ints = (
-        tl.load(ints_ptr + INT_SEED),
         tl.load(ints_ptr + INT_HIDDEN),
         tl.load(ints_ptr + INT_UPDATE),
         tl.load(ints_ptr + INT_CELL),
@@ -122,14 +122,13 @@ def unit_draws(seed, rows, units, H, t, stream, KIND: tl.constexpr):
 
 
 @triton.jit
-def unit_masks(ints, rows, units, H, t, stream):
+def unit_masks(ints, seed, rows, units, H, t, stream):
     """Every per-unit mask of step t for units (rows, units), as docs/randomness.md lays them out.
 
     Returns [BB, BJ] booleans (hidden keep, update keep, cell keep, zoneout_h, zoneout_c). A dropout
     that is off keeps everything (its threshold is 0) and a zoneout that is off never fires, so the
     cell math applies every mask unconditionally; Philox runs only for the kinds in use.
     """
-    seed = setting(ints, INT_SEED)
     update_mode = setting(ints, INT_UPDATE_MODE)
     keep_all = (rows + units) >= 0
     hidden_keep, update_keep, cell_keep = keep_all, keep_all, keep_all

@@ -33,7 +33,6 @@ from .cell import (
     FLOAT_WEIGHT,
     FLOAT_ZONEOUT_C,
     FLOAT_ZONEOUT_H,
-    INT_SEED,
     INT_WEIGHT,
     INT_ZONEOUT_C_MODE,
     INT_ZONEOUT_H_MODE,
@@ -52,10 +51,11 @@ from .cell import (
 )
 
 
-@triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group", "locked"])
+@triton.jit(do_not_specialize=["seed", "threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group",
+                               "locked"])
 def packed_dropout_kernel(
-    x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, locked,
-    BLOCK: tl.constexpr,
+    seed: tl.int64, x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step,
+    group, locked, BLOCK: tl.constexpr,
 ):
     """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight).
 
@@ -67,7 +67,7 @@ def packed_dropout_kernel(
     t = pid // blocks_per_step
     e = (pid % blocks_per_step) * BLOCK + tl.arange(0, BLOCK)
     inside = e < numel
-    keep = bulk_keep(ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
+    keep = bulk_keep(seed, ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
     offset = t.to(tl.int64) * numel + e
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
@@ -76,18 +76,18 @@ def packed_dropout_kernel(
 
 
 @triton.jit
-def bulk_keep(ints_ptr, threshold_slot, m, step, stream, kind):
+def bulk_keep(seed, ints_ptr, threshold_slot, m, step, stream, kind):
     """Whether a bulk mask keeps mask element m (any shape) of `step`: word m % 4 of Philox(m // 4, step,
     stream, kind) against the threshold in slot threshold_slot (docs/randomness.md)."""
-    w0, w1, w2, w3 = tl.philox(tl.load(ints_ptr + INT_SEED), (m // 4).to(tl.uint32), step, stream, kind)
+    w0, w1, w2, w3 = tl.philox(seed, (m // 4).to(tl.uint32), step, stream, kind)
     word = m % 4
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
     return not_fires(draw, tl.load(ints_ptr + threshold_slot))
 
 
-@triton.jit(do_not_specialize=["stream", "R", "C", "rows"])
+@triton.jit(do_not_specialize=["seed", "stream", "R", "C", "rows"])
 def transposed_weight_dropout_kernel(
-    w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
+    seed: tl.int64, w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """w_t [C, R] = (W [R, C] after weight drop) transposed, in one pass: packed_dropout_kernel's mask of W's
@@ -96,16 +96,16 @@ def transposed_weight_dropout_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     inside = (r < R) & (c < C)
     element = r * C + c  # W_hh's elements are indexed in 32 bits by packed_dropout_kernel too
-    keep = bulk_keep(ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
+    keep = bulk_keep(seed, ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
     w = tl.load(w_ptr + element, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
     y = keep_scaled(w, keep, tl.load(floats_ptr + FLOAT_WEIGHT))
     # written along R: the compiler moves the tile through shared memory so that both sides are coalesced
     store_rounded(w_t_ptr + c * R + r, y, inside)
 
 
-@triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
+@triton.jit(do_not_specialize=["seed", "state", "stream", "B", "H", "H_out"])
 def hidden_dropout_kernel(
-    h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
+    seed: tl.int64, h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
@@ -113,7 +113,7 @@ def hidden_dropout_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, rows, units, H, 0, stream)
+    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, seed, rows, units, H, 0, stream)
     here = rows * H_out + units
     h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
     r = keep_scaled(h, hidden_keep, setting(floats_ptr, FLOAT_HIDDEN))
@@ -161,8 +161,8 @@ def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
 # persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
 # 16 (and on the value 1): rows of r_prev, xg and the states then load as vectors rather than an element
 # at a time, for a few kernels per configuration. A launch per step is bound by the launch, not its loads.
-STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
-PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj"]
+STEP_ARGUMENTS = ["seed", "t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
+PERSISTENT_ARGUMENTS = ["seed", "seq_len", "reverse", "stream", "has_lengths", "has_proj"]
 
 # Loads of what other programs wrote in this launch ask for L2 (a hint; the barrier's acquire, which
 # invalidates L1, is what makes those stores visible).
@@ -171,7 +171,7 @@ SHARED: tl.constexpr = tl.constexpr(".cg")
 
 @triton.jit
 def forward_cell_tile(
-    pid_b, pid_h, t, reverse, stream, has_lengths, has_proj,
+    pid_b, pid_h, t, reverse, stream, seed, has_lengths, has_proj,
     xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints,
     floats, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,7 +203,7 @@ def forward_cell_tile(
         acc_f = tile_dot(r, tl.load(w_t + H * H_out, mask=w_inside, other=0.0), acc_f, PRECISION)
         acc_g = tile_dot(r, tl.load(w_t + 2 * H * H_out, mask=w_inside, other=0.0), acc_g, PRECISION)
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
-    finish_step(acc_i, acc_f, acc_g, acc_o, None, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+    finish_step(acc_i, acc_f, acc_g, acc_o, None, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
                 xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats,
                 B, H, H_out)
 
@@ -239,7 +239,7 @@ def step_inputs(gates, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, insid
 
 @triton.jit
 def finish_step(
-    acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, has_proj,
+    acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
     xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats, B, H, H_out,
 ):
     """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
@@ -259,7 +259,7 @@ def finish_step(
     gg = x_g.to(acc_g.dtype) + acc_g
     go = x_o.to(acc_o.dtype) + acc_o
     c_here = rows * H + units
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, rows, units, H, t, stream)
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     i, f, g, o, c_tilde, h_tilde = cell_forward(
         gi, gf, gg, go, c_prev, update_keep, setting(floats, FLOAT_UPDATE), cell_keep, setting(floats, FLOAT_CELL)
     )
@@ -284,7 +284,7 @@ def finish_step(
 
 @triton.jit
 def projection_tile(
-    pid_b, pid_h, t, reverse, stream, has_lengths,
+    pid_b, pid_h, t, reverse, stream, seed, has_lengths,
     hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -302,7 +302,7 @@ def projection_tile(
         a = tl.load(hpre_t + rows * H + ks[None, :], mask=(rows < B) & (ks[None, :] < H), other=0.0, cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + units * H + ks[:, None], mask=(ks[:, None] < H) & (units < H_out), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    hidden_keep, _, _, zone_h, _ = unit_masks(ints, rows, units, H, t, stream)
+    hidden_keep, _, _, zone_h, _ = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     finish_h(acc, None, hidden_keep, zone_h, rows, units, inside, active, t, reverse, h_carry_ptr, rs_ptr, out_ptr,
              ints, floats, B, H_out)
@@ -363,7 +363,7 @@ def add_row_sum(ptr, x, inside, units_inside):
 
 @triton.jit
 def backward_h_tile(
-    pid_b, pid_h, t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
+    pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -400,7 +400,7 @@ def backward_h_tile(
             # lets the compiler copy it asynchronously (rows of H_out, 1150 on PTB, would not)
             w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
-    finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, has_lengths,
+    finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths,
                       has_proj, has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
                       lengths_ptr, ints, floats, B, H, H_out)
 
@@ -418,14 +418,14 @@ def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has
 
 @triton.jit
 def finish_h_backward(
-    acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, has_lengths, has_proj, has_next, step,
+    acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj, has_next, step,
     dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
     the step's backward if `step`. h_inputs, cell_inputs: loaded before the product, or None to load each
     where it is used. inside: (rows < B) & (units < H_out)."""
     h_here = rows * H_out + units
-    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, rows, units, H, t, stream)
+    hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     if h_inputs is None:
         g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
     else:
@@ -452,7 +452,7 @@ def finish_h_backward(
 
 @triton.jit
 def backward_projection_cell_tile(
-    pid_b, pid_h, t, reverse, stream, has_lengths,
+    pid_b, pid_h, t, reverse, stream, seed, has_lengths,
     dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -473,7 +473,7 @@ def backward_projection_cell_tile(
                     cache_modifier=SHARED)
         w = tl.load(w_hr_ptr + ks[:, None] * H + units, mask=(ks[:, None] < H_out) & (units < H), other=0.0)
         acc = tile_dot(a, w, acc, PRECISION)
-    _, update_keep, cell_keep, _, zone_c = unit_masks(ints, rows, units, H, t, stream)
+    _, update_keep, cell_keep, _, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
                   xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
@@ -481,13 +481,13 @@ def backward_projection_cell_tile(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def forward_step_kernel(
-    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    seed: tl.int64, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, t, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: forward_cell_tile on a (row tiles, unit tiles) grid."""
     forward_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths, has_proj,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths, has_proj,
         xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
         floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
@@ -495,13 +495,13 @@ def forward_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def projection_step_kernel(
-    hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed: tl.int64, hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after forward_step_kernel: projection_tile on a (row tiles, H_out tiles) grid."""
     projection_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths,
         hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
@@ -509,13 +509,13 @@ def projection_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
-        tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, has_lengths, has_proj, has_next, step,
+        tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
         dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
@@ -523,13 +523,13 @@ def backward_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
     backward_projection_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, has_lengths,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths,
         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
@@ -597,7 +597,7 @@ def backward_positions(back, seq_len, reverse):
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
-    xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    seed: tl.int64, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -616,7 +616,7 @@ def forward_persistent_kernel(
         t = position(s, seq_len, reverse)
         for tile in range(pid, tiles_b * tiles_h, programs):
             forward_cell_tile(
-                tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths, has_proj,
+                tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths, has_proj,
                 xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
                 ints_ptr, floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
             )
@@ -625,7 +625,7 @@ def forward_persistent_kernel(
         if has_proj != 0:
             for tile in range(pid, tiles_b * tiles_out, programs):
                 projection_tile(
-                    tile // tiles_out, tile % tiles_out, t, reverse, stream, has_lengths,
+                    tile // tiles_out, tile % tiles_out, t, reverse, stream, seed, has_lengths,
                     hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
                     B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
                 )
@@ -635,7 +635,7 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -658,7 +658,7 @@ def backward_persistent_kernel(
         t, t_next = backward_positions(back, seq_len, reverse)
         for tile in range(pid, tiles_b * tiles_out, programs):
             backward_h_tile(
-                tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, has_lengths, has_proj,
+                tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, seed, has_lengths, has_proj,
                 back > 0, back < seq_len,
                 dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
                 floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
@@ -669,7 +669,7 @@ def backward_persistent_kernel(
             if back < seq_len:
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
-                        tile // tiles_h, tile % tiles_h, t, reverse, stream, has_lengths,
+                        tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths,
                         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
                     )
@@ -678,7 +678,7 @@ def backward_persistent_kernel(
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
-RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
+RESIDENT_ARGUMENTS = ["seed", "seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
 @triton.jit
@@ -800,7 +800,7 @@ def resident_program(unit_tiles):
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
-    xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    seed: tl.int64, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -853,7 +853,7 @@ def forward_resident_kernel(
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
             acc_f, acc_o = tl.split(odd)
-            finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, has_lengths, 0,
+            finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed, has_lengths, 0,
                         xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr, lengths_ptr, ints, floats,
                         B, H, H_out)
         if synchronize != 0:
@@ -872,7 +872,7 @@ def forward_resident_kernel(
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def backward_resident_kernel(
-    dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -907,7 +907,7 @@ def backward_resident_kernel(
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
-            finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
+            finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream, seed,
                               has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:

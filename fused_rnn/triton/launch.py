@@ -72,25 +72,19 @@ def _slots(values: dict, size) -> list:
     return packed
 
 
-def step_parameters(reg: Regularizers, training: bool, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The int64 (seed, thresholds, modes) and float (scales, zoneout p) tensors the kernels load; slots in cell.py.
+def step_parameters(reg: Regularizers, training: bool, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The int64 (thresholds, modes) and float (scales, zoneout p) tensors the kernels load; slots in cell.py.
+    The seed is not among them: the launches pass it as an argument.
 
     In eval mode every dropout is off (threshold 0, scale 1) and zoneout takes its expectation.
     """
-    return launch_parameters(*_step_values_with_seed(reg, training, seed), compute_dtype(dtype), device)
-
-
-def _step_values_with_seed(reg: Regularizers, training: bool, seed: Tensor) -> tuple[list, list]:
-    ints, floats = _step_values(reg, training)
-    ints = list(ints)
-    ints[int(cell.INT_SEED)] = int(seed)
-    return ints, list(floats)
+    return launch_parameters(*_step_values(reg, training), compute_dtype(dtype), device)
 
 
 @functools.lru_cache(maxsize=64)
 def _step_values(reg: Regularizers, training: bool) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """step_parameters' values but the seed (0 in its slot): a call per layer and direction, forward and
-    backward, of a training step, whose regularizers rarely change."""
+    """step_parameters' values: a call per layer and direction, forward and backward, of a training step,
+    whose regularizers rarely change."""
     if not training:
         reg = dataclasses.replace(reg, recurrent_dropout=0.0, weight_dropout=0.0, update_dropout=0.0, cell_dropout=0.0)
     # plain ints: comparisons of tl.constexpr objects give tl.constexpr booleans
@@ -128,58 +122,36 @@ def _step_values(reg: Regularizers, training: bool) -> tuple[tuple[int, ...], tu
     return tuple(ints), tuple(floats)
 
 
-def dropout_parameters(p: float, seed: Tensor, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Seed and threshold (slots 0, 1) and scale (slot 0) of one bulk dropout."""
-    return launch_parameters(*_dropout_values(p, seed), compute_dtype(dtype), device)
+def dropout_parameters(p: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Threshold (int slot 0) and scale (float slot 0) of one bulk dropout."""
+    return launch_parameters((philox.threshold(p),), (philox.keep_scale(p),), compute_dtype(dtype), device)
 
 
-def _dropout_values(p: float, seed: Tensor) -> tuple[list, list]:
-    return [int(seed), philox.threshold(p)], [philox.keep_scale(p)]
-
-
-def send_call_parameters(reg: Regularizers, training: bool, seed: Tensor, device: torch.device, dtype: torch.dtype,
-                         dropouts: list[float]) -> None:
-    """send_parameters of one call of the stack: the layers' step_parameters and each feature dropout's
-    (probabilities `dropouts`)."""
-    sets = [_step_values_with_seed(reg, training, seed), *(_dropout_values(p, seed) for p in dropouts)]
-    send_parameters(sets, compute_dtype(dtype), device)
-
-
-# The parameter tensors sent, by their values (the seed's among them), device and stream, the least
-# recently used dropped past the limit: a training step's backward reads what its forward sent, each
-# layer's and each dropout's, rather than sending them again (a copy took 50 us of host time on the
-# H200's host; the ints and floats go in one). Kernels only read them, and a dropped one is freed to its
-# stream's allocator, in order after the kernels that read it. Kept for CPU tensors too, so that the
-# interpreter runs the host calls a GPU does (bench.host_proxy).
+# The parameter tensors sent, by their values, device and stream, the least recently used dropped past
+# the limit: they depend on the regularizers alone (the seed is a launch argument), so a training loop
+# sends each set once, not once a step (a copy took 50 us of host time on the H200's host; the ints and
+# floats go in one). Kernels only read them, and a dropped one is freed to its stream's allocator, in
+# order after the kernels that read it. Kept for CPU tensors too, so that the interpreter runs the host
+# calls a GPU does (bench.host_proxy).
 _sent_parameters: collections.OrderedDict = collections.OrderedDict()
 SENT_PARAMETERS_KEPT = 64
 
 
-def launch_parameters(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def launch_parameters(ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
-    those sent before (send_parameters)."""
-    key = _sent_key(ints, floats, float_dtype, device)
+    those sent before. Under CUDA graph capture it sends, which host_to_device refuses: a captured launch
+    would replay its seed, the same masks at every replay."""
+    key = (ints, floats, float_dtype, device, current_stream_handle(device))
     sent = _sent_parameters.get(key)
     if sent is not None and not _capturing(device):
         _recently_used(_sent_parameters, key)
         return sent
-    (sent,) = _send_packed([(ints, floats)], float_dtype, device)
-    _keep_sent(key, sent)
+    sent = _send_packed(ints, floats, float_dtype, device)
+    _sent_parameters[key] = sent
+    if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
+        _sent_parameters.popitem(last=False)
     return sent
-
-
-def send_parameters(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> None:
-    """Send the (ints, floats) sets a call's launches will ask launch_parameters for in one copy, and keep
-    them where it finds them: a training step's seed is new, so each of its sets (the layers' and each
-    feature dropout's) would otherwise be a copy of its own."""
-    if _capturing(device):
-        return
-    keys = {_sent_key(ints, floats, float_dtype, device): (ints, floats) for ints, floats in sets}
-    missing = [key for key in keys if key not in _sent_parameters]
-    if len(missing) > 1:
-        for key, sent in zip(missing, _send_packed([keys[key] for key in missing], float_dtype, device)):
-            _keep_sent(key, sent)
 
 
 def _recently_used(cache: collections.OrderedDict, key) -> None:
@@ -195,10 +167,6 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _sent_key(ints: list, floats: list, float_dtype: torch.dtype, device: torch.device) -> tuple:
-    return tuple(ints), tuple(floats), float_dtype, device, current_stream_handle(device)
-
-
 def current_stream_handle(device: torch.device) -> int | None:
     """torch.cuda.current_stream(device).cuda_stream, without building a Stream object; None off CUDA."""
     if device.type != "cuda":
@@ -206,38 +174,23 @@ def current_stream_handle(device: torch.device) -> int | None:
     return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
-def _keep_sent(key: tuple, sent: tuple[Tensor, Tensor]) -> None:
-    _sent_parameters[key] = sent
-    if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
-        _sent_parameters.popitem(last=False)
-
-
-def _send_packed(sets: list[tuple[list, list]], float_dtype: torch.dtype, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-    """Each (ints, floats) set as an int64 and a float_dtype view of one tensor sent in one copy. Each view
-    starts 16 bytes apart (the alignment Triton specialises a pointer on), its elements padded with zeros."""
-    words, views = [], []
-    for ints, floats in sets:
-        begin = len(words)
-        words += ints
-        if len(ints) % 2:
-            words.append(0)
-        middle = len(words)
-        words += _float_words(tuple(floats), float_dtype)
-        views.append((begin, middle, len(words), len(ints), len(floats)))
+def _send_packed(ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """ints and floats as an int64 and a float_dtype view of one tensor sent in one copy. The floats start
+    16 bytes apart from the ints (the alignment Triton specialises a pointer on), padded with zeros."""
+    words = [*ints, *(0,) * (len(ints) % 2)]
+    middle = len(words)
+    words += _float_words(floats, float_dtype)
     packed = host_to_device(torch.tensor(words, dtype=torch.int64), device)
-    return [(packed[begin : begin + n_ints], packed[middle:end].view(float_dtype)[:n_floats])
-            for begin, middle, end, n_ints, n_floats in views]
+    return packed[: len(ints)], packed[middle:].view(float_dtype)[: len(floats)]
 
 
-@functools.lru_cache(maxsize=256)
-def _float_words(floats: tuple[float, ...], float_dtype: torch.dtype) -> tuple[int, ...]:
-    """floats in float_dtype, zero-padded to whole pairs of int64 words (16 bytes), as those words: a call's
-    floats are its regularizers', which rarely change, while its seed changes every call."""
+def _float_words(floats: tuple[float, ...], float_dtype: torch.dtype) -> list[int]:
+    """floats in float_dtype, zero-padded to whole pairs of int64 words (16 bytes), as those words."""
     per_word = 8 // float_dtype.itemsize
     count = -(-len(floats) // per_word)
     count += count % 2
     padded = list(floats) + [0.0] * (count * per_word - len(floats))
-    return tuple(torch.tensor(padded, dtype=float_dtype).view(torch.int64).tolist())
+    return torch.tensor(padded, dtype=float_dtype).view(torch.int64).tolist()
 
 
 def host_to_device(values: Tensor, device: torch.device) -> Tensor:
@@ -659,16 +612,18 @@ def tuned_depth(forward: bool) -> int | None:
 
 
 def packed_dropout(
-    x: Tensor, out: Tensor, ints: Tensor, floats: Tensor, threshold_slot: int, scale_slot: int,
-    kind: int, stream: int, group: int = 1, locked: bool = False,
+    seed: int, x: Tensor, out: Tensor, ints: Tensor, floats: Tensor, threshold_slot: int, scale_slot: int,
+    kind: int, stream: int, group: int = 1, locked: bool = False, steps: int | None = None,
 ) -> Tensor:
-    """out[t] = bulk dropout of x[t] with the layout's packed draws; x, out: [steps, ...] contiguous."""
-    steps = x.shape[0]
+    """out[t] = bulk dropout of x[t] with the layout's packed draws; x, out contiguous, [steps, ...] (steps:
+    x.shape[0] unless given)."""
+    if steps is None:
+        steps = x.shape[0]
     numel = x.numel() // steps if steps else 0
     if numel:
         blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
         launch_specialised(
-            packed_dropout_kernel, (steps * blocks_per_step,),
+            packed_dropout_kernel, (steps * blocks_per_step,), seed,
             x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
@@ -676,21 +631,20 @@ def packed_dropout(
 
 
 @on_tensor_device
-def feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
+def feature_dropout(x: Tensor, seed: int, kind: int, index: int, p: float, locked: bool) -> Tensor:
     """The input / between-layer / output dropout of x [T, B, F] (kinds 1, 2 of docs/randomness.md)."""
     x = x.contiguous()
-    ints, floats = dropout_parameters(p, seed, x.device, x.dtype)
-    return packed_dropout(x, torch.empty_like(x), ints, floats, 1, 0, kind, index, locked=locked)
+    ints, floats = dropout_parameters(p, x.device, x.dtype)
+    return packed_dropout(seed, x, torch.empty_like(x), ints, floats, 0, 0, kind, index, locked=locked)
 
 
-def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
+def dropped_weight(seed: int, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
     """W_hh [4H, H_out] after weight drop (or a gradient of that shape scaled by the same mask)."""
     w = w.contiguous()
-    out = torch.empty_like(w)
     return packed_dropout(
-        w.unsqueeze(0), out.unsqueeze(0), ints, floats, int(cell.INT_WEIGHT), int(cell.FLOAT_WEIGHT),
-        philox.KIND_WEIGHT, stream, group=w.shape[1] if rows else 1,
-    ).squeeze(0)
+        seed, w, torch.empty_like(w), ints, floats, int(cell.INT_WEIGHT), int(cell.FLOAT_WEIGHT),
+        philox.KIND_WEIGHT, stream, group=w.shape[1] if rows else 1, steps=1,
+    )
 
 
 # a side of transposed_weight_dropout_kernel's square tile: at 64, the Philox draws of 32 elements a thread
@@ -698,14 +652,14 @@ def dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: b
 TRANSPOSE_BLOCK = 32
 
 
-def transposed_dropped_weight(w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
+def transposed_dropped_weight(seed: int, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
     """dropped_weight(w, ...).t().contiguous() in one pass over W_hh [4H, H_out]: [H_out, 4H]."""
     w = w.contiguous()
     w_t = w.new_empty(w.shape[1], w.shape[0])
     if w.numel():
         launch_specialised(
             transposed_weight_dropout_kernel, (cdiv(w.shape[0], TRANSPOSE_BLOCK), cdiv(w.shape[1], TRANSPOSE_BLOCK)),
-            w, w_t, ints, floats, stream, w.shape[0], w.shape[1], int(rows),
+            seed, w, w_t, ints, floats, stream, w.shape[0], w.shape[1], int(rows),
             BLOCK_R=TRANSPOSE_BLOCK, BLOCK_C=TRANSPOSE_BLOCK,
         )
     return w_t
@@ -784,12 +738,14 @@ _specialised_launches: collections.OrderedDict = collections.OrderedDict()
 SPECIALISED_LAUNCHES_KEPT = 256
 
 
-def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None = None, **constexprs) -> None:
-    """kernel[grid](*args, **constexprs, **launch_options) of a kernel launched once per call, straight to
-    the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
+def launch_specialised(kernel, grid: tuple, seed: int, *args, launch_options: dict | None = None, **constexprs) -> None:
+    """kernel[grid](seed, *args, **constexprs, **launch_options) of a kernel launched once per call, straight
+    to the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
     each argument's value, a tensor's dtype and 16-byte alignment instead, the two things Triton
     specialises a pointer on, the launch options, and the current device, whose compiled kernel the
-    launch runs. (A persistent launch through Triton's JIT took 95 us of the H100's host, with timers.)"""
+    launch runs. Not the seed, every kernel's first argument, typed int64 and never specialised: it is new
+    at every training call. (A persistent launch through Triton's JIT took 95 us of the H100's host, with
+    timers.)"""
     options = tuple(launch_options.items()) if launch_options else ()
     key = (
         kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
@@ -802,7 +758,7 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
             _specialised_launches.popitem(last=False)
     else:
         _recently_used(_specialised_launches, key)
-    launcher(*args)
+    launcher(seed, *args)
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -812,7 +768,7 @@ def _positions(seq_len: int, reverse: bool) -> range:
 @on_tensor_device
 def layer_forward(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None, w_hr: Tensor | None,
-    lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
+    lengths: Tensor | None, seed: int, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
 ) -> tuple[Tensor, ...]:
     """One layer-direction. x [T, B, I]; h0 [B, H_out]; c0 [B, H]; w_hh already in its final dtype.
 
@@ -826,7 +782,7 @@ def layer_forward(
     w_hr = None if w_hr is None else w_hr.contiguous()  # the kernels index every weight as dense
     # [T, B, 4H]: every step's input projection in one GEMM
     xg = F.linear(x, w_ih, bias).contiguous()
-    w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
+    w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     first, last = (seq_len, 0) if reverse else (0, seq_len)
     h_carry = torch.empty(2, batch, real_hidden, dtype=dtype, device=x.device)
     c_carry = torch.empty(2, batch, hidden, dtype=dtype, device=x.device)
@@ -844,21 +800,21 @@ def layer_forward(
     replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
     plan = replan()
     launch_specialised(
-        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)),
+        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)), seed,
         h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
     )
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
     if plan.kind == "resident":
         done = _run_resident(
-            forward_resident_kernel, plan, x, seq_len, seq_len, (xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
+            forward_resident_kernel, plan, x, seq_len, seq_len, (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
             (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
             plan = replan()
     if plan.kind == "persistent":
         done = _launch_persistent(
-            forward_persistent_kernel, plan, x,
+            forward_persistent_kernel, plan, x, seed,
             xg, w, w if w_hr is None else w_hr, h_carry, rs, cs, c_carry, out, hpre, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
@@ -872,17 +828,17 @@ def layer_forward(
         projection_step = RepeatedLaunch(projection_step_kernel, (tiles_b, tiles_out), PRECISION=precision,
                                          **plan.tile_constexprs)
         for t in _positions(seq_len, reverse):
-            cell_step(xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
+            cell_step(seed, xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
                       int(has_proj), *sizes)
             if has_proj:
-                projection_step(hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream, has_lengths, *sizes)
+                projection_step(seed, hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream, has_lengths, *sizes)
     return out, h_carry[last % 2], c_carry[last % 2], xg, rs, cs, hpre
 
 
 @on_tensor_device
 def layer_backward(
     d_out: Tensor, d_h_n: Tensor | None, d_c_n: Tensor | None, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    lengths: Tensor | None, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
+    lengths: Tensor | None, seed: int, ints: Tensor, floats: Tensor, flags: Recurrence, stream: int, reverse: bool,
     xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor, dgates: Tensor,
 ) -> tuple[Tensor, ...]:
     """Backward through time of layer_forward. Returns dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr (None without proj).
@@ -919,10 +875,10 @@ def layer_backward(
 
     if plan.kind == "resident":
         db = bias_partials()
-        w = dropped_weight(w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
+        w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
-            (dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments), (int(reverse), stream, has_lengths, *sizes),
+            (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments), (int(reverse), stream, has_lengths, *sizes),
             precision,
         )
         if not done:
@@ -930,13 +886,13 @@ def layer_backward(
     if plan.kind != "resident":
         # the persistent and per-step products read W~ transposed, [H_out, 4H] (kernels.backward_h_tile)
         if flags.weight:
-            w_t = transposed_dropped_weight(w_hh, ints, floats, stream, flags.weight_rows)
+            w_t = transposed_dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows)
         else:
             w_t = w_hh.t().contiguous()
     if plan.kind == "persistent":
         db = bias_partials()
         done = _launch_persistent(
-            backward_persistent_kernel, plan, x,
+            backward_persistent_kernel, plan, x, seed,
             dgates, db, xg, w_t, w_t if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
@@ -958,10 +914,10 @@ def layer_backward(
         )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-            h_step(dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
+            h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
                    int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
             if has_proj and index < seq_len:
-                projection_cell_step(dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
+                projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
                                      has_lengths, *sizes)
 
     # weight and input gradients: one GEMM each over the whole sequence, in x's dtype (that of dgates,
@@ -970,7 +926,7 @@ def layer_backward(
     r_prev = rs[int(reverse) : seq_len + int(reverse)].reshape(seq_len * batch, real_hidden)
     dw_hh = dg.t() @ r_prev
     if flags.weight:
-        dw_hh = dropped_weight(dw_hh, ints, floats, stream, flags.weight_rows)
+        dw_hh = dropped_weight(seed, dw_hh, ints, floats, stream, flags.weight_rows)
     dx = (dg @ w_ih).reshape(x.shape)
     dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
     dbias = db.sum(0)

@@ -17,9 +17,9 @@ from ..regularizers import Regularizers
 from . import launch
 
 
-def _prepare(x: Tensor, seed: Tensor, training: bool, probabilities: list[float], modes: list[int]):
+def _prepare(x: Tensor, training: bool, probabilities: list[float], modes: list[int]):
     reg = Regularizers.of_recurrence_arguments(probabilities, modes)
-    ints, floats = launch.step_parameters(reg, training, seed, x.device, x.dtype)
+    ints, floats = launch.step_parameters(reg, training, x.device, x.dtype)
     return ints, floats, launch.Recurrence.of(reg, training)
 
 
@@ -29,9 +29,9 @@ def _lstm_layer(
     probabilities: list[float], modes: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction: (out, h_n, c_n) in x's dtype, then the reserve (xg, rs, cs, hpre) for the backward."""
-    ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
+    ints, floats, flags = _prepare(x, training, probabilities, modes)
     out, h_n, c_n, xg, rs, cs, hpre = launch.layer_forward(
-        x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, ints, floats, flags, stream, reverse
+        x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse
     )
     if w_hr is None:
         hpre = hpre.new_empty(0)
@@ -67,9 +67,10 @@ def layer_backward_into(
     """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection); dL/dgates go to
     dgates [T, B, 4H], which may be xg itself (launch.layer_backward). d_h_n, d_c_n: None for zeros.
     states_wanted: whether dh0, dc0 are (None where not: their float32 carries are not converted)."""
-    ints, floats, flags = _prepare(x, seed, training, probabilities, modes)
+    ints, floats, flags = _prepare(x, training, probabilities, modes)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
-        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, ints, floats, flags, stream, reverse, xg, rs, cs, hpre, dgates
+        d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse, xg, rs, cs,
+        hpre, dgates,
     )
     if dw_hr is None:
         dw_hr = x.new_empty(0)
@@ -185,7 +186,7 @@ lstm_layer.register_autograd(_layer_backward, setup_context=_layer_setup_context
 
 def _feature_dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool) -> Tensor:
     """x [T, B, F] times the keep-mask of (kind, index) of docs/randomness.md, inverted scaling."""
-    return launch.feature_dropout(x, seed, kind, index, p, locked)
+    return launch.feature_dropout(x, int(seed), kind, index, p, locked)
 
 
 feature_dropout = torch.library.custom_op("fused_rnn::triton_feature_dropout", mutates_args=())(_feature_dropout)
