@@ -39,6 +39,13 @@ def check_seed(seed) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
+def _refused_hx(stacked: bool) -> Exception:
+    """What nn.LSTM's kernel raises for an hx that is not two tensors: a tensor is no list of tensors to it."""
+    if stacked:
+        return TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors, got a tensor")
+    return RuntimeError("lstm expects two hidden states")
+
+
 def _check_packed(data: Tensor, batch_sizes: Tensor, sorted_indices: Tensor | None) -> None:
     if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
         raise RuntimeError("PackedSequence batch_sizes must be a 1-D int64 CPU tensor")
@@ -201,8 +208,6 @@ def lstm(
         raise TypeError(f"regularizers must be a fused_rnn.Regularizers or None, got {type(regularizers).__name__}")
     reg = Regularizers() if regularizers is None else regularizers
     backend = backends.check_backend_name(backend)
-    if seed is not None:
-        seed = check_seed(seed)
     num_layers = _check_int("num_layers", num_layers, 1)
     flags = dict(has_biases=has_biases, bidirectional=bidirectional, batch_first=batch_first, training=training)
     for name, flag in flags.items():
@@ -224,12 +229,22 @@ def lstm(
         if data.dim() not in (2, 3):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {data.dim()}D instead")
     batched = packed or data.dim() == 3
+    # nn.LSTM indexes hx[0] and hx[1], which takes a stacked [2, ...] tensor too, and drops a third state.
+    # Its kernel, which gets hx as it came where nn.LSTM did not index it (batched, or packed without
+    # sorted_indices), wants a tuple of exactly two: it says so after nn.LSTM's own checks (hx_refused).
+    hx_refused = None
     if hx is not None:
-        if not isinstance(hx, (tuple, list)) or not all(isinstance(h, Tensor) for h in hx):
+        stacked = isinstance(hx, Tensor)
+        if not (stacked or isinstance(hx, (tuple, list)) and all(isinstance(h, Tensor) for h in hx)):
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
-        if len(hx) < 2:
+        reaches_kernel = batched and not (packed and sorted_indices is not None)
+        if packed and reaches_kernel and (stacked or len(hx) != 2):
+            raise _refused_hx(stacked)  # no Python check of packed input comes before the kernel's
+        if not stacked and len(hx) < 2:
             # nn.LSTM fails with an IndexError reaching for hx[1]
             raise IndexError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {len(hx)}")
+        if reaches_kernel and (stacked or len(hx) > 2):
+            hx_refused = _refused_hx(stacked)
         h0, c0 = hx[0], hx[1]
         want = 3 if batched else 2
         if h0.dim() != want or c0.dim() != want:
@@ -239,8 +254,6 @@ def lstm(
             raise error(
                 f"For {form} input, hx and cx should also be {want}-D but got ({h0.dim()}-D, {c0.dim()}-D) tensors"
             )
-        if len(hx) > 2:
-            raise RuntimeError("lstm expects two hidden states")  # nn.LSTM's kernel's words, after its dims check
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
@@ -270,6 +283,8 @@ def lstm(
             expected = (num_layers * num_directions, batch, size)
             if state.shape != expected:
                 raise RuntimeError(f"Expected hidden[{index}] size {expected}, got {list(state.shape)}")
+        if hx_refused is not None:
+            raise hx_refused
         for state in (h0, c0):
             if state.device != data.device:
                 raise RuntimeError(
@@ -294,6 +309,8 @@ def lstm(
             raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")
         if w.shape != shape:
             raise RuntimeError(f"Expected {name} size {shape}, got {list(w.shape)}")
+    if seed is not None:  # what nn.LSTM checks first, then ours
+        seed = check_seed(seed)
 
     dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     chosen = backends.resolve(backend, data.device, dtype)
@@ -340,5 +357,5 @@ def lstm(
     if not batched:
         return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
     if batch_first:
-        out = out.transpose(0, 1).contiguous()
+        out = out.transpose(0, 1)  # a view, as nn.LSTM returns it
     return out, (h_n, c_n)

@@ -193,13 +193,56 @@ def test_hx_must_be_a_pair_of_tensors():
     ref, lstm = make_pair(Cfg())
     x = randn(T_, B_, I)
     h0, c0 = states(Cfg())
-    for hx in (h0, (h0, None), [h0.tolist(), c0]):
+    for hx in ((h0, None), [h0.tolist(), c0]):
         rejects(lstm, lambda hx=hx: lstm(x, hx), TypeError, r"hx must be a tuple \(h_0, c_0\)", x, h0, c0)
+    # a tensor is indexed as nn.LSTM indexes hx: [2, B, H] gives 2-D states, [1, B, H] has no hx[1]
+    for hx in (randn(2, B_, H), randn(1, B_, H)):
+        expected = exception_of(lambda hx=hx: ref(x, hx))
+        assert isinstance(expected, (RuntimeError, IndexError))
+        rejects(lstm, lambda hx=hx: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", x, h0, c0)
+    # stacked [2, L, B, H]: nn.LSTM's kernel takes no tensor for hx, after the Python checks
+    assert isinstance(exception_of(lambda: ref(x, torch.stack([h0, c0]))), TypeError)
+    rejects(lstm, lambda: lstm(x, torch.stack([h0, c0])), TypeError, "got a tensor", x, h0, c0)
     # the lengths nn.LSTM rejects: its IndexError reaching for hx[1], its kernel's RuntimeError for three
     for hx, exc, pattern in (((h0,), IndexError, r"hx must be a tuple \(h_0, c_0\) of two tensors, got 1"),
                              ((h0, c0, c0), RuntimeError, r"^lstm expects two hidden states$")):
         assert isinstance(exception_of(lambda hx=hx: ref(x, hx)), exc)
         rejects(lstm, lambda hx=hx: lstm(x, hx), exc, pattern, x, h0, c0)
+
+
+def test_a_third_state_is_reported_after_nn_lstms_own_checks():
+    """Batched, nn.LSTM's Python checks (input dtype and size, hidden sizes) come before its kernel's count of
+    the states: an input with both faults reports the first."""
+    ref, lstm = make_pair(Cfg())
+    h0, c0 = states(Cfg())
+    for x, hx in ((randn(T_, B_, I, dtype=torch.float32), (h0, c0, c0)), (randn(T_, B_, I + 1), (h0, c0, c0)),
+                  (randn(T_, B_, I), (states(Cfg(), h=H + 1)[0], c0, c0))):
+        expected = exception_of(lambda: ref(x, hx))
+        assert expected is not None and "two hidden states" not in str(expected)
+        rejects(lstm, lambda: lstm(x, hx), type(expected), f"^{re.escape(str(expected))}$", x, h0, c0)
+
+
+def test_unbatched_hx_is_indexed_as_nn_lstm_indexes_it():
+    """Unbatched, nn.LSTM takes hx[0] and hx[1]: a stacked [2, L, H] tensor runs, and a third state is dropped."""
+    ref, lstm = make_pair(Cfg())
+    x = randn(T_, I)
+    h0, c0 = states(Cfg(), batch=())
+    expected = ref(x, (h0, c0))
+    for hx in (torch.stack([h0, c0]), (h0, c0, c0)):
+        ref(x, hx)  # runs
+        out, (h_n, c_n) = lstm(x, hx)
+        torch.testing.assert_close((out, h_n, c_n), (expected[0], *expected[1]))
+
+
+def test_packed_hx_of_the_wrong_length_fails_as_nn_lstms_kernel_does():
+    """Packed input of sorted lengths reaches nn.LSTM's kernel with hx as it came, which wants two states."""
+    ref, lstm = make_pair(Cfg())
+    data = torch.nn.utils.rnn.pack_padded_sequence(randn(T_, B_, I), [4, 3])
+    h0, c0 = states(Cfg())
+    for hx in ((h0,), (h0, c0, c0)):
+        expected = exception_of(lambda hx=hx: ref(data, hx))
+        assert isinstance(expected, RuntimeError)
+        rejects(lstm, lambda hx=hx: lstm(data, hx), RuntimeError, f"^{re.escape(str(expected))}$", h0, c0)
 
 
 @pytest.mark.parametrize("enforce_sorted", [True, False])
@@ -296,6 +339,13 @@ def test_bad_seed(seed, training):
     rejects(lstm, lambda: lstm(x, seed=seed), ValueError, r"seed must be an int in \[0, 2\*\*63\)", x)
     with pytest.raises(ValueError, match="seed"):
         lstm.sample_masks(T_, B_, seed)
+
+
+def test_a_bad_seed_is_reported_after_what_nn_lstm_checks():
+    ref, lstm = make_pair(Cfg(), zoneout_h=0.5)
+    x = randn(T_, B_, I + 1)
+    expected = exception_of(lambda: ref(x))
+    rejects(lstm, lambda: lstm(x, seed=-1), type(expected), f"^{re.escape(str(expected))}$", x)
 
 
 def test_good_seed_edges():

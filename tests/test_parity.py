@@ -25,6 +25,7 @@ from _cases import (
     ALL_ON,
     BIG_CFG,
     FORMS,
+    I,
     TIGHT,
     Cfg,
     Inputs,
@@ -70,6 +71,28 @@ def test_matches_nn_lstm(backend, case):
     expected = run_with_grads(ref, inputs)
     got = run_with_grads(fused, inputs.to(device))
     compare_results(expected, got, TIGHT, f"{case}: ")
+
+
+@pytest.mark.parametrize("used", ["c_n", "c_n and the first layer's h_n"])
+def test_an_unreached_projection_gets_no_gradient_as_in_nn_lstm(backend, used):
+    """One step, the last layer's output and h_n unused: nothing reaches its W_hr (c_n comes before the
+    projection), and nn.LSTM on CPU leaves that gradient None; the other weights get theirs, equal to nn.LSTM's."""
+    device = setup_backend(backend)
+    cfg = Cfg(num_layers=2, proj_size=2)
+    ref, lstm = make_pair(cfg, backend=backend, device=device)
+    x = torch.randn(1, 3, I, dtype=torch.float64)
+    grads = []
+    for module, dev in ((ref, "cpu"), (lstm, device)):
+        _, (h_n, c_n) = module(x.to(dev))
+        (c_n.sum() if used == "c_n" else c_n[-1].sum() + h_n[0].sum()).backward()
+        grads.append({name: p.grad for name, p in module.named_parameters()})
+    if used == "c_n":
+        assert grads[0]["weight_hr_l1"] is None
+    # else h_n's stack passes zeros to the last layer's h: nn.LSTM's W_hr gets a zero gradient, not None
+    for name, expected in grads[0].items():
+        assert (grads[1][name] is None) == (expected is None), name
+        if expected is not None:
+            assert_close(name, expected, grads[1][name].cpu(), TIGHT)
 
 
 def test_packed_output_keeps_the_callers_order(backend):
