@@ -65,7 +65,7 @@ def test_weight_drop_masks_are_the_references(seed, rows):
     reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
     ints, floats = launch.step_parameters(reg, True, device, torch.float32)
     w = torch.ones(4 * hidden, real_hidden, device=device)
-    dropped = launch.dropped_weight(seed, w, ints, floats, k, rows)
+    dropped = launch.dropped_weight(launch.seed_tensor(seed, device), w, ints, floats, k, rows)
     keep = masks.weight_keep_mask(seed, k, p, rows, hidden, real_hidden, device)
     assert torch.equal(dropped != 0, keep.expand_as(dropped))
     if rows:
@@ -82,21 +82,25 @@ def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_
     reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
     ints, floats = launch.step_parameters(reg, True, device, dtype)
     w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
-    expected = launch.dropped_weight(SEEDS[0], w, ints, floats, k, rows).t()
-    transposed = launch.transposed_dropped_weight(SEEDS[0], w, ints, floats, k, rows)
+    seed = launch.seed_tensor(SEEDS[0], device)
+    expected = launch.dropped_weight(seed, w, ints, floats, k, rows).t()
+    transposed = launch.transposed_dropped_weight(seed, w, ints, floats, k, rows)
     assert transposed.is_contiguous() and transposed.shape == (real_hidden, 4 * hidden)
     assert torch.equal(transposed, expected)
     assert 0 < int((transposed == 0).sum()) < transposed.numel()
 
 
 @triton.jit
-def _unit_masks_kernel(seed: tl.int64, ints_ptr, floats_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr,
-                       BLOCK_H: tl.constexpr):
+def _unit_masks_kernel(seed_ptr, ints_ptr, floats_ptr, out_ptr, B, H, t, stream, BLOCK_B: tl.constexpr,
+                       BLOCK_H: tl.constexpr, HOISTED: tl.constexpr):
     ints, _ = cell.step_settings(ints_ptr, floats_ptr)
     rows = tl.arange(0, BLOCK_B)[:, None]
     units = tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H)
     here = rows * H + units
+    seed = seed_ptr
+    if HOISTED:  # loaded before a time loop (the value), else where used (the pointer): cell.seed_value
+        seed = tl.load(seed_ptr)
     hidden, update, cell_keep, zone_h, zone_c = cell.unit_masks(ints, seed, rows, units, H, t, stream)
     tl.store(out_ptr + here, hidden.to(tl.int8), mask=inside)
     tl.store(out_ptr + B * H + here, update.to(tl.int8), mask=inside)
@@ -115,14 +119,16 @@ def _unit_masks_kernel(seed: tl.int64, ints_ptr, floats_ptr, out_ptr, B, H, t, s
     ],
     ids=["update-per-step", "update-per-sequence", "p-one"],
 )
-def test_unit_masks_are_the_references(seed, reg):
+@pytest.mark.parametrize("hoisted", [False, True], ids=["seed-where-used", "seed-loaded-before"])
+def test_unit_masks_are_the_references(seed, reg, hoisted):
     device = require_backend("triton", torch.float32)
     seq_len, batch, hidden, real_hidden, k = 3, 5, 7, 4, 2
     expected = masks.unit_masks(reg, seed, k, seq_len, batch, hidden, real_hidden, device)
     ints, floats = launch.step_parameters(reg, True, device, torch.float32)
     for t in range(seq_len):
         out = torch.zeros(5, batch, hidden, dtype=torch.int8, device=device)
-        _unit_masks_kernel[(1,)](seed, ints, floats, out, batch, hidden, t, k, BLOCK_B=16, BLOCK_H=16)
+        _unit_masks_kernel[(1,)](launch.seed_tensor(seed, device), ints, floats, out, batch, hidden, t, k, BLOCK_B=16,
+                                 BLOCK_H=16, HOISTED=hoisted)
         got = dict(zip(("hidden", "update", "cell", "zoneout_h", "zoneout_c"), out.bool()))
         off = dict(hidden=True, update=True, cell=True, zoneout_h=False, zoneout_c=False)  # what a mask that is off reads
         for name, mask in expected.items():
@@ -1010,36 +1016,29 @@ def test_repeated_launches_go_through_the_jit_when_it_returns_no_compiled_kernel
     assert [args for _, args, _ in jit.launches] == [("x", 0), ("x", 1), ("x", 2)]
 
 
-class FakeSeededJit(FakeJit):
-    """A kernel that draws masks: the seed first, as launch_specialised passes it."""
-
-    arg_names = ["seed", "x_ptr", "t", "BLOCK_B", "PRECISION"]
-
-
 def test_specialised_launches_reuse_a_compiled_kernel_for_the_same_specialisation_only(monkeypatch):
     """launch_specialised: a second launch whose arguments Triton would specialise the same way goes to the
-    kernel compiled for the first, with its own seed (typed and never specialised: not in the key); another
-    dtype, a pointer off 16-byte alignment, another integer (or a bool for an int), other constexprs or
-    another grid go through the JIT."""
+    kernel compiled for the first; another dtype, a pointer off 16-byte alignment, another integer (or a
+    bool for an int), other constexprs or another grid go through the JIT."""
     monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
     compiled = FakeCompiled()
-    jit = FakeSeededJit(compiled)
+    jit = FakeJit(compiled)
     x, y = torch.zeros(8), torch.zeros(8)
     calls = [
-        ((2,), (1, x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (2, y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (3, x[1:], 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (4, x.double(), 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (5, x, 6), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (6, x, True), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (7, x, 5), dict(BLOCK_B=32, PRECISION="ieee")),
-        ((3,), (8, x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
-        ((2,), (2**62, y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x[1:], 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x.double(), 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, 6), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, True), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (x, 5), dict(BLOCK_B=32, PRECISION="ieee")),
+        ((3,), (x, 5), dict(BLOCK_B=16, PRECISION="ieee")),
+        ((2,), (y, 5), dict(BLOCK_B=16, PRECISION="ieee")),
     ]
     for grid, args, constexprs in calls:
         launch.launch_specialised(jit, grid, *args, **constexprs)
     assert [(grid, args) for grid, args, _ in jit.launches] == [(grid, args) for grid, args, _ in calls[:1] + calls[2:8]]
-    assert compiled.launches == [((2, 1, 1), (2, y, 5, 16, "ieee")), ((2, 1, 1), (2**62, y, 5, 16, "ieee"))]
+    assert compiled.launches == [((2, 1, 1), (y, 5, 16, "ieee"))] * 2
 
 
 def test_specialised_launches_compile_their_launch_options_and_keep_them_apart(monkeypatch):
@@ -1048,17 +1047,17 @@ def test_specialised_launches_compile_their_launch_options_and_keep_them_apart(m
     options are other specialisations."""
     monkeypatch.setattr(launch, "_specialised_launches", collections.OrderedDict())
     compiled = FakeCompiled()
-    jit = FakeSeededJit(compiled)
+    jit = FakeJit(compiled)
     x = torch.zeros(8)
     cooperative = dict(launch_cooperative_grid=True, num_warps=4)
     for options in (cooperative, cooperative, dict(cooperative, num_warps=8), None):
-        launch.launch_specialised(jit, (2,), 9, x, 5, launch_options=options, BLOCK_B=16, PRECISION="ieee")
+        launch.launch_specialised(jit, (2,), x, 5, launch_options=options, BLOCK_B=16, PRECISION="ieee")
     assert [kwargs for _, _, kwargs in jit.launches] == [
         dict(BLOCK_B=16, PRECISION="ieee", **cooperative),
         dict(BLOCK_B=16, PRECISION="ieee", launch_cooperative_grid=True, num_warps=8),
         dict(BLOCK_B=16, PRECISION="ieee"),
     ]
-    assert compiled.launches == [((2, 1, 1), (9, x, 5, 16, "ieee"))]
+    assert compiled.launches == [((2, 1, 1), (x, 5, 16, "ieee"))]
 
 
 def test_a_step_loop_launches_every_step_with_its_own_position(monkeypatch):
@@ -1096,9 +1095,13 @@ def _count_parameter_sends(monkeypatch) -> list:
 
 
 def _check_parameters_sent_once(monkeypatch, device):
-    """A training loop sends its launch parameters at its first step only: they hold the regularizers, and
-    each launch takes the step's new seed as an argument."""
+    """A training loop sends its launch parameters at its first step only: they hold the regularizers. Each
+    step's seed reaches its launches as a tensor of its own, filled on the device, one a call."""
     sent = _count_parameter_sends(monkeypatch)
+    seeds = []
+    original_full = torch.full
+    monkeypatch.setattr(launch, "_seeds", collections.OrderedDict())
+    monkeypatch.setattr(launch.torch, "full", lambda *args, **kwargs: seeds.append(args[1]) or original_full(*args, **kwargs))
     lstm = fused_rnn.LSTM(8, 16, device=device, backend="triton", **EVERY)
     x = torch.randn(5, 3, 8, device=device, requires_grad=True)
     lstm(x, seed=11)[0].sum().backward()
@@ -1109,6 +1112,7 @@ def _check_parameters_sent_once(monkeypatch, device):
     lstm(x, seed=12)[0].sum().backward()
     lstm(x)[0].sum().backward()
     assert sent == []
+    assert len(seeds) == 3 and seeds[:2] == [11, 12], "one seed tensor a training step"
 
 
 def test_a_training_loop_sends_its_launch_parameters_once(monkeypatch):

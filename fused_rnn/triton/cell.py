@@ -16,9 +16,9 @@ KIND_WEIGHT = tl.constexpr(3)
 KIND_SEQUENCE = tl.constexpr(4)
 KIND_STEP = tl.constexpr(5)
 
-# Slots of the per-call int64 parameter tensor: thresholds (0 when a dropout is off, so it keeps
-# everything) and mode words; and of the float one: keep scales (1.0 when off) and zoneout's p. The seed
-# is not among them: each launch passes it as an argument (`seed`), so that these tensors depend only on
+# Slots of the int64 parameter tensor: thresholds (0 when a dropout is off, so it keeps everything) and
+# mode words; and of the float one: keep scales (1.0 when off) and zoneout's p. The seed is not among
+# them: each launch takes the call's seed tensor of its own (seed_value), so that these depend only on
 # the regularizers and are sent to a GPU once, not once a call.
 INT_HIDDEN = tl.constexpr(0)
 INT_UPDATE = tl.constexpr(1)
@@ -112,6 +112,15 @@ def setting(settings, SLOT: tl.constexpr):
 
 
 @triton.jit
+def seed_value(seed):
+    """The call's seed: loaded here from its one-element int64 tensor (seed a pointer), or the value a time
+    loop loaded before its steps, as step_settings loads the settings."""
+    if seed.dtype.is_ptr():
+        seed = tl.load(seed)
+    return seed
+
+
+@triton.jit
 def unit_draws(seed, rows, units, H, t, stream, KIND: tl.constexpr):
     """Philox words of the per-unit masks of layer-direction `stream`: counter (b * H + j, t, stream, KIND).
 
@@ -129,6 +138,7 @@ def unit_masks(ints, seed, rows, units, H, t, stream):
     that is off keeps everything (its threshold is 0) and a zoneout that is off never fires, so the
     cell math applies every mask unconditionally; Philox runs only for the kinds in use.
     """
+    seed = seed_value(seed)
     update_mode = setting(ints, INT_UPDATE_MODE)
     keep_all = (rows + units) >= 0
     hidden_keep, update_keep, cell_keep = keep_all, keep_all, keep_all

@@ -41,6 +41,7 @@ from .cell import (
     cell_forward,
     keep_scaled,
     not_fires,
+    seed_value,
     setting,
     step_settings,
     store_rounded,
@@ -51,10 +52,10 @@ from .cell import (
 )
 
 
-@triton.jit(do_not_specialize=["seed", "threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group",
+@triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group",
                                "locked"])
 def packed_dropout_kernel(
-    seed: tl.int64, x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step,
+    seed_ptr, x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step,
     group, locked, BLOCK: tl.constexpr,
 ):
     """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight).
@@ -67,7 +68,7 @@ def packed_dropout_kernel(
     t = pid // blocks_per_step
     e = (pid % blocks_per_step) * BLOCK + tl.arange(0, BLOCK)
     inside = e < numel
-    keep = bulk_keep(seed, ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
+    keep = bulk_keep(seed_ptr, ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
     offset = t.to(tl.int64) * numel + e
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
@@ -79,15 +80,15 @@ def packed_dropout_kernel(
 def bulk_keep(seed, ints_ptr, threshold_slot, m, step, stream, kind):
     """Whether a bulk mask keeps mask element m (any shape) of `step`: word m % 4 of Philox(m // 4, step,
     stream, kind) against the threshold in slot threshold_slot (docs/randomness.md)."""
-    w0, w1, w2, w3 = tl.philox(seed, (m // 4).to(tl.uint32), step, stream, kind)
+    w0, w1, w2, w3 = tl.philox(seed_value(seed), (m // 4).to(tl.uint32), step, stream, kind)
     word = m % 4
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
     return not_fires(draw, tl.load(ints_ptr + threshold_slot))
 
 
-@triton.jit(do_not_specialize=["seed", "stream", "R", "C", "rows"])
+@triton.jit(do_not_specialize=["stream", "R", "C", "rows"])
 def transposed_weight_dropout_kernel(
-    seed: tl.int64, w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
+    seed_ptr, w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """w_t [C, R] = (W [R, C] after weight drop) transposed, in one pass: packed_dropout_kernel's mask of W's
@@ -96,16 +97,16 @@ def transposed_weight_dropout_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     inside = (r < R) & (c < C)
     element = r * C + c  # W_hh's elements are indexed in 32 bits by packed_dropout_kernel too
-    keep = bulk_keep(seed, ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
+    keep = bulk_keep(seed_ptr, ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
     w = tl.load(w_ptr + element, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
     y = keep_scaled(w, keep, tl.load(floats_ptr + FLOAT_WEIGHT))
     # written along R: the compiler moves the tile through shared memory so that both sides are coalesced
     store_rounded(w_t_ptr + c * R + r, y, inside)
 
 
-@triton.jit(do_not_specialize=["seed", "state", "stream", "B", "H", "H_out"])
+@triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
 def hidden_dropout_kernel(
-    seed: tl.int64, h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
+    seed_ptr, h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
@@ -113,7 +114,7 @@ def hidden_dropout_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, seed, rows, units, H, 0, stream)
+    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, seed_ptr, rows, units, H, 0, stream)
     here = rows * H_out + units
     h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
     r = keep_scaled(h, hidden_keep, setting(floats_ptr, FLOAT_HIDDEN))
@@ -161,8 +162,8 @@ def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
 # persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
 # 16 (and on the value 1): rows of r_prev, xg and the states then load as vectors rather than an element
 # at a time, for a few kernels per configuration. A launch per step is bound by the launch, not its loads.
-STEP_ARGUMENTS = ["seed", "t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
-PERSISTENT_ARGUMENTS = ["seed", "seq_len", "reverse", "stream", "has_lengths", "has_proj"]
+STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
+PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj"]
 
 # Loads of what other programs wrote in this launch ask for L2 (a hint; the barrier's acquire, which
 # invalidates L1, is what makes those stores visible).
@@ -481,13 +482,13 @@ def backward_projection_cell_tile(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def forward_step_kernel(
-    seed: tl.int64, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    seed_ptr, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, t, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: forward_cell_tile on a (row tiles, unit tiles) grid."""
     forward_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths, has_proj,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths, has_proj,
         xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
         floats_ptr, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
@@ -495,13 +496,13 @@ def forward_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def projection_step_kernel(
-    seed: tl.int64, hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed_ptr, hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after forward_step_kernel: projection_tile on a (row tiles, H_out tiles) grid."""
     projection_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths,
         hpre_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K,
     )
@@ -509,13 +510,13 @@ def projection_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
-        tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
+        tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed_ptr, has_lengths, has_proj, has_next, step,
         dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
@@ -523,13 +524,13 @@ def backward_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
-    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
     t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
     backward_projection_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed, has_lengths,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths,
         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
@@ -597,15 +598,16 @@ def backward_positions(back, seq_len, reverse):
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
-    seed: tl.int64, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    seed_ptr, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
-    # each setting loaded where it is used, whatever LOAD_AHEAD says: held through the loop, they spilled
-    # registers inside the step loop (sm_90 compile, 16-bit 16 x 16 tiles)
+    # each setting (and the seed) loaded where it is used, whatever LOAD_AHEAD says: held through the loop,
+    # they spilled registers inside the step loop (sm_90 compile, 16-bit 16 x 16 tiles)
+    seed = seed_ptr
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -635,7 +637,7 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -645,9 +647,10 @@ def backward_persistent_kernel(
     # (h_backward_inputs, cell_backward_inputs), except in TF32, whose persistent forward spilled registers
     # inside the step loop with the settings held (sm_90 compile): there each where used
     AHEAD: tl.constexpr = LOAD_AHEAD and PRECISION != "tf32"
-    ints, floats = ints_ptr, floats_ptr
+    ints, floats, seed = ints_ptr, floats_ptr, seed_ptr
     if AHEAD:
         ints, floats = step_settings(ints_ptr, floats_ptr)
+        seed = tl.load(seed_ptr)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -678,7 +681,7 @@ def backward_persistent_kernel(
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
-RESIDENT_ARGUMENTS = ["seed", "seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
+RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
 @triton.jit
@@ -800,7 +803,7 @@ def resident_program(unit_tiles):
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
-    seed: tl.int64, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    seed_ptr, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -814,9 +817,10 @@ def forward_resident_kernel(
     # the barrier), except in TF32, which spilled registers inside the step loop with them (sm_90, H = 256
     # and 1024)
     AHEAD: tl.constexpr = LOAD_AHEAD and PRECISION != "tf32"
-    ints, floats = ints_ptr, floats_ptr
+    ints, floats, seed = ints_ptr, floats_ptr, seed_ptr
     if AHEAD:
         ints, floats = step_settings(ints_ptr, floats_ptr)
+        seed = tl.load(seed_ptr)
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     # column n of the [H_out, 4 BH] slab is unit n // 4's gate n % 4: W~ row (n % 4) * H + unit
@@ -872,7 +876,7 @@ def forward_resident_kernel(
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def backward_resident_kernel(
-    seed: tl.int64, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -907,8 +911,8 @@ def backward_resident_kernel(
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
-            finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream, seed,
-                              has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
+            finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
+                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)

@@ -140,8 +140,7 @@ SENT_PARAMETERS_KEPT = 64
 def launch_parameters(ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
-    those sent before. Under CUDA graph capture it sends, which host_to_device refuses: a captured launch
-    would replay its seed, the same masks at every replay."""
+    those sent before. Under CUDA graph capture it sends, which host_to_device refuses."""
     key = (ints, floats, float_dtype, device, current_stream_handle(device))
     sent = _sent_parameters.get(key)
     if sent is not None and not _capturing(device):
@@ -174,6 +173,33 @@ def current_stream_handle(device: torch.device) -> int | None:
     return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
+# The seed of each call on its device, by value, device and stream, the least recently used dropped past
+# the limit: every launch of a call (its layers' and its dropouts', forward and backward) reads the one
+# tensor a fill on the device made, with no copy from the host (`seed_tensor`).
+_seeds: collections.OrderedDict = collections.OrderedDict()
+SEEDS_KEPT = 16
+
+
+def seed_tensor(seed: int, device: torch.device) -> Tensor:
+    """The call's seed as a one-element int64 tensor on device, which the kernels read (cell.seed_value)."""
+    key = (seed, device, current_stream_handle(device))
+    found = _seeds.get(key)
+    if found is not None:
+        _recently_used(_seeds, key)
+        return found
+    _refuse_capture(device)
+    found = _seeds[key] = torch.full((1,), seed, dtype=torch.int64, device=device)
+    if len(_seeds) > SEEDS_KEPT:
+        _seeds.popitem(last=False)
+    return found
+
+
+def _refuse_capture(device: torch.device) -> None:
+    """A captured launch would replay its seed and parameter tensors, the same masks at every replay."""
+    if _capturing(device):
+        raise RuntimeError("fused_rnn: the Triton backend cannot be captured in a CUDA graph")
+
+
 def _send_packed(ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """ints and floats as an int64 and a float_dtype view of one tensor sent in one copy. The floats start
     16 bytes apart from the ints (the alignment Triton specialises a pointer on), padded with zeros."""
@@ -199,9 +225,8 @@ def host_to_device(values: Tensor, device: torch.device) -> Tensor:
     before every layer."""
     if device.type != "cuda":
         return values.to(device)
-    if torch.cuda.is_current_stream_capturing():
-        # a captured copy would replay from a pinned buffer the allocator has since reused
-        raise RuntimeError("fused_rnn: the Triton backend cannot be captured in a CUDA graph")
+    # (captured, a copy would replay from a pinned buffer the allocator has since reused)
+    _refuse_capture(device)
     return values.pin_memory().to(device, non_blocking=True)
 
 
@@ -612,7 +637,7 @@ def tuned_depth(forward: bool) -> int | None:
 
 
 def packed_dropout(
-    seed: int, x: Tensor, out: Tensor, ints: Tensor, floats: Tensor, threshold_slot: int, scale_slot: int,
+    seed: Tensor, x: Tensor, out: Tensor, ints: Tensor, floats: Tensor, threshold_slot: int, scale_slot: int,
     kind: int, stream: int, group: int = 1, locked: bool = False, steps: int | None = None,
 ) -> Tensor:
     """out[t] = bulk dropout of x[t] with the layout's packed draws; x, out contiguous, [steps, ...] (steps:
@@ -623,8 +648,8 @@ def packed_dropout(
     if numel:
         blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
         launch_specialised(
-            packed_dropout_kernel, (steps * blocks_per_step,), seed,
-            x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
+            packed_dropout_kernel, (steps * blocks_per_step,),
+            seed, x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
     return out
@@ -635,10 +660,10 @@ def feature_dropout(x: Tensor, seed: int, kind: int, index: int, p: float, locke
     """The input / between-layer / output dropout of x [T, B, F] (kinds 1, 2 of docs/randomness.md)."""
     x = x.contiguous()
     ints, floats = dropout_parameters(p, x.device, x.dtype)
-    return packed_dropout(seed, x, torch.empty_like(x), ints, floats, 0, 0, kind, index, locked=locked)
+    return packed_dropout(seed_tensor(seed, x.device), x, torch.empty_like(x), ints, floats, 0, 0, kind, index, locked=locked)
 
 
-def dropped_weight(seed: int, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
+def dropped_weight(seed: Tensor, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
     """W_hh [4H, H_out] after weight drop (or a gradient of that shape scaled by the same mask)."""
     w = w.contiguous()
     return packed_dropout(
@@ -652,7 +677,7 @@ def dropped_weight(seed: int, w: Tensor, ints: Tensor, floats: Tensor, stream: i
 TRANSPOSE_BLOCK = 32
 
 
-def transposed_dropped_weight(seed: int, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
+def transposed_dropped_weight(seed: Tensor, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
     """dropped_weight(w, ...).t().contiguous() in one pass over W_hh [4H, H_out]: [H_out, 4H]."""
     w = w.contiguous()
     w_t = w.new_empty(w.shape[1], w.shape[0])
@@ -738,14 +763,12 @@ _specialised_launches: collections.OrderedDict = collections.OrderedDict()
 SPECIALISED_LAUNCHES_KEPT = 256
 
 
-def launch_specialised(kernel, grid: tuple, seed: int, *args, launch_options: dict | None = None, **constexprs) -> None:
-    """kernel[grid](seed, *args, **constexprs, **launch_options) of a kernel launched once per call, straight
-    to the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
+def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None = None, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs, **launch_options) of a kernel launched once per call, straight to
+    the kernel compiled for an earlier launch of the same specialisation (RepeatedLaunch): the key holds
     each argument's value, a tensor's dtype and 16-byte alignment instead, the two things Triton
     specialises a pointer on, the launch options, and the current device, whose compiled kernel the
-    launch runs. Not the seed, every kernel's first argument, typed int64 and never specialised: it is new
-    at every training call. (A persistent launch through Triton's JIT took 95 us of the H100's host, with
-    timers.)"""
+    launch runs. (A persistent launch through Triton's JIT took 95 us of the H100's host, with timers.)"""
     options = tuple(launch_options.items()) if launch_options else ()
     key = (
         kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
@@ -758,7 +781,7 @@ def launch_specialised(kernel, grid: tuple, seed: int, *args, launch_options: di
             _specialised_launches.popitem(last=False)
     else:
         _recently_used(_specialised_launches, key)
-    launcher(seed, *args)
+    launcher(*args)
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -777,6 +800,7 @@ def layer_forward(
     fp16/bf16 they are half the bytes of the float32 state the recurrence carries.
     """
     seq_len, batch, _ = x.shape
+    seed = seed_tensor(seed, x.device)
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
     w_hr = None if w_hr is None else w_hr.contiguous()  # the kernels index every weight as dense
@@ -800,8 +824,8 @@ def layer_forward(
     replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
     plan = replan()
     launch_specialised(
-        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)), seed,
-        h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
+        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)),
+        seed, h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
     )
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
@@ -848,6 +872,7 @@ def layer_backward(
     before writing the same elements of dgates[t], and nothing reads xg[t] after.
     """
     seq_len, batch, _ = x.shape
+    seed = seed_tensor(seed, x.device)
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
