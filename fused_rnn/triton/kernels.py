@@ -105,20 +105,28 @@ def transposed_weight_dropout_kernel(
 
 
 @triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
-def hidden_dropout_kernel(
-    seed_ptr, h_carry_ptr, rs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
+def initial_state_kernel(
+    seed_ptr, h0_ptr, c0_ptr, h_carry_ptr, c_carry_ptr, rs_ptr, cs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """rs[state] = recurrent dropout of the initial state h_carry[state % 2], before the first step (a
-    copy where recurrent dropout is off)."""
+    """The states before the first step, at state: h_carry[state % 2] = h0 and c_carry[state % 2] = c0 in
+    the compute dtype, cs[state] = c0, and rs[state] = h0 after recurrent dropout (a copy where it is
+    off). h0 [B, H_out], c0 [B, H], in x's dtype; a grid over rows and max(H, H_out) units."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    carry = (state % 2).to(tl.int64)
     inside = (rows < B) & (units < H_out)
-    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, seed_ptr, rows, units, H, 0, stream)
     here = rows * H_out + units
-    h = tl.load(h_carry_ptr + (state % 2).to(tl.int64) * B * H_out + here, mask=inside, other=0.0)
+    h = tl.load(h0_ptr + here, mask=inside, other=0.0).to(h_carry_ptr.dtype.element_ty)
+    tl.store(h_carry_ptr + carry * B * H_out + here, h, mask=inside)
+    hidden_keep, _, _, _, _ = unit_masks(ints_ptr, seed_ptr, rows, units, H, 0, stream)
     r = keep_scaled(h, hidden_keep, setting(floats_ptr, FLOAT_HIDDEN))
     store_rounded(rs_ptr + state.to(tl.int64) * B * H_out + here, r, inside)
+    inside = (rows < B) & (units < H)
+    here = rows * H + units
+    c = tl.load(c0_ptr + here, mask=inside, other=0.0)
+    store_rounded(cs_ptr + state.to(tl.int64) * B * H + here, c, inside)
+    tl.store(c_carry_ptr + carry * B * H + here, c.to(c_carry_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

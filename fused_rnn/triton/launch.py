@@ -25,7 +25,7 @@ from .kernels import (
     forward_persistent_kernel,
     forward_resident_kernel,
     forward_step_kernel,
-    hidden_dropout_kernel,
+    initial_state_kernel,
     packed_dropout_kernel,
     projection_step_kernel,
     transposed_weight_dropout_kernel,
@@ -810,11 +810,8 @@ def layer_forward(
     first, last = (seq_len, 0) if reverse else (0, seq_len)
     h_carry = torch.empty(2, batch, real_hidden, dtype=dtype, device=x.device)
     c_carry = torch.empty(2, batch, hidden, dtype=dtype, device=x.device)
-    h_carry[first % 2] = h0
-    c_carry[first % 2] = c0
     rs = torch.empty(seq_len + 1, batch, real_hidden, dtype=x.dtype, device=x.device)
     cs = torch.empty(seq_len + 1, batch, hidden, dtype=x.dtype, device=x.device)
-    cs[first] = c0
     out = torch.empty(seq_len, batch, real_hidden, dtype=x.dtype, device=x.device)
     hpre = torch.empty(seq_len, batch, hidden, dtype=dtype, device=x.device) if w_hr is not None else out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
@@ -823,9 +820,10 @@ def layer_forward(
     # called again after a refused launch, which rules that kind out
     replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
     plan = replan()
+    # the carries, cs and rs at the state before the first step, in one launch
     launch_specialised(
-        hidden_dropout_kernel, (cdiv(batch, 16), cdiv(real_hidden, 64)),
-        seed, h_carry, rs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
+        initial_state_kernel, (cdiv(batch, 16), cdiv(hidden, 64)), seed, h0.contiguous(), c0.contiguous(), h_carry,
+        c_carry, rs, cs, ints, floats, first, stream, batch, hidden, real_hidden, BLOCK_B=16, BLOCK_H=64,
     )
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
