@@ -1101,7 +1101,8 @@ def _check_parameters_sent_once(monkeypatch, device):
     seeds = []
     original_full = torch.full
     monkeypatch.setattr(launch, "_seeds", collections.OrderedDict())
-    monkeypatch.setattr(launch.torch, "full", lambda *args, **kwargs: seeds.append(args[1]) or original_full(*args, **kwargs))
+    monkeypatch.setattr(launch.torch, "full",
+                        lambda *args, **kwargs: seeds.append(args[1]) or original_full(*args, **kwargs))
     lstm = fused_rnn.LSTM(8, 16, device=device, backend="triton", **EVERY)
     x = torch.randn(5, 3, 8, device=device, requires_grad=True)
     lstm(x, seed=11)[0].sum().backward()

@@ -52,7 +52,8 @@ def layer_gradients(
     return _Vjp.apply(functools.partial(_reference_layer, layer), len(inputs), kernel, *inputs, *grads)
 
 
-def _unreached_projection(gradients: tuple, grads: Sequence[Optional[Tensor]], inputs: Sequence[Optional[Tensor]]) -> tuple:
+def _unreached_projection(gradients: tuple, grads: Sequence[Optional[Tensor]],
+                          inputs: Sequence[Optional[Tensor]]) -> tuple:
     """gradients with W_hr's None where nothing used reaches W_hr: a single step whose out and h_n went unused (c_n
     comes before the projection). nn.LSTM on CPU gives no gradient there, as the reference does; the kernels
     compute zeros."""

@@ -106,7 +106,8 @@ def transposed_weight_dropout_kernel(
 
 @triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
 def initial_state_kernel(
-    seed_ptr, h0_ptr, c0_ptr, h_carry_ptr, c_carry_ptr, rs_ptr, cs_ptr, ints_ptr, floats_ptr, state, stream, B, H, H_out,
+    seed_ptr, h0_ptr, c0_ptr, h_carry_ptr, c_carry_ptr, rs_ptr, cs_ptr, ints_ptr, floats_ptr, state, stream, B, H,
+    H_out,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The states before the first step, at state: h_carry[state % 2] = h0 and c_carry[state % 2] = c0 in
@@ -427,7 +428,8 @@ def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has
 
 @triton.jit
 def finish_h_backward(
-    acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj, has_next, step,
+    acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
+    has_next, step,
     dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
@@ -518,7 +520,8 @@ def projection_step_kernel(
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_step_kernel(
-    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    floats_ptr,
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -606,7 +609,8 @@ def backward_positions(back, seq_len, reverse):
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def forward_persistent_kernel(
-    seed_ptr, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints_ptr,
+    seed_ptr, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
+    ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -645,7 +649,8 @@ def forward_persistent_kernel(
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
 def backward_persistent_kernel(
-    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+    seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr,
+    ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -811,7 +816,8 @@ def resident_program(unit_tiles):
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
-    seed_ptr, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr, arrivals_ptr,
+    seed_ptr, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
+    arrivals_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -865,7 +871,8 @@ def forward_resident_kernel(
             even, odd = tl.split(tl.reshape(acc, [BLOCK_B, BLOCK_H, 2, 2]))
             acc_i, acc_g = tl.split(even)
             acc_f, acc_o = tl.split(odd)
-            finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed, has_lengths, 0,
+            finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed,
+                        has_lengths, 0,
                         xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr, lengths_ptr, ints, floats,
                         B, H, H_out)
         if synchronize != 0:
@@ -920,7 +927,8 @@ def backward_resident_kernel(
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
-                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr,
+                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
+                              dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)

@@ -72,7 +72,9 @@ def _slots(values: dict, size) -> list:
     return packed
 
 
-def step_parameters(reg: Regularizers, training: bool, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def step_parameters(
+    reg: Regularizers, training: bool, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """The int64 (thresholds, modes) and float (scales, zoneout p) tensors the kernels load; slots in cell.py.
     The seed is not among them: the launches pass it as an argument.
 
@@ -137,7 +139,9 @@ _sent_parameters: collections.OrderedDict = collections.OrderedDict()
 SENT_PARAMETERS_KEPT = 64
 
 
-def launch_parameters(ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def launch_parameters(
+    ints: tuple, floats: tuple, float_dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
     those sent before. Under CUDA graph capture it sends, which host_to_device refuses."""
@@ -649,7 +653,8 @@ def packed_dropout(
         blocks_per_step = cdiv(numel, ELEMENTWISE_BLOCK)
         launch_specialised(
             packed_dropout_kernel, (steps * blocks_per_step,),
-            seed, x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group, int(locked),
+            seed, x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group,
+            int(locked),
             BLOCK=ELEMENTWISE_BLOCK,
         )
     return out
@@ -660,7 +665,8 @@ def feature_dropout(x: Tensor, seed: int, kind: int, index: int, p: float, locke
     """The input / between-layer / output dropout of x [T, B, F] (kinds 1, 2 of docs/randomness.md)."""
     x = x.contiguous()
     ints, floats = dropout_parameters(p, x.device, x.dtype)
-    return packed_dropout(seed_tensor(seed, x.device), x, torch.empty_like(x), ints, floats, 0, 0, kind, index, locked=locked)
+    return packed_dropout(seed_tensor(seed, x.device), x, torch.empty_like(x), ints, floats, 0, 0, kind, index,
+                          locked=locked)
 
 
 def dropped_weight(seed: Tensor, w: Tensor, ints: Tensor, floats: Tensor, stream: int, rows: bool) -> Tensor:
@@ -829,7 +835,8 @@ def layer_forward(
     sizes = (batch, hidden, real_hidden)
     if plan.kind == "resident":
         done = _run_resident(
-            forward_resident_kernel, plan, x, seq_len, seq_len, (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
+            forward_resident_kernel, plan, x, seq_len, seq_len,
+            (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
             (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
@@ -850,10 +857,12 @@ def layer_forward(
         projection_step = RepeatedLaunch(projection_step_kernel, (tiles_b, tiles_out), PRECISION=precision,
                                          **plan.tile_constexprs)
         for t in _positions(seq_len, reverse):
-            cell_step(seed, xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream, has_lengths,
+            cell_step(seed, xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream,
+                      has_lengths,
                       int(has_proj), *sizes)
             if has_proj:
-                projection_step(seed, hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream, has_lengths, *sizes)
+                projection_step(seed, hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream,
+                                has_lengths, *sizes)
     return out, h_carry[last % 2], c_carry[last % 2], xg, rs, cs, hpre
 
 
@@ -937,7 +946,8 @@ def layer_backward(
         )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-            h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t, order[index - 1] if index else t,
+            h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
+                   order[index - 1] if index else t,
                    int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
             if has_proj and index < seq_len:
                 projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
