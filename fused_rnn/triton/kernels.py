@@ -14,6 +14,8 @@ layer's own dtype (x's), what the backward keeps, as cuDNN keeps its reserve; "c
   cs      [T + 1, B, H]      stored: every c state, for the backward
   out     [T, B, H_out]   stored: the layer's output, h_t, or 0 past a row's length
   hpre    [T, B, H]       compute: o * tanh(c~) before the projection (proj_size > 0 only)
+  seed    [1]             int64: the call's seed, every kernel's first argument (launch.seed_tensor;
+                          read by cell.seed_value)
 Backward:
   dgates [T, B, 4H]    stored: dL/dgates, the next step's product operand and the weight GEMMs' after
                        the loop (may be xg itself)
@@ -106,9 +108,8 @@ def transposed_weight_dropout_kernel(
 
 @triton.jit(do_not_specialize=["state", "stream", "B", "H", "H_out"])
 def initial_state_kernel(
-    seed_ptr, h0_ptr, c0_ptr, h_carry_ptr, c_carry_ptr, rs_ptr, cs_ptr, ints_ptr, floats_ptr, state, stream, B, H,
-    H_out,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    seed_ptr, h0_ptr, c0_ptr, h_carry_ptr, c_carry_ptr, rs_ptr, cs_ptr, ints_ptr, floats_ptr, state, stream,
+    B, H, H_out, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """The states before the first step, at state: h_carry[state % 2] = h0 and c_carry[state % 2] = c0 in
     the compute dtype, cs[state] = c0, and rs[state] = h0 after recurrent dropout (a copy where it is
@@ -429,8 +430,8 @@ def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has
 @triton.jit
 def finish_h_backward(
     acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
-    has_next, step,
-    dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats, B, H, H_out,
+    has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
+    floats, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
     the step's backward if `step`. h_inputs, cell_inputs: loaded before the product, or None to load each

@@ -76,7 +76,7 @@ def step_parameters(
     reg: Regularizers, training: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """The int64 (thresholds, modes) and float (scales, zoneout p) tensors the kernels load; slots in cell.py.
-    The seed is not among them: the launches pass it as an argument.
+    The seed is not among them: the launches take it in a tensor of its own (seed_tensor).
 
     In eval mode every dropout is off (threshold 0, scale 1) and zoneout takes its expectation.
     """
@@ -130,7 +130,7 @@ def dropout_parameters(p: float, device: torch.device, dtype: torch.dtype) -> tu
 
 
 # The parameter tensors sent, by their values, device and stream, the least recently used dropped past
-# the limit: they depend on the regularizers alone (the seed is a launch argument), so a training loop
+# the limit: they depend on the regularizers alone (the seed has a tensor of its own), so a training loop
 # sends each set once, not once a step (a copy took 50 us of host time on the H200's host; the ints and
 # floats go in one). Kernels only read them, and a dropped one is freed to its stream's allocator, in
 # order after the kernels that read it. Kept for CPU tensors too, so that the interpreter runs the host
@@ -144,17 +144,23 @@ def launch_parameters(
 ) -> tuple[Tensor, Tensor]:
     """ints as an int64 tensor and floats as a float_dtype one on device: two views of one tensor, the
     floats' bits after the ints (_send_packed), sent in one copy (see host_to_device), or found among
-    those sent before. Under CUDA graph capture it sends, which host_to_device refuses."""
+    those sent before. Every launch asks for its parameters: here a CUDA graph capture is refused."""
+    _refuse_capture(device)
     key = (ints, floats, float_dtype, device, current_stream_handle(device))
-    sent = _sent_parameters.get(key)
-    if sent is not None and not _capturing(device):
-        _recently_used(_sent_parameters, key)
-        return sent
-    sent = _send_packed(ints, floats, float_dtype, device)
-    _sent_parameters[key] = sent
-    if len(_sent_parameters) > SENT_PARAMETERS_KEPT:
-        _sent_parameters.popitem(last=False)
-    return sent
+    return _kept(_sent_parameters, key, SENT_PARAMETERS_KEPT, lambda: _send_packed(ints, floats, float_dtype, device))
+
+
+def _kept(cache: collections.OrderedDict, key, limit: int, make):
+    """cache[key], made by make() where it is missing, as the most recently used entry; the least recently
+    used dropped past limit (the launch parameters, the seeds and the specialised launches)."""
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = make()
+        if len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        _recently_used(cache, key)
+    return found
 
 
 def _recently_used(cache: collections.OrderedDict, key) -> None:
@@ -187,15 +193,7 @@ SEEDS_KEPT = 16
 def seed_tensor(seed: int, device: torch.device) -> Tensor:
     """The call's seed as a one-element int64 tensor on device, which the kernels read (cell.seed_value)."""
     key = (seed, device, current_stream_handle(device))
-    found = _seeds.get(key)
-    if found is not None:
-        _recently_used(_seeds, key)
-        return found
-    _refuse_capture(device)
-    found = _seeds[key] = torch.full((1,), seed, dtype=torch.int64, device=device)
-    if len(_seeds) > SEEDS_KEPT:
-        _seeds.popitem(last=False)
-    return found
+    return _kept(_seeds, key, SEEDS_KEPT, lambda: torch.full((1,), seed, dtype=torch.int64, device=device))
 
 
 def _refuse_capture(device: torch.device) -> None:
@@ -654,8 +652,7 @@ def packed_dropout(
         launch_specialised(
             packed_dropout_kernel, (steps * blocks_per_step,),
             seed, x, out, ints, floats, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step, group,
-            int(locked),
-            BLOCK=ELEMENTWISE_BLOCK,
+            int(locked), BLOCK=ELEMENTWISE_BLOCK,
         )
     return out
 
@@ -780,14 +777,8 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
         kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
         *((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, Tensor) else (type(arg), arg) for arg in args),
     )
-    launcher = _specialised_launches.get(key)
-    if launcher is None:
-        launcher = _specialised_launches[key] = RepeatedLaunch(kernel, grid, launch_options, **constexprs)
-        if len(_specialised_launches) > SPECIALISED_LAUNCHES_KEPT:
-            _specialised_launches.popitem(last=False)
-    else:
-        _recently_used(_specialised_launches, key)
-    launcher(*args)
+    make = lambda: RepeatedLaunch(kernel, grid, launch_options, **constexprs)  # noqa: E731
+    _kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -858,8 +849,7 @@ def layer_forward(
                                          **plan.tile_constexprs)
         for t in _positions(seq_len, reverse):
             cell_step(seed, xg, w, h_carry, rs, cs, c_carry, out, hpre, *step_arguments, t, int(reverse), stream,
-                      has_lengths,
-                      int(has_proj), *sizes)
+                      has_lengths, int(has_proj), *sizes)
             if has_proj:
                 projection_step(seed, hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream,
                                 has_lengths, *sizes)
