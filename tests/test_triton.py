@@ -1137,6 +1137,20 @@ def test_a_cache_entry_another_thread_dropped_is_not_an_error():
     assert list(cache) == ["b", "a"]
 
 
+def test_a_cuda_graph_capture_is_refused_before_a_launch(monkeypatch):
+    """A captured launch would replay its seed: every launch asks for its parameters, which refuse a capture
+    (launch_parameters), before any kernel runs. (The capture stood in for on CPU.)"""
+    require_backend("triton", torch.float32)
+    monkeypatch.setattr(launch, "_capturing", lambda device: True)
+    launched = []
+    monkeypatch.setattr(launch, "launch_specialised", lambda *args, **kwargs: launched.append(args[0]))
+    for kwargs in (dict(zoneout_h=0.1), dict(input_dropout=0.2)):
+        lstm = fused_rnn.LSTM(3, 4, backend="triton", **kwargs)
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            lstm(torch.randn(2, 1, 3), seed=1)
+    assert launched == []
+
+
 def test_launch_parameters_keep_their_values_and_16_byte_alignment():
     """launch._send_packed: ints as int64 and floats in the compute dtype, as they went, two views of one
     tensor (one copy), the floats starting on a 16-byte boundary (what Triton specialises a pointer on)."""
