@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import numbers
 
+import torch
+
 DROPOUT_MODES = ("step", "locked")
 WEIGHT_DROPOUT_MODES = ("element", "row")
 UPDATE_DROPOUT_MODES = ("step", "sequence")
@@ -132,6 +134,8 @@ def of_fields(**fields) -> Regularizers:
     values = tuple(fields.pop(name, default) for name, default in _FIELD_DEFAULTS)
     if fields:
         raise TypeError(f"Regularizers has no field {', '.join(sorted(fields))}")
+    if torch.compiler.is_compiling():  # traced once per graph; torch 2.11's dynamo cannot trace hash(tuple)
+        return Regularizers(*values)
     try:
         hash(values)
     except TypeError:  # not numbers or strings: the checks say so
