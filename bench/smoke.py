@@ -1,6 +1,9 @@
 """One small training step of the Triton backend in one time-loop mode, for the GPU check to run first.
 
-    python -m bench.smoke MODE [DEVICE]   # MODE: steps | persistent | resident (FUSED_RNN_RECURRENCE)
+    python -m bench.smoke MODE [DEVICE]   # MODE: steps | persistent | resident | auto (FUSED_RNN_RECURRENCE)
+
+auto runs at the H512 benchmark's layer (B=64 H=512), where its resident forward splits the row tiles
+among programs (launch.recurrence_plan) and its backward runs persistent.
 
 A persistent or resident kernel whose grid barrier never completes hangs its process; bench/gpu_check.sh
 runs this under a time limit per mode, and runs its tests and benchmarks without a mode that hung or
@@ -23,6 +26,7 @@ from fused_rnn.triton import launch
 
 # B=16 H=256: every mode has a plan here (resident: 64 programs of 4 units); fp16 products
 SIZES = dict(seq_len=20, batch=16, inputs=64, hidden=256)
+AUTO_SIZES = dict(seq_len=20, batch=64, inputs=64, hidden=512)
 REGULARIZERS = dict(recurrent_dropout=0.1, weight_dropout=0.2, update_dropout=0.1, cell_dropout=0.05,
                     zoneout_h=0.1, zoneout_c=0.1)
 # fp16 products over 20 steps against float64: about 1e-3 of the signal; a broken kernel is off by O(1)
@@ -40,7 +44,7 @@ def step(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 def main(mode: str, device: torch.device) -> int:
     os.environ["FUSED_RNN_RECURRENCE"] = mode
     torch.manual_seed(0)
-    s = SIZES
+    s = AUTO_SIZES if mode == "auto" else SIZES
     model = fused_rnn.LSTM(s["inputs"], s["hidden"], bidirectional=True, backend="triton", device=device,
                            dtype=torch.float16, **REGULARIZERS)
     reference = fused_rnn.LSTM(s["inputs"], s["hidden"], bidirectional=True, backend="reference", device=device,
@@ -60,7 +64,7 @@ def main(mode: str, device: torch.device) -> int:
     expected = step(reference, x.double())
     worst = max(((r - e).abs().max() / e.abs().max().clamp_min(1e-30)).item() for r, e in zip(results, expected))
     finite = all(torch.isfinite(r).all().item() for r in results)
-    fell_back = mode != "steps" and (refused or mode not in loops)
+    fell_back = mode != "steps" and (refused or mode not in (*loops, "auto"))
     ok = finite and worst <= TOLERANCE and not fell_back
     print(f"smoke {mode}: loops {loops[0]} forward, {loops[1]} backward, {seconds:.1f}s (compilation included), "
           f"largest relative difference {worst:.2e}{'' if finite else ', NOT FINITE'}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import types
 
 import pytest
 import torch
@@ -415,15 +414,28 @@ def test_recurrence_mode_is_validated(monkeypatch):
         launch.persistent_programs(torch.device("cpu"), 4)
 
 
+@pytest.fixture
+def restored_tf32():
+    """cuDNN's and cuBLAS's TF32 switches as they were after the test (which sets them with allow_tf32). Not
+    monkeypatch: from pytest 9.2 its undo deletes an attribute that was not in the instance's __dict__, which
+    torch.backends.cuda.matmul refuses."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def allow_tf32(allowed: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype, ratio", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("proj", [0, 100])
-def test_gpu_matches_the_reference(dtype, ratio, proj, monkeypatch):
+def test_gpu_matches_the_reference(dtype, ratio, proj, restored_tf32):
     """IEEE products (float64, float32 without TF32) on the GPU, which always run one launch per step
     (launch.recurrence_plan); the persistent and resident loops are held to the low-precision rule below."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    allow_tf32(False)
     # many programs and tiles: B=40 spans row tiles, H=300 unit tiles
     _compare_with_reference(torch.device("cuda"), dtype, ratio, seq_len=20, batch=40, inputs=33, hidden=300, proj=proj,
                             layers=2, bidirectional=True, packed=True, training=True, reg=EVERY)
@@ -457,7 +469,7 @@ def _low_precision_run(model, x, h0, c0, seed, *, reference_dtype=None, lengths=
 @gpu
 @pytest.mark.parametrize("mode", RECURRENCE_MODES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
-def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch):
+def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch, restored_tf32):
     """flash-attention's rule: against a float64 reference, the kernels' error is at most twice the
     error of PyTorch computing the same math in the same low precision. Small in the interpreter."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
@@ -468,7 +480,7 @@ def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch)
 @needs_gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("batch, hidden", [(80, 300), (24, 1100)])
-def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, batch, hidden, monkeypatch):
+def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, batch, hidden, monkeypatch, restored_tf32):
     """The W~-resident forward where it tiles rows and slabs (launch.resident_plan): H=300 is slabs of
     256 + 64 in 75 programs of 4 units; H=1100 (16-bit) 1024 + 128 in programs of 16 units, as the PTB layer."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
@@ -484,7 +496,7 @@ def test_gpu_resident_forward_error_is_at_most_twice_pytorchs(dtype, batch, hidd
 @gpu
 @pytest.mark.parametrize("mode", RECURRENCE_MODES)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
-def test_low_precision_projection_and_packed_input(dtype, mode, monkeypatch):
+def test_low_precision_projection_and_packed_input(dtype, mode, monkeypatch, restored_tf32):
     """The same rule with a projection (on a GPU, persistent loops with two barriers a step: the resident
     plan is for layers without one) and packed input of several lengths (rows frozen past their end)."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
@@ -500,8 +512,7 @@ def _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, *, gpu_sizes, layer
     device = require_backend("triton", low)
     if tf32 and device.type != "cuda":
         pytest.skip("TF32 products exist on a GPU only")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    allow_tf32(tf32)
     inputs, hidden, seq_len, batch = gpu_sizes if device.type == "cuda" else (5, 6, 4, 3)
     proj_size = proj[0] if device.type == "cuda" else proj[1]
     states = layers * (2 if bidirectional else 1)
@@ -677,7 +688,7 @@ def test_resident_plan_is_for_layers_without_projection(monkeypatch):
         (16, 768, "default", 2, True, "resident"),  # one row tile: resident 5.8 us a step, persistent 12.8
         (16, 768, "default", 2, False, "resident"),
         (16, 768, "tf32", 4, False, "persistent"),  # no TF32 resident backward
-        (64, 512, "default", 2, True, "persistent"),  # two row tiles, 128 persistent tiles: 16 against 22
+        (64, 512, "default", 2, True, "resident"),  # row tiles split: 6.4 against 12.3 (28e61d7)
         (64, 512, "default", 2, False, "persistent"),  # 20 against 36
         (80, 1150, "default", 2, True, "resident"),  # 360 persistent tiles on 132 SMs
         (80, 1150, "default", 2, False, "steps"),  # no resident plan fits; persistent 146-158, steps 70-73
@@ -686,18 +697,54 @@ def test_resident_plan_is_for_layers_without_projection(monkeypatch):
 )
 def test_auto_runs_the_loop_the_h100_timed_fastest(batch, hidden, precision, element_size, forward, expected,
                                                      monkeypatch):
-    """auto's choice at the benchmark layers on an H100 (132 SMs), against bench.tune's table at 9ab8d3d
-    (bench/results): resident unless its programs walk several row tiles where a persistent launch has
-    a tile a program; persistent only with a tile a program; else a launch per step."""
+    """auto's choice at the benchmark layers on an H100 (132 SMs), against bench.tune's tables at 9ab8d3d
+    and 28e61d7 (bench/results): resident unless its programs walk several row tiles where a persistent
+    launch has a tile a program (a forward's row tiles are then split among programs where they fit);
+    persistent only with a tile a program; else a launch per step."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
     monkeypatch.setattr(launch, "interpreted", lambda: False)
     monkeypatch.setattr(launch, "gpu_limits", lambda device: H100)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=H100.sms))
     plan = launch.recurrence_plan(torch.device("cuda"), precision, element_size, batch, hidden, hidden, forward=forward)
     assert plan.kind == expected
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", plan.kind)
     assert launch.recurrence_plan(torch.device("cuda"), precision, element_size, batch, hidden, hidden,
                                   forward=forward).kind == expected, "a mode named runs that loop where it can"
+
+
+def test_auto_splits_the_row_tiles_of_a_resident_forward_that_would_walk_them(monkeypatch):
+    """B=64 H=512 on an H100: the forward's four row tiles of 16 each get programs of their own (128 in all,
+    32 unit tiles of 16); the backward's split, which was no faster, is left to FUSED_RNN_RECURRENCE=resident."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.setattr(launch, "gpu_limits", lambda device: H100)
+    plan = launch.recurrence_plan(torch.device("cuda"), "default", 2, 64, 512, 512)
+    assert plan == launch.Plan("resident", 128, 16, 16, k_main=512, k_rest=0, row_programs=4)
+    assert launch.recurrence_plan(torch.device("cuda"), "default", 2, 32, 512, 512).row_programs == 1, (
+        "rows a program holds at once are not split"
+    )
+
+
+def test_a_plan_is_chosen_once_for_what_it_depends_on(monkeypatch):
+    """recurrence_plan keeps its plans; a tuning variable, a refusal or another GPU's limits choose again."""
+    monkeypatch.setattr(launch, "_plans", collections.OrderedDict())
+    monkeypatch.setattr(launch, "interpreted", lambda: False)
+    monkeypatch.setattr(launch, "gpu_limits", lambda device: H100)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
+    cuda = torch.device("cuda")
+    chosen, choose = [], launch.choose_plan
+    monkeypatch.setattr(launch, "choose_plan", lambda *args: chosen.append(args) or choose(*args))
+    first = launch.recurrence_plan(cuda, "default", 2, 16, 768, 768)
+    assert launch.recurrence_plan(cuda, "default", 2, 16, 768, 768) is first and len(chosen) == 1
+    monkeypatch.setenv("FUSED_RNN_BLOCK_K", "32")
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
+    assert launch.recurrence_plan(cuda, "default", 2, 16, 768, 768) == launch.Plan("persistent", 48, 16, 16, 32)
+    monkeypatch.setattr(launch, "_persistent_refused", ["refused"])
+    assert launch.recurrence_plan(cuda, "default", 2, 16, 768, 768).kind == "steps"
+    monkeypatch.setattr(launch, "gpu_limits", lambda device: launch.GpuLimits(16, H100.shared_bytes))
+    monkeypatch.delenv("FUSED_RNN_BLOCK_K")
+    monkeypatch.setattr(launch, "_persistent_refused", [])
+    assert launch.recurrence_plan(cuda, "default", 2, 16, 768, 768) == launch.Plan("persistent", 16, 16, 16, 64)
+    assert len(chosen) == 4
 
 
 @pytest.mark.parametrize("hidden, launches", [(4, 1), (6, 5)])

@@ -349,7 +349,7 @@ def persistent_programs(device: torch.device, tiles: int) -> int:
         return 1 if mode in ("persistent", "resident") else 0
     if device.type != "cuda":
         return 0
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = gpu_limits(device).sms
     if mode == "auto" and tiles > sms:
         # a program that takes several tiles a step, reading each one's W~ slice from L2, is slower than a
         # launch per step (H100, the PTB layer's backward: 360 tiles on 132 SMs, 146 us a step against 70)
@@ -500,15 +500,37 @@ def resident_plan(
     return min(filter(fits, plans), key=lambda plan: (cdiv(batch, plan.block_b), plan.block_b), default=None)
 
 
+# recurrence_plan's plans by everything they are chosen from, the least recently used dropped past the limit
+_plans: collections.OrderedDict = collections.OrderedDict()
+PLANS_KEPT = 64
+TUNING_VARIABLES = ("FUSED_RNN_RECURRENCE", "FUSED_RNN_BLOCK_K", "FUSED_RNN_STEP_TILE")
+
+
 def recurrence_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
                     real_hidden: int, forward: bool = True) -> Plan:
+    """choose_plan's plan, chosen once for each layer size, device and setting it depends on: each layer's
+    forward and backward ask (82 us a call of the H100's host, 28e61d7). The key holds the functions it
+    consults that tests and the compile check replace, and the GPU limits these return."""
+    limits = gpu_limits(device) if device.type == "cuda" else None
+    key = (
+        device, precision, element_size, batch, hidden, real_hidden, forward, limits, interpreted(),
+        persistent_programs, bool(_persistent_refused), bool(_resident_refused),
+        *(os.environ.get(name) for name in TUNING_VARIABLES),
+    )
+    return _kept(_plans, key, PLANS_KEPT, lambda: choose_plan(
+        device, precision, element_size, batch, hidden, real_hidden, forward))
+
+
+def choose_plan(device: torch.device, precision: str, element_size: int, batch: int, hidden: int,
+                real_hidden: int, forward: bool = True) -> Plan:
     """The plan for a layer-direction's forward (or backward): FUSED_RNN_RECURRENCE=steps|persistent|resident|auto
     chooses.
 
     auto on a GPU: resident where the layer has no projection and its slabs fit (the forward's and the
     backward's plans apart: the backward's slab is 4H deep; no TF32 backward), unless its programs would
-    walk several row tiles where a persistent launch has one tile a program; else persistent where each
-    program has one tile, else steps.
+    walk several row tiles where a persistent launch has one tile a program (a forward's row tiles are
+    split among programs instead, where they fit); else persistent where each program has one tile, else
+    steps.
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
     would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
     auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
@@ -532,13 +554,21 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
         # (the TF32 backward's [BLOCK_B, 4H] float32 operand, rounded to TF32, spills registers inside the
         # step loop at every size the compile check tries: it runs persistent)
         # FUSED_RNN_RECURRENCE=resident splits the row tiles among programs where they fit (resident_plan);
-        # auto keeps a program per unit tile until bench.tune has timed the split on a GPU
-        plan = resident_plan(gpu_limits(device), element_size, batch, hidden, forward, split_rows=mode == "resident")
+        # auto only a forward's whose unsplit programs would walk them
+        limits = gpu_limits(device)
+        plan = resident_plan(limits, element_size, batch, hidden, forward, split_rows=mode == "resident")
         # a resident program walks its row tiles one after another. H100 (bench.tune at 9ab8d3d, fp16): with
         # two (B=64 H=512) the persistent loop, a tile a program, took 16 us a step against 22 forward, 20
         # against 36 backward; with one (B=16 H=768) the resident loop 5.8 against 12.8, 10 against 21.
         # (auto's persistent_programs is nonzero only where every program has a tile of its own.)
         walks_rows = plan is not None and cdiv(cdiv(batch, plan.block_b), plan.row_programs) > 1
+        if mode == "auto" and walks_rows and forward:
+            # the row tiles split among programs where they fit instead. H100 (bench.tune at 28e61d7, fp16,
+            # B=64 H=512, 128 programs): the forward 6.4 us a step against the persistent loop's 12.3; the
+            # backward 13.1 against 12.7, which stays persistent
+            split = resident_plan(limits, element_size, batch, hidden, forward, split_rows=True)
+            if split is not None and split.row_programs > 1:
+                return split
         if plan is not None and not (mode == "auto" and walks_rows and programs):
             return plan
     if programs:
