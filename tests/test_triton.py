@@ -1228,6 +1228,24 @@ def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsy
     assert torch.equal(out, torch.zeros_like(x)), "the kernel ran: p = 1 dropped everything"
 
 
+def test_the_host_costs_script_times_each_call_and_step(capsys, monkeypatch):
+    """bench/host_costs.py on CPU (kernels skipped): a positive time for every call and each provider's step;
+    afterwards kernels run again."""
+    from bench import host_costs
+
+    monkeypatch.setattr(host_costs, "CALLS", 2)
+    monkeypatch.setattr(host_costs, "STEPS", 1)
+    assert host_costs.main(["cpu"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    calls = [row for row in rows if len(row) == 2][1:]
+    steps = [row for row in rows if len(row) == 3][1:]
+    assert len(calls) >= 15 and all(float(us) > 0 for _, us in calls)
+    assert [name.strip() for name, *_ in steps] == ["fused_rnn, every regularizer", "fused_rnn, none", "nn.LSTM"]
+    assert all(float(us) > 0 for _, *times in steps for us in times)
+    x = torch.randn(3, 2, 4)
+    assert torch.equal(launch.feature_dropout(x, SEEDS[0], 1, 0, 1.0, False), torch.zeros_like(x))
+
+
 def test_the_breakdown_script_lists_each_providers_kernels(capsys):
     """bench/breakdown.py on its tiny CPU shape: a section per provider with a wall time and the ops that
     took the time, each a positive share."""

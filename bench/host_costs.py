@@ -1,0 +1,139 @@
+"""What the host pays for each kind of call a training step of the Triton backend makes, in us a call.
+
+    python -m bench.host_costs [DEVICE]   # cuda (default where there is one) or cpu
+
+Where a step is host-bound (bench.breakdown: wall well above the kernels' sum), its time is the sum of
+such calls. This times each one alone, a few thousand times, on the device's host: an ATen allocation,
+a fill, a view, a GEMM's launch, one of the Triton backend's kernel launches straight to the compiled
+kernel (launch.RepeatedLaunch) and through launch.launch_specialised (its key, then the same), an
+autograd.Function's apply, a custom op's dispatch, launch.recurrence_plan, and a whole training step of
+one H512 layer with every regularizer and without, beside nn.LSTM's, until each returns (nothing waited
+for). The GPU's queue is drained between rows, never inside one. Under the interpreter (CPU) the kernel
+rows run the interpreter's launch and are not what a GPU's host pays.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+CALLS = 2000
+STEPS = 30
+
+
+def per_call(fn, calls: int = CALLS, sync=lambda: None) -> float:
+    """Median over 5 rounds of the mean us a call of fn() over `calls` calls."""
+    for _ in range(min(calls, 50)):
+        fn()
+    sync()
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return statistics.median(rounds)
+
+
+def main(argv: list[str]) -> int:
+    device = torch.device(argv[0] if argv else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        from .allocations import kernels_skipped
+
+        with kernels_skipped():
+            return measure(device)
+    return measure(device)
+
+
+def measure(device: torch.device) -> int:
+    import torch.nn.functional as F
+
+    import fused_rnn
+    from fused_rnn import philox
+    from fused_rnn.triton import kernels, launch, ops
+
+    from .providers import SHAPES_BY_NAME, Built, Shape, build_step, make_input, regularizer_kwargs
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # small tensors: the host's cost, not the GPU's, is what each row shows
+    x = torch.randn(8, 4, 64, device=device, dtype=dtype)
+    w = torch.randn(256, 64, device=device, dtype=dtype)
+    seed = launch.seed_tensor(1, device)
+    ints, floats = launch.dropout_parameters(0.1, device, dtype)
+    out = torch.empty_like(x)
+    numel = x[0].numel()
+    blocks = launch.cdiv(numel, launch.ELEMENTWISE_BLOCK)
+    arguments = (seed, x, out, ints, floats, 0, 0, philox.KIND_INPUT, 0, numel, blocks, 1, 0)
+    grid = (x.shape[0] * blocks,)
+    repeated = launch.RepeatedLaunch(kernels.packed_dropout_kernel, grid, BLOCK=launch.ELEMENTWISE_BLOCK)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    leaf = x.clone().requires_grad_()
+    rows = {
+        "python call of an empty function": lambda: None,
+        "torch.empty [8, 4, 64]": lambda: torch.empty(8, 4, 64, device=device, dtype=dtype),
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "torch.zeros(1, int32)": lambda: torch.zeros(1, dtype=torch.int32, device=device),
+        "Tensor.view": lambda: x.view(32, 64),
+        "Tensor.select": lambda: x[0],
+        "Tensor.contiguous (already)": lambda: x.contiguous(),
+        "Tensor.to(float32)": lambda: x.to(torch.float32),
+        "F.linear [32, 64] x [256, 64]": lambda: F.linear(x, w),
+        "torch.full((1,), seed, int64)": lambda: torch.full((1,), 7, dtype=torch.int64, device=device),
+        "Triton launch, compiled (RepeatedLaunch)": lambda: repeated(*arguments),
+        "Triton launch, launch_specialised": lambda: launch.launch_specialised(
+            kernels.packed_dropout_kernel, grid, *arguments, BLOCK=launch.ELEMENTWISE_BLOCK),
+        "autograd.Function.apply (identity)": lambda: Identity.apply(leaf),
+        "ops.dropout, eager (apply + launch)": lambda: ops.dropout(leaf, seed.cpu()[0], philox.KIND_INPUT, 0, 0.1, False),
+        "ops.feature_dropout custom op (dispatch + launch)": lambda: ops.feature_dropout(
+            leaf, seed.cpu()[0], philox.KIND_INPUT, 0, 0.1, False),
+        "launch.recurrence_plan (kept)": lambda: launch.recurrence_plan(device, "default", 2, 64, 512, 512),
+        "launch.choose_plan": lambda: launch.choose_plan(device, "default", 2, 64, 512, 512),
+    }
+    print(f"bench.host_costs: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"torch {torch.__version__}, {dtype}; us a call, median of 5 rounds of {CALLS}")
+    print("| call | us |\n|---|---:|")
+    for name, fn in rows.items():
+        print(f"| {name} | {per_call(fn, sync=sync):.2f} |", flush=True)
+
+    shape = SHAPES_BY_NAME["h512"] if device.type == "cuda" else Shape("tiny", 3, 2, 4, 8, 1, ("cpu",))
+    inputs = make_input(shape, dtype, device)
+    models = {
+        "fused_rnn, every regularizer": fused_rnn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers,
+                                                       device=device, dtype=dtype, **regularizer_kwargs(shape)),
+        "fused_rnn, none": fused_rnn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device,
+                                          dtype=dtype),
+        "nn.LSTM": torch.nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device, dtype=dtype),
+    }
+    print(f"\n{shape.name}: a training step's host time until it returned (the GPU may still run), and with the "
+          f"GPU waited for; median of 5 rounds of {STEPS}")
+    print("| provider | host us | synchronised us |\n|---|---:|---:|")
+    for name, model in models.items():
+        step = build_step(Built(model, lambda x, model=model: model(x)[0], {}), shape, inputs, "fwdbwd")
+        returned = per_call(step, STEPS, sync)
+
+        def synchronised(step=step):
+            step()
+            sync()
+
+        print(f"| {name} | {returned:.0f} | {per_call(synchronised, STEPS):.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
