@@ -314,7 +314,8 @@ def lstm(
 
     dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
     chosen = backends.resolve(backend, data.device, dtype)
-    weights = [w.to(dtype) for w in weights]
+    # (a tensor already in dtype as it is: .to's call alone costs the GPU's host microseconds a tensor)
+    weights = [w if w.dtype == dtype else w.to(dtype) for w in weights]
 
     # [T, B, I] time-major, rows in the caller's order; lengths [B] for packed input
     lengths = None
@@ -325,7 +326,7 @@ def lstm(
         x = data.unsqueeze(1)
     else:
         x = data.transpose(0, 1) if batch_first else data
-    x = x.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
     if hx is None:
         h0 = x.new_zeros(num_layers * num_directions, batch, real_hidden_size)
         c0 = x.new_zeros(num_layers * num_directions, batch, hidden_size)

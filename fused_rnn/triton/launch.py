@@ -911,7 +911,7 @@ def layer_backward(
         else grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         for grad, size in ((d_h_n, real_hidden), (d_c_n, hidden))
     )
-    d_out = d_out.to(x.dtype).contiguous()
+    d_out = (d_out if d_out.dtype == x.dtype else d_out.to(x.dtype)).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     precision = dot_precision(w_hh.dtype, x.device)
@@ -987,4 +987,4 @@ def layer_backward(
     dw_hr = None
     if has_proj:
         dw_hr = dht.reshape(seq_len * batch, real_hidden).t() @ hpre.reshape(seq_len * batch, hidden)
-    return dx, gh, gc, dw_ih, dw_hh.to(w_hh.dtype), dbias, dw_hr
+    return dx, gh, gc, dw_ih, dw_hh if dw_hh.dtype == w_hh.dtype else dw_hh.to(w_hh.dtype), dbias, dw_hr

@@ -35,7 +35,7 @@ def _lstm_layer(
     )
     if w_hr is None:
         hpre = hpre.new_empty(0)
-    return out.to(x.dtype), h_n.to(x.dtype, copy=True), c_n.to(x.dtype, copy=True), xg, rs, cs, hpre
+    return out, h_n.to(x.dtype, copy=True), c_n.to(x.dtype, copy=True), xg, rs, cs, hpre
 
 
 lstm_layer = torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())(_lstm_layer)
@@ -72,10 +72,11 @@ def layer_backward_into(
         d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse, xg, rs, cs,
         hpre, dgates,
     )
-    if dw_hr is None:
-        dw_hr = x.new_empty(0)
+    dw_hr = x.new_empty(0) if dw_hr is None else dw_hr.to(w_ih.dtype)
     dh0, dc0 = (state.to(x.dtype) if wanted else None for state, wanted in zip((dh0, dc0), states_wanted))
-    return dx.to(x.dtype), dh0, dc0, dw_ih.to(w_ih.dtype), dw_hh, dbias.to(w_ih.dtype), dw_hr.to(w_ih.dtype)
+    # dx, dw_ih and dw_hh come from products in x's dtype, which F.linear holds w_ih's (launch.layer_backward
+    # gives dw_hh w_hh's); dL/dbias and dL/dW_hr come in the compute dtype
+    return dx, dh0, dc0, dw_ih, dw_hh, dbias.to(w_ih.dtype), dw_hr
 
 
 def _lstm_layer_backward(
