@@ -78,6 +78,7 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
             for mode in ("steps", "persistent", "resident"):
                 os.environ["FUSED_RNN_RECURRENCE"] = mode
                 launch.persistent_programs = lambda device, tiles, _on=mode != "steps": 8 if _on else 0
+                launch._plans.clear()  # chosen with the persistent_programs replaced before
                 for batch in (1, 20):  # each tile height launch.tile_sizes picks
                     for proj in (0, 3):
                         for packed in (False, True):
@@ -92,6 +93,7 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
     # grid barriers that poll with acquire loads (FUSED_RNN_BARRIER=load, inline PTX): each loop that has them
     os.environ["FUSED_RNN_BARRIER"] = "load"
     launch.persistent_programs = lambda device, tiles: 8
+    launch._plans.clear()
     for mode, proj in (("persistent", 3), ("resident", 0)):
         os.environ["FUSED_RNN_RECURRENCE"] = mode
         drive_layer(torch.float16, 20, 6, proj, False, seed)

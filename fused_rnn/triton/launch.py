@@ -510,13 +510,13 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
                     real_hidden: int, forward: bool = True) -> Plan:
     """choose_plan's plan, chosen once for each layer size, device and setting it depends on: each layer's
     forward and backward ask (on the H100's host 32 us a call chosen, 6 kept; bench.host_costs at b312af8).
-    The key holds the functions it consults that tests and the compile check replace, and the GPU limits
-    these return."""
+    The key holds the GPU's limits (gpu_limits, as choose_plan reads them), whether Triton interprets, the
+    refusals so far and the tuning variables. Code that replaces the functions choose_plan calls clears
+    _plans (tests/triton_compile_check.py)."""
     limits = gpu_limits(device) if device.type == "cuda" else None
     key = (
         device, precision, element_size, batch, hidden, real_hidden, forward, limits, interpreted(),
-        persistent_programs, bool(_persistent_refused), bool(_resident_refused),
-        *(os.environ.get(name) for name in TUNING_VARIABLES),
+        bool(_persistent_refused), bool(_resident_refused), *(os.environ.get(name) for name in TUNING_VARIABLES),
     )
     return _kept(_plans, key, PLANS_KEPT, lambda: choose_plan(
         device, precision, element_size, batch, hidden, real_hidden, forward))
