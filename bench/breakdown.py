@@ -33,6 +33,7 @@ HOST_CALLS = (
     ("fused_rnn.triton.launch", "layer_forward"),
     ("fused_rnn.triton.launch", "layer_backward"),
     ("fused_rnn.triton.launch", "feature_dropout"),
+    ("fused_rnn.triton.launch", "dropped_features"),
     ("fused_rnn.triton.launch", "packed_dropout"),
     ("fused_rnn.triton.launch", "dropped_weight"),
     ("fused_rnn.triton.launch", "step_parameters"),

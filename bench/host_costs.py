@@ -70,9 +70,10 @@ def measure(device: torch.device) -> int:
     out = torch.empty_like(x)
     numel = x[0].numel()
     blocks = launch.cdiv(numel, launch.ELEMENTWISE_BLOCK)
-    arguments = (seed, x, out, ints, floats, 0, 0, philox.KIND_INPUT, 0, numel, blocks, 1, 0)
+    arguments = (seed, x, out, x, out, ints, floats, 0, 0, philox.KIND_INPUT, 0, numel, blocks, 1, 0)
     grid = (x.shape[0] * blocks,)
-    repeated = launch.RepeatedLaunch(kernels.packed_dropout_kernel, grid, BLOCK=launch.ELEMENTWISE_BLOCK)
+    constexprs = dict(BLOCK=launch.ELEMENTWISE_BLOCK, PAIRED=False)
+    repeated = launch.RepeatedLaunch(kernels.packed_dropout_kernel, grid, **constexprs)
 
     class Identity(torch.autograd.Function):
         @staticmethod
@@ -98,7 +99,7 @@ def measure(device: torch.device) -> int:
         "torch.full((1,), seed, int64)": lambda: torch.full((1,), 7, dtype=torch.int64, device=device),
         "Triton launch, compiled (RepeatedLaunch)": lambda: repeated(*arguments),
         "Triton launch, launch_specialised": lambda: launch.launch_specialised(
-            kernels.packed_dropout_kernel, grid, *arguments, BLOCK=launch.ELEMENTWISE_BLOCK),
+            kernels.packed_dropout_kernel, grid, *arguments, **constexprs),
         "autograd.Function.apply (identity)": lambda: Identity.apply(leaf),
         "ops.dropout, eager (apply + launch)": lambda: ops.dropout(leaf, call_seed, philox.KIND_INPUT, 0, 0.1, False),
         "ops.feature_dropout custom op (dispatch + launch)": lambda: ops.feature_dropout(

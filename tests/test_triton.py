@@ -56,6 +56,21 @@ def test_bulk_dropout_masks_are_the_references(seed, kind, locked):
     assert torch.equal(y[keep.expand_as(y)], torch.full_like(y, philox.keep_scale(p))[keep.expand_as(y)])
 
 
+@pytest.mark.parametrize("locked", [False, True])
+def test_a_paired_dropout_drops_both_tensors_with_the_input_mask(locked):
+    """The backward's launch that writes a layer's dropped input again and drops dx in place: both through the
+    mask of the input's dropout, each as a dropout of its own would drop it."""
+    device = require_backend("triton", torch.float32)
+    steps, batch, features, index, p = 3, 5, 301, 1, 0.37
+    x, dx = (torch.randn(steps, batch, features, device=device) for _ in range(2))
+    expected_x, expected_dx = (launch.feature_dropout(t, SEEDS[0], philox.KIND_INPUT, index, p, locked) for t in (x, dx))
+    dropped_x = torch.empty_like(x)
+    launch.dropped_features(launch.seed_tensor(SEEDS[0], device), x, dropped_x, philox.KIND_INPUT, index, p, locked,
+                            paired=(dx, dx))
+    assert torch.equal(dropped_x, expected_x) and torch.equal(dx, expected_dx)
+    assert (dx == 0).any() and (dx != 0).any()
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("rows", [False, True])
 def test_weight_drop_masks_are_the_references(seed, rows):
@@ -364,6 +379,7 @@ def _op_arguments(device, proj: bool, lengths: bool):
         make(seq_len, batch, inputs), make(batch, real), make(batch, hidden), make(4 * hidden, inputs),
         make(4 * hidden, real), make(4 * hidden), make(real, hidden) if proj else None,
         torch.tensor([3, 1], device=device) if lengths else None, seed_tensor(99), 1, True, True, probabilities, modes,
+        [0.3, 0.2], lengths,  # the layer's own input and output dropouts, locked with the lengths
     )
 
 
@@ -889,7 +905,7 @@ def test_the_reserve_is_kept_in_the_layers_dtype(dtype):
     probabilities, modes = model.regularizers.recurrence_arguments()
     out, h_n, c_n, xg, rs, cs, hpre = ops.lstm_layer(
         x, h0, h0, weights[0], weights[1], weights[2] + weights[3], None, None, seed_tensor(3), 0, False, True,
-        probabilities, modes,
+        probabilities, modes, [0.2, 0.2], False,
     )
     reserve = {"xg": (xg, (seq_len, batch, 4 * hidden)), "rs": (rs, (seq_len + 1, batch, hidden)),
                "cs": (cs, (seq_len + 1, batch, hidden))}
@@ -1267,20 +1283,25 @@ def test_eager_calls_skip_the_custom_ops_dispatch_and_give_the_same_bits(monkeyp
     for name in ("lstm_layer", "lstm_layer_backward", "feature_dropout"):
         op = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *args, _op=op, _name=name: called.append(_name) or _op(*args))
-    lstm = fused_rnn.LSTM(3, 4, 2, backend="triton", dtype=torch.float64, **EVERY).to(device)
     x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    # one direction: the layers' ops drop their inputs and the output; two: dropout ops of their own
+    for bidirectional, ops_called in ((False, {"lstm_layer"}), (True, {"lstm_layer", "feature_dropout"})):
+        lstm = fused_rnn.LSTM(3, 4, 2, backend="triton", dtype=torch.float64, bidirectional=bidirectional,
+                              **EVERY).to(device)
 
-    def step():
-        out, (h_n, c_n) = lstm(x, seed=5)
-        grads = torch.autograd.grad((out.sum() + h_n.sum() + c_n.square().sum()), [x, *lstm.parameters()])
-        return [out, h_n, c_n, *grads]
+        def step():
+            out, (h_n, c_n) = lstm(x, seed=5)
+            grads = torch.autograd.grad((out.sum() + h_n.sum() + c_n.square().sum()), [x, *lstm.parameters()])
+            return [out, h_n, c_n, *grads]
 
-    eager = step()
-    assert called == []
-    monkeypatch.setattr(ops, "dispatch_free", lambda tensors: False)
-    through_ops = step()
-    assert {"lstm_layer", "feature_dropout"} <= set(called)
-    assert all(torch.equal(a, b) for a, b in zip(eager, through_ops))
+        called.clear()
+        with monkeypatch.context() as patched:
+            eager = step()
+            assert called == []
+            patched.setattr(ops, "dispatch_free", lambda tensors: False)
+            through_ops = step()
+        assert {"lstm_layer", "feature_dropout"} & set(called) == ops_called, (bidirectional, called)
+        assert all(torch.equal(a, b) for a, b in zip(eager, through_ops))
 
 
 def test_calls_inside_a_transform_or_trace_go_through_the_custom_ops():
@@ -1308,7 +1329,9 @@ def test_the_breakdowns_host_timers_count_the_backends_calls_and_come_off_after(
     x = torch.randn(3, 2, 3, requires_grad=True)
     returned, calls = breakdown.host_times(lambda: lstm(x, seed=1)[0].sum().backward(), 2, torch.device("cpu"))
     assert returned > 0
-    assert calls["ops.layer"][1] == 1 and calls["ops.dropout"][1] == 4, calls  # input and output, each forward and backward
+    assert calls["ops.layer"][1] == 1 and calls["ops.dropout"][1] == 0, calls
+    # one direction: the layer's op drops its input and output (forward), and d_out and dx (backward)
+    assert calls["launch.dropped_features"][1] == 4, calls
     assert calls["launch.layer_forward"][1] == 1 and calls["launch.layer_backward"][1] == 1, calls
     assert calls["launch.layer_forward"][0] <= calls["ops.layer"][0], "inclusive times: the op includes its launcher"
     assert (launch.layer_forward, ops.layer, ops.dropout) == originals

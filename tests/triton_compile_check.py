@@ -123,7 +123,8 @@ def drive_layer(dtype: torch.dtype, batch: int, hidden: int, proj: int, packed: 
     lengths = torch.full((batch,), seq_len, dtype=torch.int64) if packed else None
     for training in (True, False):
         ints, floats = launch.step_parameters(EVERY_REGULARIZER, training, x.device, dtype)
-        flags = launch.Recurrence.of(EVERY_REGULARIZER, training)
+        # the layer's own input and output dropouts too (the paired dropout of x and dx)
+        flags = launch.Recurrence.of(EVERY_REGULARIZER, training, (0.2, 0.3), locked=batch > 1)
         for reverse in (False, True):
             out, h_n, c_n, xg, rs, cs, hpre = launch.layer_forward(
                 x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, ints, floats, flags, 0, reverse

@@ -15,10 +15,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..masks import unit_masks, weight_keep_mask
+from ..masks import feature_keep_mask, unit_masks, weight_keep_mask
+from ..philox import KIND_INPUT, KIND_OUTPUT
 from ..regularizers import Regularizers
 from ..stack import LayerWeights
-from .naive import _LOW_PRECISION, lstm_layer_naive
+from .naive import _LOW_PRECISION, apply_keep, lstm_layer_naive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class FusedLayer:
     modes: Sequence[int]
     seed: Tensor
     lengths: Optional[Tensor]
+    # the dropouts of x (kind input, index k) and of out (kind output) the op applies itself, in locked mode or not
+    input_dropout: float = 0.0
+    output_dropout: float = 0.0
+    locked: bool = False
 
 
 GradientsFn = Callable[[], Sequence[Optional[Tensor]]]
@@ -69,19 +74,25 @@ def _reference_layer(layer: FusedLayer, *inputs: Optional[Tensor]) -> tuple[Tens
     dtype = x.dtype
     reg = Regularizers.of_recurrence_arguments(layer.probabilities, layer.modes)
     masks = None
+    seq_len, batch, features = x.shape
+    hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]
     if layer.training:
-        hidden, real = w_hh.shape[0] // 4, w_hh.shape[1]
-        masks = unit_masks(reg, layer.seed, layer.k, x.shape[0], x.shape[1], hidden, real, x.device)
+        masks = unit_masks(reg, layer.seed, layer.k, seq_len, batch, hidden, real, x.device)
         masks["weight"] = weight_keep_mask(layer.seed, layer.k, reg.weight_dropout, reg.weight_rows, hidden, real, x.device)
     if dtype in _LOW_PRECISION:  # computed in float32, as the kernels and the reference do
         x, h0, c0, w_ih, w_hh, w_hr, *biases = (None if t is None else t.float() for t in (x, h0, c0, w_ih, w_hh, w_hr, *biases))
     b_ih = biases[0]
     b_hh = biases[1] if len(biases) == 2 else (None if b_ih is None else torch.zeros_like(b_ih))
-    results = lstm_layer_naive(
+    input_p, output_p = (layer.input_dropout, layer.output_dropout) if layer.training else (0.0, 0.0)
+    keep = functools.partial(feature_keep_mask, layer.seed, steps=1 if layer.locked else seq_len, batch=batch,
+                             device=x.device)
+    x = apply_keep(x, keep(KIND_INPUT, layer.k, input_p, features=features), input_p)
+    out, h_n, c_n = lstm_layer_naive(
         x, h0, c0, LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr),
         reverse=layer.reverse, reg=reg, masks=masks, training=layer.training, lengths=layer.lengths,
     )
-    return tuple(r.to(dtype) for r in results)
+    out = apply_keep(out, keep(KIND_OUTPUT, 0, output_p, features=real), output_p)
+    return tuple(r.to(dtype) for r in (out, h_n, c_n))
 
 
 def _vjp(fn, num_primals: int, create_graph: bool, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:

@@ -7,7 +7,7 @@ import functools
 from torch import Tensor
 
 from ..regularizers import Regularizers
-from ..stack import LayerWeights, run_fused_stack
+from ..stack import LayerWeights, run_fused_stack, run_stack
 from . import ops
 
 
@@ -27,15 +27,24 @@ def run(
     probabilities, modes = reg.recurrence_arguments()
     # the ops' tensors all derive from these, in this call's modes: one dispatch_free for all of its ops
     free = ops.dispatch_free((x, h0, c0, *(w for layer in weights for w in layer), lengths, seed))
+    num_layers = len(weights) // num_directions
+    # one direction: each layer's op applies its input's dropout and the last one the output's, which spares
+    # the graph a node per dropout (two directions share their input's mask, and the output's spans both)
+    folded = num_directions == 1
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh
+        feature_dropouts = [0.0, 0.0]
+        if folded and training:
+            feature_dropouts = [reg.layer_input_dropout(k), reg.output_dropout if k == num_layers - 1 else 0.0]
         out, h_n, c_n, *_ = ops.layer(
             x.contiguous(), h0.contiguous(), c0.contiguous(), w.w_ih, w.w_hh, bias, w.w_hr, lengths, seed, k, reverse,
-            training, probabilities, modes, free,
+            training, probabilities, modes, feature_dropouts, reg.locked, free,
         )
         return out, h_n, c_n
 
+    if folded:
+        return run_stack(x, h0, c0, weights, num_directions, lambda layer_index, x: x, layer, lambda x: x)
     return run_fused_stack(
         x, h0, c0, weights, num_directions=num_directions, reg=reg, training=training, seed=seed,
         feature_dropout=functools.partial(ops.dropout, free=free), layer=layer,

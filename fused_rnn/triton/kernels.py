@@ -57,12 +57,13 @@ from .cell import (
 @triton.jit(do_not_specialize=["threshold_slot", "scale_slot", "kind", "stream", "numel", "blocks_per_step", "group",
                                "locked"])
 def packed_dropout_kernel(
-    seed_ptr, x_ptr, y_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel, blocks_per_step,
-    group, locked, BLOCK: tl.constexpr,
+    seed_ptr, x_ptr, y_ptr, x2_ptr, y2_ptr, ints_ptr, floats_ptr, threshold_slot, scale_slot, kind, stream, numel,
+    blocks_per_step, group, locked, BLOCK: tl.constexpr, PAIRED: tl.constexpr,
 ):
-    """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight).
+    """y[t] = x[t] * keep * scale for the bulk masks (kinds input, output, weight); PAIRED: y2[t] = x2[t] * keep *
+    scale too, with the same draws (a layer's input and the gradient of its dropped input).
 
-    x, y: [steps, numel]; mask element m = e // group (group = H_out for whole rows of W_hh, else 1)
+    x, y (x2, y2): [steps, numel]; mask element m = e // group (group = H_out for whole rows of W_hh, else 1)
     reads word m % 4 of Philox(m // 4, t or 0 when locked, stream, kind). Grid: steps * blocks_per_step
     programs on axis 0, the only one not capped at 65535; a program's block lies within one step.
     """
@@ -72,10 +73,13 @@ def packed_dropout_kernel(
     inside = e < numel
     keep = bulk_keep(seed_ptr, ints_ptr, threshold_slot, e // group, t * (1 - locked), stream, kind)
     offset = t.to(tl.int64) * numel + e
+    scale = tl.load(floats_ptr + scale_slot)
     # half inputs are scaled in float32 (the scale's dtype), as the reference computes them
     x = tl.load(x_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
-    y = keep_scaled(x, keep, tl.load(floats_ptr + scale_slot))
-    store_rounded(y_ptr + offset, y, inside)
+    store_rounded(y_ptr + offset, keep_scaled(x, keep, scale), inside)
+    if PAIRED:
+        x2 = tl.load(x2_ptr + offset, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
+        store_rounded(y2_ptr + offset, keep_scaled(x2, keep, scale), inside)
 
 
 @triton.jit

@@ -17,19 +17,22 @@ from ..regularizers import Regularizers
 from . import launch
 
 
-def _prepare(x: Tensor, training: bool, probabilities: list[float], modes: list[int]):
+def _prepare(x: Tensor, training: bool, probabilities: list[float], modes: list[int], feature_dropouts: list[float],
+             locked: bool):
     reg = Regularizers.of_recurrence_arguments(probabilities, modes)
     ints, floats = launch.step_parameters(reg, training, x.device, x.dtype)
-    return ints, floats, launch.Recurrence.of(reg, training)
+    return ints, floats, launch.Recurrence.of(reg, training, feature_dropouts, locked)
 
 
 def _lstm_layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
-    probabilities: list[float], modes: list[int],
+    probabilities: list[float], modes: list[int], feature_dropouts: list[float], locked: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer-direction: (out, h_n, c_n) in x's dtype, then the reserve (xg, rs, cs, hpre) for the backward."""
-    ints, floats, flags = _prepare(x, training, probabilities, modes)
+    """One layer-direction: (out, h_n, c_n) in x's dtype, then the reserve (xg, rs, cs, hpre) for the backward.
+    feature_dropouts: [input, output] probabilities of the dropouts of x and of out that the layer applies
+    itself (launch.Recurrence), in `locked` mode."""
+    ints, floats, flags = _prepare(x, training, probabilities, modes, feature_dropouts, locked)
     out, h_n, c_n, xg, rs, cs, hpre = launch.layer_forward(
         x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse
     )
@@ -42,7 +45,8 @@ lstm_layer = torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_arg
 
 
 @lstm_layer.register_fake
-def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes):
+def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
+      feature_dropouts, locked):
     seq_len, batch, _ = x.shape
     hidden, real_hidden = w_hh.shape[0] // 4, w_hh.shape[1]
     dtype = launch.compute_dtype(x.dtype)
@@ -61,13 +65,13 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
 def layer_backward_into(
     dgates: Tensor, d_out: Tensor, d_h_n: Optional[Tensor], d_c_n: Optional[Tensor], x: Tensor, w_ih: Tensor, w_hh: Tensor,
     w_hr: Optional[Tensor], lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
-    probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
-    states_wanted: tuple[bool, bool] = (True, True),
+    probabilities: list[float], modes: list[int], feature_dropouts: list[float], locked: bool, xg: Tensor, rs: Tensor,
+    cs: Tensor, hpre: Tensor, states_wanted: tuple[bool, bool] = (True, True),
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Gradients of x, h0, c0, w_ih, w_hh, bias and w_hr (empty without a projection); dL/dgates go to
     dgates [T, B, 4H], which may be xg itself (launch.layer_backward). d_h_n, d_c_n: None for zeros.
     states_wanted: whether dh0, dc0 are (None where not: their float32 carries are not converted)."""
-    ints, floats, flags = _prepare(x, training, probabilities, modes)
+    ints, floats, flags = _prepare(x, training, probabilities, modes, feature_dropouts, locked)
     dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = launch.layer_backward(
         d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse, xg, rs, cs,
         hpre, dgates,
@@ -82,12 +86,13 @@ def layer_backward_into(
 def _lstm_layer_backward(
     d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, x: Tensor, w_ih: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
-    probabilities: list[float], modes: list[int], xg: Tensor, rs: Tensor, cs: Tensor, hpre: Tensor,
+    probabilities: list[float], modes: list[int], feature_dropouts: list[float], locked: bool, xg: Tensor, rs: Tensor,
+    cs: Tensor, hpre: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """layer_backward_into a buffer of its own, xg left as it was: for a graph that is kept or traced."""
     return layer_backward_into(
         torch.empty_like(xg), d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training,
-        probabilities, modes, xg, rs, cs, hpre,
+        probabilities, modes, feature_dropouts, locked, xg, rs, cs, hpre,
     )
 
 
@@ -97,7 +102,8 @@ lstm_layer_backward = torch.library.custom_op("fused_rnn::triton_lstm_layer_back
 
 
 @lstm_layer_backward.register_fake
-def _(d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, xg, rs, cs, hpre):
+def _(d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
+      feature_dropouts, locked, xg, rs, cs, hpre):
     return (
         torch.empty_like(x),
         torch.empty_like(d_h_n, dtype=x.dtype),
@@ -110,13 +116,14 @@ def _(d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, 
 
 
 def _layer_setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes = inputs
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, training, probabilities, modes, *features = inputs
     _, _, _, xg, rs, cs, hpre = output
+    # x as it came: with an input dropout, the backward draws its mask again (launch.layer_backward)
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre)
     # unused outputs' gradients stay None: autograd would otherwise fill [T, B, 4H] of zeros for the
     # reserve outputs (xg, rs, cs, hpre), which no backward reads
     ctx.set_materialize_grads(False)
-    ctx.arguments = (stream, reverse, training, probabilities, modes)
+    ctx.arguments = (stream, reverse, training, probabilities, modes, *features)
     ctx.xg_output = weakref.ref(xg)  # dead once the caller has dropped it
     ctx.reserve_overwritten = False
 
@@ -151,7 +158,7 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
             "run the forward again (or pass retain_graph=True to a backward that is to be repeated)"
         )
     x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
-    stream, reverse, training, probabilities, modes = ctx.arguments
+    stream, reverse, training, probabilities, modes, feature_dropouts, locked = ctx.arguments
 
     def kernel():
         seq_len, batch, _ = x.shape
@@ -160,7 +167,8 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
         # may stay None where the launcher is called directly, which starts them at zero in its own buffers
         d_out_or_zeros = x.new_zeros(seq_len, batch, real_hidden) if d_out is None else d_out
         given = (d_out_or_zeros, *(g for g in (d_h_n, d_c_n) if g is not None))
-        settings = (x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes)
+        settings = (x, w_ih, w_hh, w_hr, lengths, seed, stream, reverse, training, probabilities, modes,
+                    feature_dropouts, locked)
         if reserve_is_spent(ctx, xg, given):
             ctx.reserve_overwritten = True
             results = layer_backward_into(xg, d_out_or_zeros, d_h_n, d_c_n, *settings, xg, rs, cs, hpre,
@@ -177,9 +185,9 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
         dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = results
         return dx, dh0, dc0, dw_ih, dw_hh, dbias if bias is not None else None, dw_hr if w_hr is not None else None
 
-    layer = FusedLayer(stream, reverse, training, probabilities, modes, seed, lengths)
+    layer = FusedLayer(stream, reverse, training, probabilities, modes, seed, lengths, *feature_dropouts, locked)
     grads = layer_gradients(kernel, layer, (d_out, d_h_n, d_c_n), (x, h0, c0, w_ih, w_hh, bias, w_hr))
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, *(None,) * 9)  # lengths, seed and the settings
 
 
 lstm_layer.register_autograd(_layer_backward, setup_context=_layer_setup_context)
@@ -275,12 +283,14 @@ def _call(op, function, eager: Optional[type[torch.autograd.Function]], tensors:
 def layer(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], w_hr: Optional[Tensor],
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
-    probabilities: list[float], modes: list[int], free: Optional[bool] = None,
+    probabilities: list[float], modes: list[int], feature_dropouts: list[float], locked: bool,
+    free: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """lstm_layer, through its custom op only where a trace or transform needs it (_call)."""
     differentiable = (x, h0, c0, w_ih, w_hh, bias, w_hr)
-    return _call(lstm_layer, _lstm_layer, _LayerFunction, (*differentiable, lengths, seed), differentiable,
-                 (*differentiable, lengths, seed, stream, reverse, training, probabilities, modes), free)
+    arguments = (*differentiable, lengths, seed, stream, reverse, training, probabilities, modes, feature_dropouts, locked)
+    return _call(lstm_layer, _lstm_layer, _LayerFunction, (*differentiable, lengths, seed), differentiable, arguments,
+                 free)
 
 
 def dropout(x: Tensor, seed: Tensor, kind: int, index: int, p: float, locked: bool, free: Optional[bool] = None) -> Tensor:
