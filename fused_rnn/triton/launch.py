@@ -131,6 +131,27 @@ def _step_values(reg: Regularizers, training: bool) -> tuple[tuple[int, ...], tu
     return tuple(ints), tuple(floats)
 
 
+# the settings of the layer ops lately called, by their arguments, device, dtype and stream, the least
+# recently used dropped past the limit: each layer-direction's forward and backward asks for them
+_layer_settings: collections.OrderedDict = collections.OrderedDict()
+
+
+def layer_settings(
+    probabilities: tuple, modes: tuple, feature_dropouts: tuple, locked: bool, training: bool, device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Recurrence]:
+    """(ints, floats, flags) of a layer op: its regularizers' step_parameters and Recurrence, from the arguments
+    the ops take (Regularizers.recurrence_arguments, the feature dropouts), made once per distinct settings."""
+    _refuse_capture(device)
+    key = (probabilities, modes, feature_dropouts, locked, training, device, dtype, current_stream_handle(device))
+
+    def make():
+        reg = Regularizers.of_recurrence_arguments(probabilities, modes)
+        return (*step_parameters(reg, training, device, dtype), Recurrence.of(reg, training, feature_dropouts, locked))
+
+    return _kept(_layer_settings, key, SENT_PARAMETERS_KEPT, make)
+
+
 def dropout_parameters(p: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Threshold (int slot 0) and scale (float slot 0) of one bulk dropout."""
     return launch_parameters((philox.threshold(p),), (philox.keep_scale(p),), compute_dtype(dtype), device)
@@ -820,10 +841,13 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
     specialises a pointer on, the launch options, and the current device, whose compiled kernel the
     launch runs. (A persistent launch through Triton's JIT took 95 us of the H100's host, with timers.)"""
     options = tuple(launch_options.items()) if launch_options else ()
-    key = (
-        kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
-        *((arg.dtype, arg.data_ptr() % 16 == 0) if isinstance(arg, Tensor) else (type(arg), arg) for arg in args),
-    )
+    # an int (most arguments) stands for itself; a bool or float with its type, which 1 == True == 1.0 would lose
+    specialisation = [
+        arg if type(arg) is int else (arg.dtype, not arg.data_ptr() % 16) if isinstance(arg, Tensor) else (type(arg), arg)
+        for arg in args
+    ]
+    key = (kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
+           *specialisation)
     make = lambda: RepeatedLaunch(kernel, grid, launch_options, **constexprs)  # noqa: E731
     _kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
 

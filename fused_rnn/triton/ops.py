@@ -13,15 +13,13 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..reference.higher_order import FusedLayer, layer_gradients
-from ..regularizers import Regularizers
 from . import launch
 
 
 def _prepare(x: Tensor, training: bool, probabilities: list[float], modes: list[int], feature_dropouts: list[float],
              locked: bool):
-    reg = Regularizers.of_recurrence_arguments(probabilities, modes)
-    ints, floats = launch.step_parameters(reg, training, x.device, x.dtype)
-    return ints, floats, launch.Recurrence.of(reg, training, feature_dropouts, locked)
+    return launch.layer_settings(tuple(probabilities), tuple(modes), tuple(feature_dropouts), locked, training, x.device,
+                                 x.dtype)
 
 
 def _lstm_layer(
@@ -76,11 +74,11 @@ def layer_backward_into(
         d_out, d_h_n, d_c_n, x, w_ih, w_hh, w_hr, lengths, int(seed), ints, floats, flags, stream, reverse, xg, rs, cs,
         hpre, dgates,
     )
-    dw_hr = x.new_empty(0) if dw_hr is None else dw_hr.to(w_ih.dtype)
+    dw_hr = x.new_empty(0) if dw_hr is None else dw_hr if dw_hr.dtype == w_ih.dtype else dw_hr.to(w_ih.dtype)
     dh0, dc0 = (state.to(x.dtype) if wanted else None for state, wanted in zip((dh0, dc0), states_wanted))
     # dx, dw_ih and dw_hh come from products in x's dtype, which F.linear holds w_ih's (launch.layer_backward
     # gives dw_hh w_hh's); dL/dbias and dL/dW_hr come in the compute dtype
-    return dx, dh0, dc0, dw_ih, dw_hh, dbias.to(w_ih.dtype), dw_hr
+    return dx, dh0, dc0, dw_ih, dw_hh, dbias if dbias.dtype == w_ih.dtype else dbias.to(w_ih.dtype), dw_hr
 
 
 def _lstm_layer_backward(
