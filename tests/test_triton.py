@@ -1226,6 +1226,24 @@ def test_launch_parameters_keep_their_values_and_16_byte_alignment():
             assert sent_floats.storage_offset() * sent_floats.element_size() % 16 == 0
 
 
+def test_the_host_proxys_instruction_counts_come_from_runs_of_one_provider(monkeypatch):
+    """--instructions runs `--run-steps N --provider P` children under callgrind and reads the count each
+    reports on exit; a child runs that provider's training steps alone."""
+    from bench import host_proxy
+
+    assert host_proxy.collected_instructions("==31058== Events    : Ir\n==31058== Collected : 7514128849\n") == 7514128849
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        host_proxy.collected_instructions("valgrind: command not found")
+    forwards = []
+    real = launch.layer_forward
+    monkeypatch.setattr(launch, "layer_forward", lambda *args: forwards.append(args[0].shape) or real(*args))
+    assert host_proxy.main(["--run-steps", "3", "--provider", "every", "--layers", "2"]) == 0
+    assert len(forwards) == 3 * 2, "three steps of two layers, and nothing else"
+    monkeypatch.setattr(host_proxy.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs valgrind"):
+        host_proxy.instructions_a_step("none", 1, "persistent")
+
+
 def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsys):
     """bench/host_proxy.py: a time for each provider, and afterwards kernels run again and the recurrence
     choice is as it was."""
