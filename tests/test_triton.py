@@ -1071,6 +1071,44 @@ def test_repeated_launches_go_to_the_compiled_kernel_with_the_jits_arguments():
     assert compiled.launches == [((3, 2, 1), ("x", 1, 16, "tf32")), ((3, 2, 1), ("x", 2, 16, "tf32"))]
 
 
+class FakeCompiledKernel(FakeCompiled):
+    """Also what RepeatedLaunch calls without the runner: the launcher, the function handle and the packed
+    metadata of a Triton 3.6 or 3.9 CompiledKernel."""
+
+    function, packed_metadata = 0xF00, ("metadata",)
+
+    def __init__(self):
+        super().__init__()
+        self.direct = []
+
+    def run(self, *args):
+        self.direct.append(args)
+
+
+def test_repeated_launches_call_the_launcher_itself_unless_a_launch_hook_is_set(monkeypatch):
+    """Without launch hooks the later launches call the compiled kernel's launcher with what Triton's runner
+    passes it, less the hooks and their metadata; with a hook set (a profiler), they go through the runner."""
+    monkeypatch.setattr(launch, "current_raw_stream", lambda: 77)
+    compiled = FakeCompiledKernel()
+    step = launch.RepeatedLaunch(FakeJit(compiled), (3, 2), PRECISION="tf32", BLOCK_B=16)
+    for t in range(3):
+        step("x", t)
+    assert launch.launch_hooks_unset() and compiled.launches == []
+    assert compiled.direct == [(3, 2, 1, 77, 0xF00, ("metadata",), None, None, None, "x", t, 16, "tf32") for t in (1, 2)]
+    hooks = triton.knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        pass
+
+    hooks.add(hook)
+    try:
+        assert not launch.launch_hooks_unset()
+        step("x", 3)
+    finally:
+        hooks.remove(hook)
+    assert compiled.launches == [((3, 2, 1), ("x", 3, 16, "tf32"))] and len(compiled.direct) == 2
+
+
 def test_repeated_launches_go_through_the_jit_when_it_returns_no_compiled_kernel():
     jit = FakeJit(None)
     step = launch.RepeatedLaunch(jit, (1,), PRECISION="ieee", BLOCK_B=16)

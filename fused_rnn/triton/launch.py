@@ -806,18 +806,28 @@ class RepeatedLaunch:
     same arguments in the kernel's order, constexprs included, as the JIT itself passes them. On the
     H200's host the JIT's own work was 40-70 us a launch, a launch per step of a PTB layer's backward.
     Under the interpreter the JIT returns no compiled kernel, and every launch goes through it.
+
+    Where no launch hook is set (a profiler's, through triton.knobs), the later launches call the compiled
+    kernel's launcher itself with no hooks: Triton's own runner builds the hooks' metadata at every
+    launch and has its launcher call the (empty) hook chains before and after it, Triton 3.6 and 3.9 alike.
     """
 
     def __init__(self, kernel, grid: tuple, launch_options: dict | None = None, **constexprs):
         self.kernel, self.grid, self.constexprs = kernel, grid, constexprs
         # num_warps, launch_cooperative_grid and the like: compiled into the kernel and its launcher
         self.launch_options = launch_options or {}
-        self.compiled = None  # the compiled kernel's launcher on grid, after the first launch
+        self.compiled = None  # the compiled kernel's runner on grid, after the first launch
+        self.launcher: tuple | None = None  # (launcher, grid of 3, function, metadata) under that runner
         self.trailing: tuple = ()  # the constexprs' values, in the kernel's order after the positional arguments
 
     def __call__(self, *args) -> None:
         if self.compiled is not None:
-            self.compiled(*args, *self.trailing)
+            if self.launcher is not None and launch_hooks_unset():
+                run, grid, function, metadata = self.launcher
+                # what the runner passes, less the hooks' metadata: the grid, the current stream, the kernel
+                run(*grid, current_raw_stream(), function, metadata, None, None, None, *args, *self.trailing)
+            else:
+                self.compiled(*args, *self.trailing)
             return
         compiled = self.kernel[self.grid](*args, **self.constexprs, **self.launch_options)
         if compiled is not None and hasattr(compiled, "__getitem__"):
@@ -825,7 +835,24 @@ class RepeatedLaunch:
             if set(names) == set(self.constexprs):
                 self.trailing = tuple(self.constexprs[name] for name in names)
                 # the compiled kernel's launcher takes all three grid dimensions, which the JIT pads
-                self.compiled = compiled[(*self.grid, *(1,) * (3 - len(self.grid)))]
+                grid = (*self.grid, *(1,) * (3 - len(self.grid)))
+                self.compiled = compiled[grid]  # loads the kernel: its function handle is set after this
+                if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+                    self.launcher = (compiled.run, grid, compiled.function, compiled.packed_metadata)
+
+
+def launch_hooks_unset() -> bool:
+    """Whether Triton has no launch hook to call (its knobs hold empty hook chains, or None)."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None:
+        return False
+    return all(hook is None or getattr(hook, "calls", None) == [] for hook in (runtime.launch_enter_hook,
+                                                                               runtime.launch_exit_hook))
+
+
+def current_raw_stream() -> int:
+    """The current CUDA stream of the current device, as Triton's runner finds it."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
 
 
 # RepeatedLaunch of each kernel, grid, device, constexprs and argument specialisation launched lately,
