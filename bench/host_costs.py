@@ -97,7 +97,10 @@ def measure(device: torch.device) -> int:
         "Tensor.to(float32)": lambda: x.to(torch.float32),
         "F.linear [32, 64] x [256, 64]": lambda: F.linear(x, w),
         "torch.full((1,), seed, int64)": lambda: torch.full((1,), 7, dtype=torch.int64, device=device),
-        "Triton launch, compiled (RepeatedLaunch)": lambda: repeated(*arguments),
+        "Triton launch, compiled (RepeatedLaunch: the launcher itself, no hooks)": lambda: repeated(*arguments),
+        # Triton's runner, which builds the hooks' metadata and passes the hook chains (the interpreter has none)
+        "Triton launch, compiled, through Triton's runner": lambda: (
+            repeated.compiled(*arguments, *repeated.trailing) if repeated.compiled is not None else repeated(*arguments)),
         "Triton launch, launch_specialised": lambda: launch.launch_specialised(
             kernels.packed_dropout_kernel, grid, *arguments, **constexprs),
         "autograd.Function.apply (identity)": lambda: Identity.apply(leaf),
