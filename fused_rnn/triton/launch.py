@@ -14,7 +14,7 @@ import triton
 from torch import Tensor
 
 from .. import philox
-from ..backends import triton_interpreted as interpreted
+from ..backends import triton_interpreted
 from ..regularizers import Regularizers
 from . import cell
 from .kernels import (
@@ -32,6 +32,15 @@ from .kernels import (
 )
 
 RECURRENCE_MODES = ("auto", "steps", "persistent", "resident")
+
+# whether kernels.py's kernels run under Triton's interpreter: settled when they were defined, at import
+KERNELS_INTERPRETED = triton_interpreted()
+
+
+def interpreted() -> bool:
+    """Whether the kernels run under Triton's interpreter (KERNELS_INTERPRETED; tests replace this function).
+    Not the environment read again: the plans and the launches ask at every call."""
+    return KERNELS_INTERPRETED
 
 ELEMENTWISE_BLOCK = 1024
 
