@@ -56,6 +56,9 @@ class Recurrence:
     input_dropout: float = 0.0
     output_dropout: float = 0.0
     locked: bool = False
+    # their (ints, floats) parameter tensors, where layer_settings made these flags (else looked up at use)
+    input_parameters: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
+    output_parameters: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, reg: Regularizers, training: bool, feature_dropouts=(0.0, 0.0), locked: bool = False) -> "Recurrence":
@@ -156,7 +159,12 @@ def layer_settings(
 
     def make():
         reg = Regularizers.of_recurrence_arguments(probabilities, modes)
-        return (*step_parameters(reg, training, device, dtype), Recurrence.of(reg, training, feature_dropouts, locked))
+        flags = Recurrence.of(reg, training, feature_dropouts, locked)
+        flags = dataclasses.replace(flags, **{
+            f"{side}_parameters": dropout_parameters(p, device, dtype)
+            for side, p in (("input", flags.input_dropout), ("output", flags.output_dropout)) if p
+        })
+        return (*step_parameters(reg, training, device, dtype), flags)
 
     return _kept(_layer_settings, key, SENT_PARAMETERS_KEPT, make)
 
@@ -736,10 +744,11 @@ def feature_dropout(x: Tensor, seed: int, kind: int, index: int, p: float, locke
 
 def dropped_features(
     seed: Tensor, x: Tensor, out: Tensor, kind: int, index: int, p: float, locked: bool,
-    paired: tuple[Tensor, Tensor] | None = None,
+    paired: tuple[Tensor, Tensor] | None = None, parameters: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """out = feature dropout (kind, index) of x [T, B, F], both contiguous (out may be x); paired as packed_dropout's."""
-    ints, floats = dropout_parameters(p, x.device, x.dtype)
+    """out = feature dropout (kind, index) of x [T, B, F], both contiguous (out may be x); paired as packed_dropout's.
+    parameters: dropout_parameters(p, ...) where the caller has them."""
+    ints, floats = parameters or dropout_parameters(p, x.device, x.dtype)
     return packed_dropout(seed, x, out, ints, floats, 0, 0, kind, index, locked=locked, paired=paired)
 
 
@@ -911,7 +920,8 @@ def layer_forward(
     w_hr = None if w_hr is None else w_hr.contiguous()  # the kernels index every weight as dense
     if flags.input_dropout:
         x = dropped_features(seed, x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format),
-                             philox.KIND_INPUT, stream, flags.input_dropout, flags.locked)
+                             philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
+                             parameters=flags.input_parameters)
     # [T, B, 4H]: every step's input projection in one GEMM
     xg = F.linear(x, w_ih, bias).contiguous()
     w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
@@ -966,7 +976,8 @@ def layer_forward(
                                 has_lengths, *sizes)
     if flags.output_dropout:
         # in place: the backward reads the states from rs, never out (nor hpre, which is out only without W_hr)
-        dropped_features(seed, out, out, philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked)
+        dropped_features(seed, out, out, philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked,
+                         parameters=flags.output_parameters)
     return out, h_carry[last % 2], c_carry[last % 2], xg, rs, cs, hpre
 
 
@@ -998,7 +1009,8 @@ def layer_backward(
     if flags.output_dropout:
         # dropped into a buffer of x's dtype: autograd may hand the same gradient to other nodes
         d_out = dropped_features(seed, d_out.contiguous(), torch.empty(d_out.shape, dtype=x.dtype, device=x.device),
-                                 philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked)
+                                 philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked,
+                                 parameters=flags.output_parameters)
     else:
         d_out = (d_out if d_out.dtype == x.dtype else d_out.to(x.dtype)).contiguous()
     dht = torch.empty(seq_len, batch, real_hidden, dtype=dtype, device=x.device) if has_proj else d_out
@@ -1075,7 +1087,7 @@ def layer_backward(
         # the dropped input again, and dx through the same mask (in place), in one launch
         x_kept = torch.empty_like(x, memory_format=torch.contiguous_format)
         dropped_features(seed, x.contiguous(), x_kept, philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
-                         paired=(dx, dx))
+                         paired=(dx, dx), parameters=flags.input_parameters)
         x = x_kept
     dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
     dbias = db.sum(0)
