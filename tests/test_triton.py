@@ -250,6 +250,8 @@ AWKWARD = {
     "packed-proj-bi-2layers": (4, 5, 3, 6, 4, 2, True, True, True, EVERY_OTHER_MODES),
     "two-unit-tiles-eval": (3, 2, 3, 70, 0, 1, False, False, False, EVERY),
     "proj-two-tiles": (2, 17, 3, 70, 66, 1, True, True, True, EVERY),
+    # one direction: every layer's op drops its own input, the last one the output too
+    "packed-proj-2layers-uni": (3, 3, 3, 6, 4, 2, False, True, True, EVERY_OTHER_MODES),
 }
 
 
