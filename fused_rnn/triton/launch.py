@@ -859,9 +859,13 @@ class RepeatedLaunch:
                     self.launcher = (compiled.run, grid, compiled.function, compiled.packed_metadata)
 
 
+# where Triton keeps its launch hooks (triton.knobs.runtime, Triton 3.4 on); None: not known, use the runner
+_TRITON_RUNTIME_KNOBS = getattr(getattr(triton, "knobs", None), "runtime", None)
+
+
 def launch_hooks_unset() -> bool:
     """Whether Triton has no launch hook to call (its knobs hold empty hook chains, or None)."""
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    runtime = _TRITON_RUNTIME_KNOBS
     if runtime is None:
         return False
     return all(hook is None or getattr(hook, "calls", None) == [] for hook in (runtime.launch_enter_hook,
