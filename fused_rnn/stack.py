@@ -74,6 +74,14 @@ def _stack(states: list[Tensor]) -> Tensor:
     return torch.stack(states)
 
 
+def feature_dropouts(reg: Regularizers, training: bool, layer_index: int, num_layers: int) -> tuple[float, float]:
+    """(p of layer layer_index's input dropout, p of the stack's output dropout where it is the last layer), 0
+    where off or in eval (kinds 1 and 2 of docs/randomness.md)."""
+    if not training:
+        return 0.0, 0.0
+    return reg.layer_input_dropout(layer_index), reg.output_dropout if layer_index == num_layers - 1 else 0.0
+
+
 def run_fused_stack(
     x: Tensor,
     h0: Tensor,
@@ -84,21 +92,24 @@ def run_fused_stack(
     reg: Regularizers,
     training: bool,
     seed: Tensor,
-    feature_dropout: Callable[..., Tensor],
+    feature_dropout: Callable[..., Tensor] | None,
     layer: LayerFn,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """run_stack for a backend whose ops draw their own masks: feature_dropout(x, seed, kind, index, p,
-    locked) applies the input, between-layer and output masks (kinds 1 and 2 of docs/randomness.md)."""
+    locked) applies the input, between-layer and output masks (kinds 1 and 2 of docs/randomness.md); None
+    where each layer applies its own (feature_dropouts), as a stack of one direction may."""
+    num_layers = len(weights) // num_directions
 
     def input_dropout(layer_index: int, x: Tensor) -> Tensor:
-        p = reg.layer_input_dropout(layer_index)
-        if not training or p == 0:
+        p = feature_dropouts(reg, training, layer_index, num_layers)[0]
+        if feature_dropout is None or p == 0:
             return x
         return feature_dropout(x, seed, KIND_INPUT, layer_index, p, reg.locked)
 
     def output_dropout(x: Tensor) -> Tensor:
-        if not training or reg.output_dropout == 0:
+        p = feature_dropouts(reg, training, num_layers - 1, num_layers)[1]
+        if feature_dropout is None or p == 0:
             return x
-        return feature_dropout(x, seed, KIND_OUTPUT, 0, reg.output_dropout, reg.locked)
+        return feature_dropout(x, seed, KIND_OUTPUT, 0, p, reg.locked)
 
     return run_stack(x, h0, c0, weights, num_directions, input_dropout, layer, output_dropout)

@@ -7,7 +7,7 @@ import functools
 from torch import Tensor
 
 from ..regularizers import Regularizers
-from ..stack import LayerWeights, run_fused_stack, run_stack
+from ..stack import LayerWeights, feature_dropouts, run_fused_stack
 from . import ops
 
 
@@ -34,18 +34,14 @@ def run(
 
     def layer(k: int, x: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool):
         bias = None if w.b_ih is None else w.b_ih + w.b_hh
-        feature_dropouts = [0.0, 0.0]
-        if folded and training:
-            feature_dropouts = [reg.layer_input_dropout(k), reg.output_dropout if k == num_layers - 1 else 0.0]
+        features = list(feature_dropouts(reg, training, k, num_layers)) if folded else [0.0, 0.0]
         out, h_n, c_n, *_ = ops.layer(
             x.contiguous(), h0.contiguous(), c0.contiguous(), w.w_ih, w.w_hh, bias, w.w_hr, lengths, seed, k, reverse,
-            training, probabilities, modes, feature_dropouts, reg.locked, free,
+            training, probabilities, modes, features, reg.locked, free,
         )
         return out, h_n, c_n
 
-    if folded:
-        return run_stack(x, h0, c0, weights, num_directions, lambda layer_index, x: x, layer, lambda x: x)
     return run_fused_stack(
         x, h0, c0, weights, num_directions=num_directions, reg=reg, training=training, seed=seed,
-        feature_dropout=functools.partial(ops.dropout, free=free), layer=layer,
+        feature_dropout=None if folded else functools.partial(ops.dropout, free=free), layer=layer,
     )
