@@ -782,6 +782,29 @@ def test_resident_mode_runs_the_resident_kernels(hidden, launches, monkeypatch):
     assert all(grid == (triton.cdiv(hidden, 4),) for grid in runs["forward"] + runs["backward"])
 
 
+@pytest.mark.parametrize("mode, proj", [("persistent", 2), ("resident", 0)])
+def test_barrier_launches_share_one_counter_and_leave_it_at_zero(mode, proj, monkeypatch):
+    """Every barrier launch on a stream reads the same kept counter (no fill of its own), and the last program
+    out sets it back to 0 (kernels.barriers_done): a count left over would let the next launch's programs pass
+    its barriers early."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    monkeypatch.setattr(launch, "_persistent_refused", [])
+    monkeypatch.setattr(launch, "_resident_refused", [])
+    counters = []
+    for name in ("forward", "backward"):
+        kernel = getattr(launch, f"{name}_{mode}_kernel")
+        index = kernel.arg_names.index("arrivals_ptr")
+        monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, _index=index, **kwargs: counters.append(
+            args[_index]) or _run(*args, **kwargs))
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=proj, layers=2,
+                            bidirectional=True, packed=False, training=True, reg=EVERY)
+    assert len(counters) == 8, "a forward and a backward launch for each of 2 layers and 2 directions"
+    assert all(counter is counters[0] for counter in counters)
+    assert counters[0] is launch.arrival_counter(counters[0].device)
+    assert counters[0].tolist() == [0, 0]
+
+
 class FailingLaunch:
     """Stands in for a kernel: every launch raises RuntimeError(message), as Triton's launcher reports CUDA errors."""
 

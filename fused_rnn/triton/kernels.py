@@ -584,6 +584,18 @@ def barrier_wait(arrivals_ptr, expected, POLL_LOADS: tl.constexpr):
 
 
 @triton.jit
+def barriers_done(arrivals_ptr):
+    """After a launch's last grid barrier: this program counts itself out in the counter's second word, and
+    the last one out sets both words back to 0, so that the next launch on the stream finds a fresh counter
+    without a fill of its own (launch.arrival_counter). Every other program read the arrivals for the last
+    time before its count (its acquire orders the count after that read): none reads them after the reset."""
+    left = tl.atomic_add(arrivals_ptr + 1, 1, sem="relaxed")
+    if left == tl.num_programs(0) - 1:
+        tl.atomic_xchg(arrivals_ptr, 0, sem="relaxed")
+        tl.atomic_xchg(arrivals_ptr + 1, 0, sem="relaxed")
+
+
+@triton.jit
 def arrivals(ptr, LOAD: tl.constexpr):
     """The arrival counter at ptr, read with acquire semantics at GPU scope: with LOAD, by a load in every
     thread (PTX ld.acquire.gpu), else by an atomic add of 0 (Triton 3.9 and 3.6 make it thread 0's acquire load,
@@ -650,6 +662,7 @@ def forward_persistent_kernel(
                 )
             expected += programs
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
+    barriers_done(arrivals_ptr)
 
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
@@ -696,6 +709,7 @@ def backward_persistent_kernel(
                     )
                 expected += programs
                 grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
+    barriers_done(arrivals_ptr)
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
@@ -892,6 +906,8 @@ def forward_resident_kernel(
         if synchronize != 0:
             expected += tl.num_programs(0)
             barrier_wait(arrivals_ptr, expected, BARRIER_POLL_LOADS)
+    if synchronize != 0:
+        barriers_done(arrivals_ptr)
 
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
@@ -938,3 +954,5 @@ def backward_resident_kernel(
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
+    if synchronize != 0:
+        barriers_done(arrivals_ptr)

@@ -241,6 +241,19 @@ def seed_tensor(seed: int, device: torch.device) -> Tensor:
     return _kept(_seeds, key, SEEDS_KEPT, lambda: torch.full((1,), seed, dtype=torch.int64, device=device))
 
 
+# Each device and stream's grid barrier counter, int32 [arrivals, programs out]: 0 before and after every
+# launch that waits at its barriers (kernels.barriers_done sets it back), so that no launch fills its own.
+# Launches on one stream run one after another; one on another stream has a counter of its own.
+_arrival_counters: collections.OrderedDict = collections.OrderedDict()
+ARRIVAL_COUNTERS_KEPT = 16
+
+
+def arrival_counter(device: torch.device) -> Tensor:
+    """The grid barrier counter of device's current stream, for a persistent or resident launch on it."""
+    key = (device, current_stream_handle(device))
+    return _kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT, lambda: torch.zeros(2, dtype=torch.int32, device=device))
+
+
 def _refuse_capture(device: torch.device) -> None:
     """A captured launch would replay its seed and parameter tensors, the same masks at every replay."""
     if _capturing(device):
@@ -803,7 +816,7 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
                   precision: str) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
     (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it."""
-    arrivals = torch.zeros(1, dtype=torch.int32, device=x.device)
+    arrivals = arrival_counter(x.device)
     if plan.synchronize:
         return _launch_persistent(
             kernel, plan, x, *buffers, arrivals, seq_len, 0, steps, 1, *runtime,
@@ -961,7 +974,7 @@ def layer_forward(
         done = _launch_persistent(
             forward_persistent_kernel, plan, x, seed,
             xg, w, w if w_hr is None else w_hr, h_carry, rs, cs, c_carry, out, hpre, *step_arguments,
-            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            arrival_counter(x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
@@ -1052,7 +1065,7 @@ def layer_backward(
         done = _launch_persistent(
             backward_persistent_kernel, plan, x, seed,
             dgates, db, xg, w_t, w_t if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
-            torch.zeros(1, dtype=torch.int32, device=x.device), seq_len, int(reverse), stream, has_lengths,
+            arrival_counter(x.device), seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
