@@ -39,6 +39,11 @@ def check_seed(seed) -> Tensor:
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
+class HiddenStateTypeError(TypeError, AttributeError):
+    """An hx pair with something other than a tensor in it: a TypeError, and the AttributeError that
+    nn.LSTM's hx[0].dim() raises for it."""
+
+
 def _refused_hx(stacked: bool) -> Exception:
     """What nn.LSTM's kernel raises for an hx that is not two tensors: a tensor is no list of tensors to it."""
     if stacked:
@@ -235,8 +240,11 @@ def lstm(
     hx_refused = None
     if hx is not None:
         stacked = isinstance(hx, Tensor)
-        if not (stacked or isinstance(hx, (tuple, list)) and all(isinstance(h, Tensor) for h in hx)):
+        if not (stacked or isinstance(hx, (tuple, list))):
             raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
+        if not stacked and not all(isinstance(h, Tensor) for h in hx):
+            found = ", ".join(type(h).__name__ for h in hx)
+            raise HiddenStateTypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got ({found})")
         reaches_kernel = batched and not (packed and sorted_indices is not None)
         if packed and reaches_kernel and (stacked or len(hx) != 2):
             raise _refused_hx(stacked)  # no Python check of packed input comes before the kernel's

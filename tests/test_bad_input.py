@@ -193,8 +193,11 @@ def test_hx_must_be_a_pair_of_tensors():
     ref, lstm = make_pair(Cfg())
     x = randn(T_, B_, I)
     h0, c0 = states(Cfg())
-    for hx in ((h0, None), [h0.tolist(), c0]):
-        rejects(lstm, lambda hx=hx: lstm(x, hx), TypeError, r"hx must be a tuple \(h_0, c_0\)", x, h0, c0)
+    for hx in ((h0, None), [h0.tolist(), c0], (None, None)):
+        # nn.LSTM's hx[0].dim() raises AttributeError; ours is that and a TypeError
+        assert isinstance(exception_of(lambda hx=hx: ref(x, hx)), AttributeError)
+        for exc in (TypeError, AttributeError):
+            rejects(lstm, lambda hx=hx: lstm(x, hx), exc, r"hx must be a tuple \(h_0, c_0\)", x, h0, c0)
     # a tensor is indexed as nn.LSTM indexes hx: [2, B, H] gives 2-D states, [1, B, H] has no hx[1]
     for hx in (randn(2, B_, H), randn(1, B_, H)):
         expected = exception_of(lambda hx=hx: ref(x, hx))
