@@ -7,6 +7,7 @@ caller's row order, draws the seed, and hands that to a backend.
 
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 from typing import Sequence
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
 from .philox import SEED_LIMIT
@@ -104,6 +106,39 @@ def _transformed(*tensors: Tensor) -> bool:
     if backends.torch_func_transform_active():
         return True
     return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+# hx=None's zero states, by shapes, dtype, device, stream and inference mode, the least recently used dropped
+# past the limit. No backend writes its h0 or c0 (they are inputs, saved for the backward as they came), so
+# a forward reuses them instead of filling two tensors: on a GPU two launches before the recurrence, while
+# the GPU waits. Only small ones are kept, at most ZERO_STATES_KEPT * ZERO_STATES_MAX_BYTES in all.
+_zero_states: collections.OrderedDict = collections.OrderedDict()
+ZERO_STATES_KEPT = 8
+ZERO_STATES_MAX_BYTES = 1 << 22
+
+
+def zero_states(x: Tensor, states: int, batch: int, real_hidden_size: int, hidden_size: int) -> tuple[Tensor, Tensor]:
+    """h0 [states, batch, real_hidden_size] and c0 [states, batch, hidden_size] of zeros like x: kept ones
+    for plain eager tensors, new ones under a trace, a dispatch mode or a transform, or where they are large."""
+    shapes = ((states, batch, real_hidden_size), (states, batch, hidden_size))
+    size = states * batch * (real_hidden_size + hidden_size) * x.element_size()
+    if (size > ZERO_STATES_MAX_BYTES or type(x) is not Tensor or x.device.type == "meta"
+            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return x.new_zeros(shapes[0]), x.new_zeros(shapes[1])
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.device.type == "cuda" else None
+    key = (shapes, x.dtype, x.device, stream, torch.is_inference_mode_enabled())
+    found = _zero_states.get(key)
+    if found is None:
+        found = _zero_states[key] = (x.new_zeros(shapes[0]), x.new_zeros(shapes[1]))
+        if len(_zero_states) > ZERO_STATES_KEPT:
+            _zero_states.popitem(last=False)
+    else:
+        try:
+            _zero_states.move_to_end(key)
+        except KeyError:  # another thread dropped it since
+            pass
+    return found
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -336,8 +371,7 @@ def lstm(
         x = data.transpose(0, 1) if batch_first else data
     x = x if x.dtype == dtype else x.to(dtype)
     if hx is None:
-        h0 = x.new_zeros(num_layers * num_directions, batch, real_hidden_size)
-        c0 = x.new_zeros(num_layers * num_directions, batch, hidden_size)
+        h0, c0 = zero_states(x, num_layers * num_directions, batch, real_hidden_size, hidden_size)
     else:
         h0, c0 = h0.to(dtype), c0.to(dtype)
     # drawn once the input is laid out, which reads the packed input's sorted_indices: a failure there leaves

@@ -395,3 +395,51 @@ def test_lstm_methods_for_a_state_pair_are_nn_lstms(cfg):
     for perm in (permutation, None):
         ours, theirs = lstm.permute_hidden(hidden, perm), ref.permute_hidden(hidden, perm)
         assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_hx_none_reuses_kept_zero_states_that_no_backend_writes(backend):
+    """A forward without hx reads kept zero states (functional.zero_states) rather than filling new ones,
+    which a GPU would fill before the recurrence starts: every backend leaves them zero, through a
+    training forward and backward with every regularizer, so the next forward starts from zeros too."""
+    from fused_rnn import functional
+
+    device = setup_backend(backend)
+    cfg = Cfg(num_layers=2, bidirectional=True, proj_size=2)
+    lstm = make_lstm(cfg, backend=backend, device=device, **ALL_ON)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device, requires_grad=True)
+    functional._zero_states.clear()
+    out, (h_n, c_n) = lstm(x, seed=3)
+    (out.sum() + h_n.sum() + c_n.sum()).backward()
+    (key, (h0, c0)), = functional._zero_states.items()
+    assert h0.shape == (4, B, 2) and c0.shape == (4, B, H) and not h0.requires_grad
+    assert not h0.any() and not c0.any()
+    again, _ = lstm(x, seed=3)
+    assert functional._zero_states[key][0] is h0 and len(functional._zero_states) == 1
+    assert torch.equal(again, out)
+    assert torch.equal(again, lstm(x, (torch.zeros_like(h0), torch.zeros_like(c0)), seed=3)[0])
+
+
+def test_large_or_traced_zero_states_are_made_anew():
+    """Zero states past ZERO_STATES_MAX_BYTES, or under a dispatch mode (a trace's fake tensors), are not kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fused_rnn import functional
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    functional._zero_states.clear()
+    big = functional.ZERO_STATES_MAX_BYTES // (2 * 8) + 1
+    h0, c0 = functional.zero_states(x, 1, 1, big, big)
+    assert h0.shape == (1, 1, big) and not functional._zero_states
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passing():
+        functional.zero_states(x, 1, 2, 3, 3)
+    assert not functional._zero_states
+    kept = functional.zero_states(x, 1, 2, 3, 3)
+    assert functional.zero_states(x, 1, 2, 3, 3)[0] is kept[0]
+    with torch.inference_mode():
+        inside = functional.zero_states(x, 1, 2, 3, 3)
+    assert inside[0] is not kept[0] and not kept[0].is_inference()
