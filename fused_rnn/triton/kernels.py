@@ -176,8 +176,15 @@ def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
 # persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
 # 16 (and on the value 1): rows of r_prev, xg and the states then load as vectors rather than an element
 # at a time, for a few kernels per configuration. A launch per step is bound by the launch, not its loads.
-STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
-PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj"]
+STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "fresh", "B", "H",
+                  "H_out"]
+PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj", "fresh"]
+
+# Bits of a backward's `fresh`: what its first call reads as zeros, since nothing wrote it before (the launcher
+# leaves it unfilled): dL/dh and dL/dc of the final state where their gradients are None, and the bias partials
+FRESH_H: tl.constexpr = tl.constexpr(1)
+FRESH_C: tl.constexpr = tl.constexpr(2)
+FRESH_BIAS: tl.constexpr = tl.constexpr(4)
 
 # Loads of what other programs wrote in this launch ask for L2 (a hint; the barrier's acquire, which
 # invalidates L1, is what makes those stores visible).
@@ -324,13 +331,19 @@ def projection_tile(
 
 
 @triton.jit
-def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H):
+def unless_fresh(inside, fresh, BIT: tl.constexpr):
+    """inside where fresh lacks BIT, else nowhere: the mask of a load that reads zeros from a fresh buffer."""
+    return tl.where((fresh & BIT) == 0, inside, False)
+
+
+@triton.jit
+def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H):
     """What the cell backward of step t reads for a tile (units of H), for loading before the step's product:
-    dL/dc after the step, and c before it and i, f, g, o in the compute dtype. None of it is written by
-    another program: the activations and states came from the forward, and the tile's program wrote gc at
-    the step before (dgates, which may be xg, is written at other positions this step)."""
+    dL/dc after the step (0 where fresh has FRESH_C), and c before it and i, f, g, o in the compute dtype.
+    None of it is written by another program: the activations and states came from the forward, and the
+    tile's program wrote gc at the step before (dgates, which may be xg, is written at other positions this step)."""
     compute = gc_ptr.dtype.element_ty
-    g_c = tl.load(gc_ptr + rows * H + units, mask=inside, other=0.0)
+    g_c = tl.load(gc_ptr + rows * H + units, mask=unless_fresh(inside, fresh, FRESH_C), other=0.0)
     c_prev = tl.load(cs_ptr + (t + reverse).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0).to(compute)
     i, f, g, o = gate_inputs(xg_ptr, rows, units, inside, t, B, H)  # the forward wrote the activations over xg
     return g_c, c_prev, i.to(compute), f.to(compute), g.to(compute), o.to(compute)
@@ -338,13 +351,13 @@ def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse
 
 @triton.jit
 def backward_cell(
-    d_h_tilde, inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
+    d_h_tilde, inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse, fresh,
     xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H,
 ):
     """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
     state, and my tile's share of dL/dbias. inputs: cell_backward_inputs, or None to load them here."""
     if inputs is None:
-        inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
+        inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H)
     g_c, c_prev, i, f, g, o = inputs
     c_here = rows * H + units
     d_c_new = tl.where(active, g_c, 0.0)
@@ -363,22 +376,22 @@ def backward_cell(
     store_rounded(dg_here + 2 * H, d_gg, inside)
     store_rounded(dg_here + 3 * H, d_go, inside)
     db_here = db_ptr + pid_b * 4 * H + units
-    add_row_sum(db_here, d_gi, inside, units < H)
-    add_row_sum(db_here + H, d_gf, inside, units < H)
-    add_row_sum(db_here + 2 * H, d_gg, inside, units < H)
-    add_row_sum(db_here + 3 * H, d_go, inside, units < H)
+    add_row_sum(db_here, d_gi, inside, units < H, fresh)
+    add_row_sum(db_here + H, d_gf, inside, units < H, fresh)
+    add_row_sum(db_here + 2 * H, d_gg, inside, units < H, fresh)
+    add_row_sum(db_here + 3 * H, d_go, inside, units < H, fresh)
 
 
 @triton.jit
-def add_row_sum(ptr, x, inside, units_inside):
-    """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer."""
+def add_row_sum(ptr, x, inside, units_inside, fresh):
+    """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer (ptr = that sum where fresh has FRESH_BIAS)."""
     total = tl.sum(tl.where(inside, x, 0.0), axis=0, keep_dims=True)
-    tl.store(ptr, tl.load(ptr, mask=units_inside, other=0.0) + total, mask=units_inside)
+    tl.store(ptr, tl.load(ptr, mask=unless_fresh(units_inside, fresh, FRESH_BIAS), other=0.0) + total, mask=units_inside)
 
 
 @triton.jit
 def backward_h_tile(
-    pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
+    pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step, fresh,
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -391,6 +404,7 @@ def backward_h_tile(
     the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
     follows here. The final call (has_next, not step) completes gh into dL/dh0. AHEAD: the step's inputs
     are loaded before the product (h_backward_inputs, cell_backward_inputs), else where they are used.
+    fresh: FRESH_* bits, the first call's.
     """
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
@@ -398,11 +412,12 @@ def backward_h_tile(
     h_inputs = None
     cell_inputs = None
     if AHEAD:
-        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out)
+        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, fresh, B,
+                                     H_out)
         # with a projection the cell backward is backward_projection_cell_tile's, which loads its own: none here
         cell_units = tl.where(has_proj == 0, H, 0)
         cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, (rows < B) & (units < cell_units), t,
-                                           reverse, B, H)
+                                           reverse, fresh, B, H)
     acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
@@ -416,17 +431,18 @@ def backward_h_tile(
             w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths,
-                      has_proj, has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
+                      has_proj, has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
                       lengths_ptr, ints, floats, B, H, H_out)
 
 
 @triton.jit
-def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out):
+def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, fresh, B, H_out):
     """What the backward of step t reads for a tile of h besides the product and the cell's inputs, for
-    loading before the product: dL/dh so far (the tile's program wrote it), dL/dout[t], and which rows are
-    active. (The final call, at no step, reads dL/dout at a valid position it does not use.)"""
+    loading before the product: dL/dh so far (the tile's program wrote it; 0 where fresh has FRESH_H),
+    dL/dout[t], and which rows are active. (The final call, at no step, reads dL/dout at a valid position
+    it does not use.)"""
     h_here = rows * H_out + units
-    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+    g_h = tl.load(gh_ptr + h_here, mask=unless_fresh(inside, fresh, FRESH_H), other=0.0)
     d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
     return g_h, d_out, row_is_active(lengths_ptr, rows, B, t, has_lengths)
 
@@ -434,7 +450,7 @@ def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has
 @triton.jit
 def finish_h_backward(
     acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
-    has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
+    has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
     floats, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
@@ -443,7 +459,7 @@ def finish_h_backward(
     h_here = rows * H_out + units
     hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     if h_inputs is None:
-        g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
+        g_h = tl.load(gh_ptr + h_here, mask=unless_fresh(inside, fresh, FRESH_H), other=0.0)
     else:
         g_h, d_out, active = h_inputs
     if has_next != 0:
@@ -461,14 +477,14 @@ def finish_h_backward(
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
             backward_cell(d_h_tilde, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t,
-                          reverse, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
+                          reverse, fresh, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
 
 @triton.jit
 def backward_projection_cell_tile(
-    pid_b, pid_h, t, reverse, stream, seed, has_lengths,
+    pid_b, pid_h, t, reverse, stream, seed, has_lengths, fresh,
     dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -480,7 +496,7 @@ def backward_projection_cell_tile(
     inside = (rows < B) & (units < H)
     cell_inputs = None
     if AHEAD:
-        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
+        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H)
     dht_t = dht_ptr + t.to(tl.int64) * B * H_out
     acc = tl.zeros([BLOCK_B, BLOCK_H], gc_ptr.dtype.element_ty)
     for k0 in range(0, H_out, BLOCK_K):
@@ -491,7 +507,7 @@ def backward_projection_cell_tile(
         acc = tile_dot(a, w, acc, PRECISION)
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
+    backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse, fresh,
                   xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
 
 
@@ -527,13 +543,14 @@ def projection_step_kernel(
 def backward_step_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr,
-    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
+    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, fresh, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
+    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid. fresh: FRESH_* bits, 0 past the
+    first launch."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed_ptr, has_lengths, has_proj, has_next, step,
-        dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        fresh, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
@@ -541,12 +558,13 @@ def backward_step_kernel(
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, B, H, H_out,
+    t, reverse, stream, has_lengths, fresh, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
+    """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid.
+    fresh: FRESH_* bits, 0 past the first launch."""
     backward_projection_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths, fresh,
         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
@@ -669,11 +687,12 @@ def forward_persistent_kernel(
 def backward_persistent_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, w_hr_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr,
     ints_ptr,
-    floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, fresh, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
-    """The whole backward through time of a layer-direction in one launch, steps in reverse order."""
+    """The whole backward through time of a layer-direction in one launch, steps in reverse order. fresh:
+    FRESH_* bits of the first call."""
     # the call's settings before the time loop (step_settings) and each step's inputs before its product
     # (h_backward_inputs, cell_backward_inputs), except in TF32, whose persistent forward spilled registers
     # inside the step loop with the settings held (sm_90 compile): there each where used
@@ -690,10 +709,11 @@ def backward_persistent_kernel(
     expected = 0
     for back in range(seq_len + 1):
         t, t_next = backward_positions(back, seq_len, reverse)
+        fresh_here = tl.where(back == 0, fresh, 0)
         for tile in range(pid, tiles_b * tiles_out, programs):
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, seed, has_lengths, has_proj,
-                back > 0, back < seq_len,
+                back > 0, back < seq_len, fresh_here,
                 dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
                 floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
             )
@@ -703,7 +723,7 @@ def backward_persistent_kernel(
             if back < seq_len:
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
-                        tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths,
+                        tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths, fresh_here,
                         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
                     )
@@ -713,7 +733,7 @@ def backward_persistent_kernel(
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
-RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
+RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths", "fresh"]
 
 
 @triton.jit
@@ -913,7 +933,7 @@ def forward_resident_kernel(
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def backward_resident_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
+    arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, fresh, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
@@ -921,7 +941,7 @@ def backward_resident_kernel(
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
     row tiles, as the forward's (resident_program), and loads W~'s columns for them, a [4H, BLOCK_H] slab,
     once. Each call, per row tile: dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and
-    launches as the forward's."""
+    launches as the forward's. fresh: FRESH_* bits of call 0."""
     # each step's inputs loaded ahead of the product where a tile has at most 128 elements: at 16 x 16
     # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
     # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
@@ -934,21 +954,23 @@ def backward_resident_kernel(
     expected = 0
     for back in range(first, last):
         t, t_next = backward_positions(back, seq_len, reverse)
+        fresh_here = tl.where(back == 0, fresh, 0)
         for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             inside = (rows < B) & (units < H_out)
             h_inputs = None
             cell_inputs = None
             if INPUTS_AHEAD:
-                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B,
-                                             H_out)
-                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
+                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths,
+                                             fresh_here, B, H_out)
+                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh_here, B,
+                                                   H)
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
-                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
+                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, fresh_here, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
                               dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:

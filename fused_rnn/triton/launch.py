@@ -18,6 +18,9 @@ from ..backends import triton_interpreted
 from ..regularizers import Regularizers
 from . import cell
 from .kernels import (
+    FRESH_BIAS,
+    FRESH_C,
+    FRESH_H,
     backward_persistent_kernel,
     backward_projection_cell_kernel,
     backward_resident_kernel,
@@ -1017,12 +1020,13 @@ def layer_backward(
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
     w_hr = None if w_hr is None else w_hr.contiguous()
-    # the carries are written in place: copies of their own
+    # the carries are written in place: copies of their own, or unfilled where the first call reads zeros (fresh)
     gh, gc = (
-        torch.zeros(batch, size, dtype=dtype, device=x.device) if grad is None
+        torch.empty(batch, size, dtype=dtype, device=x.device) if grad is None
         else grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         for grad, size in ((d_h_n, real_hidden), (d_c_n, hidden))
     )
+    fresh = FRESH_BIAS.value | (FRESH_H.value if d_h_n is None else 0) | (FRESH_C.value if d_c_n is None else 0)
     if flags.output_dropout:
         # dropped into a buffer of x's dtype: autograd may hand the same gradient to other nodes
         d_out = dropped_features(seed, d_out.contiguous(), torch.empty(d_out.shape, dtype=x.dtype, device=x.device),
@@ -1041,16 +1045,17 @@ def layer_backward(
     sizes = (batch, hidden, real_hidden)
 
     def bias_partials() -> Tensor:
-        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates."""
-        return torch.zeros(cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
+        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates (the
+        first call writes them: FRESH_BIAS)."""
+        return torch.empty(cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
 
     if plan.kind == "resident":
         db = bias_partials()
         w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
-            (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments), (int(reverse), stream, has_lengths, *sizes),
-            precision,
+            (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments),
+            (int(reverse), stream, has_lengths, fresh, *sizes), precision,
         )
         if not done:
             plan = replan()
@@ -1066,7 +1071,7 @@ def layer_backward(
             backward_persistent_kernel, plan, x, seed,
             dgates, db, xg, w_t, w_t if w_hr is None else w_hr, cs, d_out, gh, gc, dht, *step_arguments,
             arrival_counter(x.device), seq_len, int(reverse), stream, has_lengths,
-            int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
+            int(has_proj), fresh, *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
             plan = replan()
@@ -1085,12 +1090,14 @@ def layer_backward(
         )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
+            fresh_here = 0 if index else fresh
             h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
                    order[index - 1] if index else t,
-                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
+                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), fresh_here,
+                   *sizes)
             if has_proj and index < seq_len:
                 projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
-                                     has_lengths, *sizes)
+                                     has_lengths, fresh_here, *sizes)
 
     # weight and input gradients: one GEMM each over the whole sequence, in x's dtype (that of dgates,
     # rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from the kernels
