@@ -123,7 +123,7 @@ def zero_states(x: Tensor, states: int, batch: int, real_hidden_size: int, hidde
     shapes = ((states, batch, real_hidden_size), (states, batch, hidden_size))
     size = states * batch * (real_hidden_size + hidden_size) * x.element_size()
     if (size > ZERO_STATES_MAX_BYTES or type(x) is not Tensor or x.device.type == "meta"
-            or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
             or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return x.new_zeros(shapes[0]), x.new_zeros(shapes[1])
     stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.device.type == "cuda" else None
