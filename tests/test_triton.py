@@ -967,6 +967,28 @@ def test_a_backward_fills_no_zero_gradients_for_the_reserve():
     assert not big, f"the backward filled zeros of shapes {big}"
 
 
+@pytest.mark.parametrize("mode", ["steps", "persistent", "resident"])
+def test_a_backward_whose_final_states_went_unused_fills_nothing(mode, monkeypatch):
+    """dL/dh and dL/dc of an unused final state, the bias partials and the barrier counter are not filled with
+    zeros before the backward's recurrence (kernels.FRESH_*, launch.arrival_counter): on a GPU each fill is a
+    launch the recurrence waits behind. Counted by wrapping torch's fills, not by a dispatch mode, under
+    which the backward takes the path of a kept graph."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    model = fused_rnn.LSTM(3, 4, 1, backend="triton", device=device, dtype=torch.float64, **EVERY)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    out, _ = model(x, seed=2)
+    seen = []
+    # (not fill_: the suite's nan_filled_empty fills every torch.empty with it)
+    for owner, name in ((torch, "zeros"), (torch, "zeros_like"), (torch.Tensor, "new_zeros"), (torch.Tensor, "zero_")):
+        monkeypatch.setattr(owner, name, lambda *args, _fill=getattr(owner, name), _name=name, **kwargs: (
+            seen.append(_name), _fill(*args, **kwargs))[1])
+    out.sum().backward()
+    monkeypatch.undo()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not seen, f"the backward filled: {seen}"
+
+
 def test_a_half_precision_training_step_allocates_about_half_of_a_float32_one():
     """Counted without running kernels (bench/allocations.py): the reserve, the gate gradients and the output
     are in the layer's dtype, so a fp16 step allocates half of what a float32 one does, but for [2, B, H]
