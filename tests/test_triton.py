@@ -845,7 +845,7 @@ def test_a_resident_launch_short_of_shared_memory_falls_back_to_persistent(monke
 
             return launch_error
 
-    monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, seq_len, steps, buffers, *rest: (
+    monkeypatch.setattr(launch, "_run_resident", lambda kernel, plan, x, seq_len, steps, buffers, *rest, **options: (
         launch._launch_persistent(ShortOfSharedMemory(), plan, x, *buffers)))
     with pytest.warns(UserWarning, match="resident Triton launch failed"):
         _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=0, layers=1,

@@ -166,6 +166,17 @@ def finish_h(
 
 
 @triton.jit
+def final_state_tile(carry_ptr, final_ptr, rows, units, seq_len, reverse, B, N):
+    """final [B, N] in its dtype (x's) = the state after a direction's last step, from its slot of the
+    carry [2, B, N], for a tile (rows, units of N): h_n or c_n without a conversion launched after."""
+    inside = (rows < B) & (units < N)
+    here = rows * N + units
+    slot = (seq_len * (1 - reverse)) % 2  # the last step's `new` (finish_step): seq_len forward, 0 reverse
+    state = tl.load(carry_ptr + slot.to(tl.int64) * B * N + here, mask=inside, other=0.0, cache_modifier=SHARED)
+    store_rounded(final_ptr + here, state, inside)
+
+
+@triton.jit
 def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
     """[BB, BH]: the h state before position t of the tile (rows, units of H_out)."""
     return tl.load(h_carry_ptr + ((t + reverse) % 2).to(tl.int64) * B * H_out + rows * H_out + units, mask=inside,
@@ -646,12 +657,13 @@ def backward_positions(back, seq_len, reverse):
 def forward_persistent_kernel(
     seed_ptr, xg_ptr, w_ptr, w_hr_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr,
     ints_ptr,
-    floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
+    floats_ptr, arrivals_ptr, h_n_ptr, c_n_ptr, seq_len, reverse, stream, has_lengths, has_proj, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
-    projection_step_kernel) shared among resident programs, one grid barrier after each phase."""
+    projection_step_kernel) shared among resident programs, one grid barrier after each phase; then h_n
+    [B, H_out] and c_n [B, H] in x's dtype, each program its tiles, which the last barrier made visible."""
     # each setting (and the seed) loaded where it is used, whatever LOAD_AHEAD says: held through the loop,
     # they spilled registers inside the step loop (sm_90 compile, 16-bit 16 x 16 tiles)
     seed = seed_ptr
@@ -681,6 +693,12 @@ def forward_persistent_kernel(
             expected += programs
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
     barriers_done(arrivals_ptr)
+    for tile in range(pid, tiles_b * tiles_h, programs):
+        final_state_tile(c_carry_ptr, c_n_ptr, (tile // tiles_h) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None],
+                         (tile % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :], seq_len, reverse, B, H)
+    for tile in range(pid, tiles_b * tiles_out, programs):
+        final_state_tile(h_carry_ptr, h_n_ptr, (tile // tiles_out) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None],
+                         (tile % tiles_out) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :], seq_len, reverse, B, H_out)
 
 
 @triton.jit(do_not_specialize=PERSISTENT_ARGUMENTS)
@@ -856,7 +874,7 @@ def resident_program(unit_tiles):
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def forward_resident_kernel(
     seed_ptr, xg_ptr, w_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    arrivals_ptr,
+    arrivals_ptr, h_n_ptr, c_n_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
@@ -865,7 +883,8 @@ def forward_resident_kernel(
     of unit tile p % tiles (tiles = H / BLOCK_H) for the row tiles p // tiles, p // tiles + R, ... (R =
     programs / tiles, launch.Plan.row_programs) at every step, and loads their four gates' rows of W~
     once, before the first step. With synchronize, a grid barrier ends each step (the whole sequence in
-    one launch); without, the caller launches one step at a time."""
+    one launch); without, the caller launches one step at a time. With LOAD_AHEAD, the launch that ends the
+    sequence stores the program's tiles of h_n and c_n in x's dtype."""
     # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs; the gates during
     # the barrier), except in TF32, which spilled registers inside the step loop with them (sm_90, H = 256
     # and 1024)
@@ -928,6 +947,14 @@ def forward_resident_kernel(
             barrier_wait(arrivals_ptr, expected, BARRIER_POLL_LOADS)
     if synchronize != 0:
         barriers_done(arrivals_ptr)
+    # not in the where-used variant (LOAD_AHEAD off), whose registers are full: with these stores after its loop,
+    # the PTB layer's fp16 16 x 16 tiles spilled inside it (sm_90 compile); its caller converts the carries
+    if LOAD_AHEAD and last == seq_len:
+        tl.debug_barrier()  # the tiles' carries, which other threads of the program stored
+        for row0 in range(first_row, B, row_programs * BLOCK_B):
+            rows = row0 + tl.arange(0, BLOCK_B)[:, None]
+            final_state_tile(c_carry_ptr, c_n_ptr, rows, units, seq_len, reverse, B, H)
+            final_state_tile(h_carry_ptr, h_n_ptr, rows, units, seq_len, reverse, B, H_out)
 
 
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)

@@ -816,18 +816,20 @@ def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> 
 
 
 def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, runtime: tuple,
-                  precision: str) -> bool:
+                  precision: str, final_states: tuple = ()) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
-    (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it."""
+    (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it.
+    final_states: the forward's (h_n, c_n), which its last launch writes."""
     arrivals = arrival_counter(x.device)
     if plan.synchronize:
         return _launch_persistent(
-            kernel, plan, x, *buffers, arrivals, seq_len, 0, steps, 1, *runtime,
+            kernel, plan, x, *buffers, arrivals, *final_states, seq_len, 0, steps, 1, *runtime,
             PRECISION=precision, **plan.resident_constexprs,
         )
     for s in range(steps):
-        kernel[(plan.programs,)](*buffers, arrivals, seq_len, s, s + 1, 0, *runtime, PRECISION=precision,
-                                 BARRIER_POLL_LOADS=False, LOAD_AHEAD=loads_ahead(), **plan.resident_constexprs)
+        kernel[(plan.programs,)](*buffers, arrivals, *final_states, seq_len, s, s + 1, 0, *runtime,
+                                 PRECISION=precision, BARRIER_POLL_LOADS=False, LOAD_AHEAD=loads_ahead(),
+                                 **plan.resident_constexprs)
     return True
 
 
@@ -929,8 +931,8 @@ def layer_forward(
     """One layer-direction. x [T, B, I]; h0 [B, H_out]; c0 [B, H]; w_hh already in its final dtype.
     flags.input_dropout and flags.output_dropout: x is dropped before the recurrence, out after it.
 
-    Returns out [T, B, H_out], h_n, c_n and what the backward needs: xg (gate activations), rs, cs, hpre.
-    Buffers and dtypes: kernels.py. xg, rs, cs and out are in x's dtype, as cuDNN keeps its reserve: in
+    Returns out [T, B, H_out], h_n, c_n (x's dtype, tensors of their own) and what the backward needs: xg (gate
+    activations), rs, cs, hpre. Buffers and dtypes: kernels.py. xg, rs, cs and out are in x's dtype, as cuDNN keeps its reserve: in
     fp16/bf16 they are half the bytes of the float32 state the recurrence carries.
     """
     seq_len, batch, _ = x.shape
@@ -952,6 +954,9 @@ def layer_forward(
     cs = torch.empty(seq_len + 1, batch, hidden, dtype=x.dtype, device=x.device)
     out = torch.empty(seq_len, batch, real_hidden, dtype=x.dtype, device=x.device)
     hpre = torch.empty(seq_len, batch, hidden, dtype=dtype, device=x.device) if w_hr is not None else out
+    # written by a persistent or resident launch after its last step; converted from the carries after steps
+    h_n = torch.empty(batch, real_hidden, dtype=x.dtype, device=x.device)
+    c_n = torch.empty(batch, hidden, dtype=x.dtype, device=x.device)
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     has_proj = w_hr is not None
     precision = dot_precision(w.dtype, x.device)
@@ -969,7 +974,7 @@ def layer_forward(
         done = _run_resident(
             forward_resident_kernel, plan, x, seq_len, seq_len,
             (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
-            (int(reverse), stream, has_lengths, *sizes), precision,
+            (int(reverse), stream, has_lengths, *sizes), precision, final_states=(h_n, c_n),
         )
         if not done:
             plan = replan()
@@ -977,7 +982,7 @@ def layer_forward(
         done = _launch_persistent(
             forward_persistent_kernel, plan, x, seed,
             xg, w, w if w_hr is None else w_hr, h_carry, rs, cs, c_carry, out, hpre, *step_arguments,
-            arrival_counter(x.device), seq_len, int(reverse), stream, has_lengths,
+            arrival_counter(x.device), h_n, c_n, seq_len, int(reverse), stream, has_lengths,
             int(has_proj), *sizes, PRECISION=precision, **plan.tile_constexprs,
         )
         if not done:
@@ -994,11 +999,15 @@ def layer_forward(
             if has_proj:
                 projection_step(seed, hpre, w_hr, h_carry, rs, out, *step_arguments, t, int(reverse), stream,
                                 has_lengths, *sizes)
+    if plan.kind == "steps" or plan.kind == "resident" and not loads_ahead():
+        # (the resident forward's where-used variant leaves them too: kernels.forward_resident_kernel)
+        h_n.copy_(h_carry[last % 2])
+        c_n.copy_(c_carry[last % 2])
     if flags.output_dropout:
         # in place: the backward reads the states from rs, never out (nor hpre, which is out only without W_hr)
         dropped_features(seed, out, out, philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked,
                          parameters=flags.output_parameters)
-    return out, h_carry[last % 2], c_carry[last % 2], xg, rs, cs, hpre
+    return out, h_n, c_n, xg, rs, cs, hpre
 
 
 @on_tensor_device

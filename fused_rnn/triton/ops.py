@@ -36,7 +36,7 @@ def _lstm_layer(
     )
     if w_hr is None:
         hpre = hpre.new_empty(0)
-    return out, h_n.to(x.dtype, copy=True), c_n.to(x.dtype, copy=True), xg, rs, cs, hpre
+    return out, h_n, c_n, xg, rs, cs, hpre
 
 
 lstm_layer = torch.library.custom_op("fused_rnn::triton_lstm_layer", mutates_args=())(_lstm_layer)
