@@ -397,7 +397,8 @@ def backward_cell(
 def add_row_sum(ptr, x, inside, units_inside, fresh):
     """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer (ptr = that sum where fresh has FRESH_BIAS)."""
     total = tl.sum(tl.where(inside, x, 0.0), axis=0, keep_dims=True)
-    tl.store(ptr, tl.load(ptr, mask=unless_fresh(units_inside, fresh, FRESH_BIAS), other=0.0) + total, mask=units_inside)
+    before = tl.load(ptr, mask=unless_fresh(units_inside, fresh, FRESH_BIAS), other=0.0)
+    tl.store(ptr, before + total, mask=units_inside)
 
 
 @triton.jit
@@ -442,7 +443,8 @@ def backward_h_tile(
             w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths,
-                      has_proj, has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
+                      has_proj, has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr,
+                      dht_ptr,
                       lengths_ptr, ints, floats, B, H, H_out)
 
 
@@ -518,8 +520,8 @@ def backward_projection_cell_tile(
         acc = tile_dot(a, w, acc, PRECISION)
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse, fresh,
-                  xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
+    backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
+                  fresh, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
@@ -561,7 +563,8 @@ def backward_step_kernel(
     first launch."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed_ptr, has_lengths, has_proj, has_next, step,
-        fresh, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
+        fresh, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
+        floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
@@ -990,14 +993,15 @@ def backward_resident_kernel(
             if INPUTS_AHEAD:
                 h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths,
                                              fresh_here, B, H_out)
-                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh_here, B,
-                                                   H)
+                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse,
+                                                   fresh_here, B, H)
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
-                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, fresh_here, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
+                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, fresh_here, dgates_ptr, db_ptr,
+                              xg_ptr, cs_ptr,
                               dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:

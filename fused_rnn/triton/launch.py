@@ -254,7 +254,8 @@ ARRIVAL_COUNTERS_KEPT = 16
 def arrival_counter(device: torch.device) -> Tensor:
     """The grid barrier counter of device's current stream, for a persistent or resident launch on it."""
     key = (device, current_stream_handle(device))
-    return _kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT, lambda: torch.zeros(2, dtype=torch.int32, device=device))
+    return _kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT,
+                 lambda: torch.zeros(2, dtype=torch.int32, device=device))
 
 
 def _refuse_capture(device: torch.device) -> None:
@@ -931,9 +932,9 @@ def layer_forward(
     """One layer-direction. x [T, B, I]; h0 [B, H_out]; c0 [B, H]; w_hh already in its final dtype.
     flags.input_dropout and flags.output_dropout: x is dropped before the recurrence, out after it.
 
-    Returns out [T, B, H_out], h_n, c_n (x's dtype, tensors of their own) and what the backward needs: xg (gate
-    activations), rs, cs, hpre. Buffers and dtypes: kernels.py. xg, rs, cs and out are in x's dtype, as cuDNN keeps its reserve: in
-    fp16/bf16 they are half the bytes of the float32 state the recurrence carries.
+    Returns out [T, B, H_out], h_n, c_n (x's dtype, tensors of their own) and what the backward needs: xg
+    (gate activations), rs, cs, hpre. Buffers and dtypes: kernels.py. xg, rs, cs and out are in x's dtype,
+    as cuDNN keeps its reserve: in fp16/bf16 they are half the bytes of the float32 state the recurrence carries.
     """
     seq_len, batch, _ = x.shape
     seed = seed_tensor(seed, x.device)
