@@ -786,23 +786,26 @@ def test_resident_mode_runs_the_resident_kernels(hidden, launches, monkeypatch):
 def test_barrier_launches_share_one_counter_and_leave_it_at_zero(mode, proj, monkeypatch):
     """Every barrier launch on a stream reads the same kept counter (no fill of its own), and the last program
     out sets it back to 0 (kernels.barriers_done): a count left over would let the next launch's programs pass
-    its barriers early."""
+    its barriers early. The resident backward, which leaves its counter as it is, gets a new one."""
     device = require_backend("triton", torch.float64)
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     monkeypatch.setattr(launch, "_persistent_refused", [])
     monkeypatch.setattr(launch, "_resident_refused", [])
-    counters = []
-    for name in ("forward", "backward"):
+    counters = {"forward": [], "backward": []}
+    for name in counters:
         kernel = getattr(launch, f"{name}_{mode}_kernel")
         index = kernel.arg_names.index("arrivals_ptr")
-        monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, _index=index, **kwargs: counters.append(
-            args[_index]) or _run(*args, **kwargs))
+        monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, _index=index, _seen=counters[name], **kwargs:
+                            _seen.append(args[_index]) or _run(*args, **kwargs))
     _compare_with_reference(device, torch.float64, 1e-12, seq_len=3, batch=2, inputs=3, hidden=4, proj=proj, layers=2,
                             bidirectional=True, packed=False, training=True, reg=EVERY)
-    assert len(counters) == 8, "a forward and a backward launch for each of 2 layers and 2 directions"
-    assert all(counter is counters[0] for counter in counters)
-    assert counters[0] is launch.arrival_counter(counters[0].device)
-    assert counters[0].tolist() == [0, 0]
+    kept = launch.arrival_counter(device)
+    shared = counters["forward"] + (counters["backward"] if mode == "persistent" else [])
+    assert len(counters["forward"]) == len(counters["backward"]) == 4, "a launch for each of 2 layers and 2 directions"
+    assert all(counter is kept for counter in shared)
+    assert kept.tolist() == [0, 0]
+    if mode == "resident":
+        assert all(counter is not kept for counter in counters["backward"])
 
 
 class FailingLaunch:
@@ -967,12 +970,13 @@ def test_a_backward_fills_no_zero_gradients_for_the_reserve():
     assert not big, f"the backward filled zeros of shapes {big}"
 
 
-@pytest.mark.parametrize("mode", ["steps", "persistent", "resident"])
-def test_a_backward_whose_final_states_went_unused_fills_nothing(mode, monkeypatch):
+def test_a_persistent_backward_whose_final_states_went_unused_fills_nothing(monkeypatch):
     """dL/dh and dL/dc of an unused final state, the bias partials and the barrier counter are not filled with
-    zeros before the backward's recurrence (kernels.FRESH_*, launch.arrival_counter): on a GPU each fill is a
-    launch the recurrence waits behind. Counted by wrapping torch's fills, not by a dispatch mode, under
-    which the backward takes the path of a kept graph."""
+    zeros before a persistent backward (the launch zeroes them: kernels.zero_fresh_tiles;
+    launch.arrival_counter): on a GPU each fill is a launch the recurrence waits behind. (The resident and
+    per-step loops fill them.) Counted by wrapping torch's fills, not by a dispatch mode, under which the
+    backward takes the path of a kept graph."""
+    mode = "persistent"
     device = require_backend("triton", torch.float64)
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     model = fused_rnn.LSTM(3, 4, 1, backend="triton", device=device, dtype=torch.float64, **EVERY)

@@ -187,12 +187,12 @@ def previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out):
 # persistent and resident kernels B, H and H_out are left to Triton's specialisation on divisibility by
 # 16 (and on the value 1): rows of r_prev, xg and the states then load as vectors rather than an element
 # at a time, for a few kernels per configuration. A launch per step is bound by the launch, not its loads.
-STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "fresh", "B", "H",
-                  "H_out"]
+STEP_ARGUMENTS = ["t", "t_next", "reverse", "stream", "has_lengths", "has_proj", "has_next", "step", "B", "H", "H_out"]
 PERSISTENT_ARGUMENTS = ["seq_len", "reverse", "stream", "has_lengths", "has_proj", "fresh"]
 
-# Bits of a backward's `fresh`: what its first call reads as zeros, since nothing wrote it before (the launcher
-# leaves it unfilled): dL/dh and dL/dc of the final state where their gradients are None, and the bias partials
+# Bits of a persistent backward's `fresh`: the buffers the launcher left unfilled, which the launch zeroes
+# before its first call, each program the tiles it owns (zero_fresh_tiles): dL/dh and dL/dc of the final
+# state where their gradients are None, and the bias partials
 FRESH_H: tl.constexpr = tl.constexpr(1)
 FRESH_C: tl.constexpr = tl.constexpr(2)
 FRESH_BIAS: tl.constexpr = tl.constexpr(4)
@@ -342,19 +342,13 @@ def projection_tile(
 
 
 @triton.jit
-def unless_fresh(inside, fresh, BIT: tl.constexpr):
-    """inside where fresh lacks BIT, else nowhere: the mask of a load that reads zeros from a fresh buffer."""
-    return tl.where((fresh & BIT) == 0, inside, False)
-
-
-@triton.jit
-def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H):
+def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H):
     """What the cell backward of step t reads for a tile (units of H), for loading before the step's product:
-    dL/dc after the step (0 where fresh has FRESH_C), and c before it and i, f, g, o in the compute dtype.
-    None of it is written by another program: the activations and states came from the forward, and the
-    tile's program wrote gc at the step before (dgates, which may be xg, is written at other positions this step)."""
+    dL/dc after the step, and c before it and i, f, g, o in the compute dtype. None of it is written by
+    another program: the activations and states came from the forward, and the tile's program wrote gc at
+    the step before (dgates, which may be xg, is written at other positions this step)."""
     compute = gc_ptr.dtype.element_ty
-    g_c = tl.load(gc_ptr + rows * H + units, mask=unless_fresh(inside, fresh, FRESH_C), other=0.0)
+    g_c = tl.load(gc_ptr + rows * H + units, mask=inside, other=0.0)
     c_prev = tl.load(cs_ptr + (t + reverse).to(tl.int64) * B * H + rows * H + units, mask=inside, other=0.0).to(compute)
     i, f, g, o = gate_inputs(xg_ptr, rows, units, inside, t, B, H)  # the forward wrote the activations over xg
     return g_c, c_prev, i.to(compute), f.to(compute), g.to(compute), o.to(compute)
@@ -362,13 +356,13 @@ def cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse
 
 @triton.jit
 def backward_cell(
-    d_h_tilde, inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse, fresh,
+    d_h_tilde, inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
     xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H,
 ):
     """Given dL/dh~ (before any projection) of my units at step t: dL/dgates[t] and dL/dc of the previous
     state, and my tile's share of dL/dbias. inputs: cell_backward_inputs, or None to load them here."""
     if inputs is None:
-        inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H)
+        inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
     g_c, c_prev, i, f, g, o = inputs
     c_here = rows * H + units
     d_c_new = tl.where(active, g_c, 0.0)
@@ -387,23 +381,22 @@ def backward_cell(
     store_rounded(dg_here + 2 * H, d_gg, inside)
     store_rounded(dg_here + 3 * H, d_go, inside)
     db_here = db_ptr + pid_b * 4 * H + units
-    add_row_sum(db_here, d_gi, inside, units < H, fresh)
-    add_row_sum(db_here + H, d_gf, inside, units < H, fresh)
-    add_row_sum(db_here + 2 * H, d_gg, inside, units < H, fresh)
-    add_row_sum(db_here + 3 * H, d_go, inside, units < H, fresh)
+    add_row_sum(db_here, d_gi, inside, units < H)
+    add_row_sum(db_here + H, d_gf, inside, units < H)
+    add_row_sum(db_here + 2 * H, d_gg, inside, units < H)
+    add_row_sum(db_here + 3 * H, d_go, inside, units < H)
 
 
 @triton.jit
-def add_row_sum(ptr, x, inside, units_inside, fresh):
-    """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer (ptr = that sum where fresh has FRESH_BIAS)."""
+def add_row_sum(ptr, x, inside, units_inside):
+    """ptr [1, BH] += x [BB, BH] summed over its rows inside the layer."""
     total = tl.sum(tl.where(inside, x, 0.0), axis=0, keep_dims=True)
-    before = tl.load(ptr, mask=unless_fresh(units_inside, fresh, FRESH_BIAS), other=0.0)
-    tl.store(ptr, before + total, mask=units_inside)
+    tl.store(ptr, tl.load(ptr, mask=units_inside, other=0.0) + total, mask=units_inside)
 
 
 @triton.jit
 def backward_h_tile(
-    pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step, fresh,
+    pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -416,7 +409,6 @@ def backward_h_tile(
     the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
     follows here. The final call (has_next, not step) completes gh into dL/dh0. AHEAD: the step's inputs
     are loaded before the product (h_backward_inputs, cell_backward_inputs), else where they are used.
-    fresh: FRESH_* bits, the first call's.
     """
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
@@ -424,12 +416,11 @@ def backward_h_tile(
     h_inputs = None
     cell_inputs = None
     if AHEAD:
-        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, fresh, B,
-                                     H_out)
+        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out)
         # with a projection the cell backward is backward_projection_cell_tile's, which loads its own: none here
         cell_units = tl.where(has_proj == 0, H, 0)
         cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, (rows < B) & (units < cell_units), t,
-                                           reverse, fresh, B, H)
+                                           reverse, B, H)
     acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
     if has_next != 0:
         # [BB, BH] = dgates[t_next] [BB, 4H] @ W~[:, my units] [4H, BH]
@@ -443,19 +434,17 @@ def backward_h_tile(
             w = tl.load(w_t_ptr + units * (4 * H) + ks[:, None], mask=(ks[:, None] < 4 * H) & (units < H_out), other=0.0)
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths,
-                      has_proj, has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr,
-                      dht_ptr,
+                      has_proj, has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
                       lengths_ptr, ints, floats, B, H, H_out)
 
 
 @triton.jit
-def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, fresh, B, H_out):
+def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out):
     """What the backward of step t reads for a tile of h besides the product and the cell's inputs, for
-    loading before the product: dL/dh so far (the tile's program wrote it; 0 where fresh has FRESH_H),
-    dL/dout[t], and which rows are active. (The final call, at no step, reads dL/dout at a valid position
-    it does not use.)"""
+    loading before the product: dL/dh so far (the tile's program wrote it), dL/dout[t], and which rows are
+    active. (The final call, at no step, reads dL/dout at a valid position it does not use.)"""
     h_here = rows * H_out + units
-    g_h = tl.load(gh_ptr + h_here, mask=unless_fresh(inside, fresh, FRESH_H), other=0.0)
+    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
     d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
     return g_h, d_out, row_is_active(lengths_ptr, rows, B, t, has_lengths)
 
@@ -463,7 +452,7 @@ def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has
 @triton.jit
 def finish_h_backward(
     acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
-    has_next, step, fresh, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
+    has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
     floats, B, H, H_out,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
@@ -472,7 +461,7 @@ def finish_h_backward(
     h_here = rows * H_out + units
     hidden_keep, update_keep, cell_keep, zone_h, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     if h_inputs is None:
-        g_h = tl.load(gh_ptr + h_here, mask=unless_fresh(inside, fresh, FRESH_H), other=0.0)
+        g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
     else:
         g_h, d_out, active = h_inputs
     if has_next != 0:
@@ -490,14 +479,14 @@ def finish_h_backward(
             tl.store(dht_ptr + t.to(tl.int64) * B * H_out + h_here, d_h_tilde, mask=inside)
         else:
             backward_cell(d_h_tilde, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t,
-                          reverse, fresh, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
+                          reverse, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
     else:
         tl.store(gh_ptr + h_here, g_h, mask=inside)
 
 
 @triton.jit
 def backward_projection_cell_tile(
-    pid_b, pid_h, t, reverse, stream, seed, has_lengths, fresh,
+    pid_b, pid_h, t, reverse, stream, seed, has_lengths,
     dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     AHEAD: tl.constexpr,
@@ -509,7 +498,7 @@ def backward_projection_cell_tile(
     inside = (rows < B) & (units < H)
     cell_inputs = None
     if AHEAD:
-        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, fresh, B, H)
+        cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
     dht_t = dht_ptr + t.to(tl.int64) * B * H_out
     acc = tl.zeros([BLOCK_B, BLOCK_H], gc_ptr.dtype.element_ty)
     for k0 in range(0, H_out, BLOCK_K):
@@ -521,7 +510,7 @@ def backward_projection_cell_tile(
     _, update_keep, cell_keep, _, zone_c = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
     backward_cell(acc, cell_inputs, pid_b, rows, units, inside, active, update_keep, cell_keep, zone_c, t, reverse,
-                  fresh, xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
+                  xg_ptr, cs_ptr, dgates_ptr, db_ptr, gc_ptr, ints, floats, B, H)
 
 
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
@@ -556,15 +545,13 @@ def projection_step_kernel(
 def backward_step_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
     floats_ptr,
-    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, fresh, B, H, H_out,
+    t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid. fresh: FRESH_* bits, 0 past the
-    first launch."""
+    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed_ptr, has_lengths, has_proj, has_next, step,
-        fresh, dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr,
-        floats_ptr,
+        dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
 
@@ -572,16 +559,40 @@ def backward_step_kernel(
 @triton.jit(do_not_specialize=STEP_ARGUMENTS)
 def backward_projection_cell_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    t, reverse, stream, has_lengths, fresh, B, H, H_out,
+    t, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid.
-    fresh: FRESH_* bits, 0 past the first launch."""
+    """One launch per step, after backward_step_kernel: backward_projection_cell_tile on a (row tiles, H tiles) grid."""
     backward_projection_cell_tile(
-        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths, fresh,
+        tl.program_id(0), tl.program_id(1), t, reverse, stream, seed_ptr, has_lengths,
         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
     )
+
+
+@triton.jit
+def zero_fresh_tiles(gh_ptr, gc_ptr, db_ptr, pid_b, units, fresh, B, H, H_out, BLOCK_B: tl.constexpr,
+                     BLOCK_H: tl.constexpr, OF_H: tl.constexpr, OF_CELL: tl.constexpr):
+    """The zeros of a backward's fresh buffers (FRESH_*) in a tile its program owns, row tile pid_b and units
+    [1, BH]: OF_H, gh's (units of H_out); OF_CELL, gc's and the bias partials' four gates (units of H). The
+    program is the only one to read and write them in the launch (backward_h_tile, backward_cell), so a
+    CTA barrier after these stores is all its loads need. Done before the step loop, so that nothing of it
+    is live in the loop: applied there as load masks, it spilled registers inside the T=1024 resident
+    backward's loop on Triton 3.6 (sm_90 compile). Not in the resident backward, whose W~ slab leaves no
+    registers for it there either (its launcher fills them)."""
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    if OF_H:
+        if (fresh & FRESH_H) != 0:
+            tl.store(gh_ptr + rows * H_out + units, tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty),
+                     mask=(rows < B) & (units < H_out))
+    if OF_CELL:
+        if (fresh & FRESH_C) != 0:
+            tl.store(gc_ptr + rows * H + units, tl.zeros([BLOCK_B, BLOCK_H], gc_ptr.dtype.element_ty),
+                     mask=(rows < B) & (units < H))
+        if (fresh & FRESH_BIAS) != 0:
+            db_here = db_ptr + pid_b * 4 * H + units
+            for gate in range(4):
+                tl.store(db_here + gate * H, tl.zeros([1, BLOCK_H], db_ptr.dtype.element_ty), mask=units < H)
 
 
 @triton.jit
@@ -712,8 +723,24 @@ def backward_persistent_kernel(
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
-    """The whole backward through time of a layer-direction in one launch, steps in reverse order. fresh:
-    FRESH_* bits of the first call."""
+    """The whole backward through time of a layer-direction in one launch, steps in reverse order, after
+    the zeros of its fresh buffers (zero_fresh_tiles)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    tiles_h = tl.cdiv(H, BLOCK_H)
+    tiles_out = tl.cdiv(H_out, BLOCK_H)
+    # gh's tiles as backward_h_tile walks them; gc's and the bias partials' as the cell backward does
+    # (backward_projection_cell_tile's, or without a projection backward_h_tile's again: H_out = H)
+    for tile in range(pid, tiles_b * tiles_out, programs):
+        units = (tile % tiles_out) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        zero_fresh_tiles(gh_ptr, gc_ptr, db_ptr, tile // tiles_out, units, fresh, B, H, H_out, BLOCK_B, BLOCK_H, True,
+                         False)
+    for tile in range(pid, tiles_b * tiles_h, programs):
+        units = (tile % tiles_h) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        zero_fresh_tiles(gh_ptr, gc_ptr, db_ptr, tile // tiles_h, units, fresh, B, H, H_out, BLOCK_B, BLOCK_H, False,
+                         True)
+    tl.debug_barrier()
     # the call's settings before the time loop (step_settings) and each step's inputs before its product
     # (h_backward_inputs, cell_backward_inputs), except in TF32, whose persistent forward spilled registers
     # inside the step loop with the settings held (sm_90 compile): there each where used
@@ -722,19 +749,13 @@ def backward_persistent_kernel(
     if AHEAD:
         ints, floats = step_settings(ints_ptr, floats_ptr)
         seed = tl.load(seed_ptr)
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    tiles_b = tl.cdiv(B, BLOCK_B)
-    tiles_h = tl.cdiv(H, BLOCK_H)
-    tiles_out = tl.cdiv(H_out, BLOCK_H)
     expected = 0
     for back in range(seq_len + 1):
         t, t_next = backward_positions(back, seq_len, reverse)
-        fresh_here = tl.where(back == 0, fresh, 0)
         for tile in range(pid, tiles_b * tiles_out, programs):
             backward_h_tile(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, seed, has_lengths, has_proj,
-                back > 0, back < seq_len, fresh_here,
+                back > 0, back < seq_len,
                 dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
                 floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
             )
@@ -744,7 +765,7 @@ def backward_persistent_kernel(
             if back < seq_len:
                 for tile in range(pid, tiles_b * tiles_h, programs):
                     backward_projection_cell_tile(
-                        tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths, fresh_here,
+                        tile // tiles_h, tile % tiles_h, t, reverse, stream, seed, has_lengths,
                         dgates_ptr, db_ptr, xg_ptr, w_hr_ptr, cs_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
                         B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
                     )
@@ -754,7 +775,7 @@ def backward_persistent_kernel(
 
 
 # Runtime integers of the W~-resident kernels: steps [first, last) of the sequence in one launch.
-RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths", "fresh"]
+RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
 @triton.jit
@@ -963,7 +984,7 @@ def forward_resident_kernel(
 @triton.jit(do_not_specialize=RESIDENT_ARGUMENTS)
 def backward_resident_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
-    arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, fresh, B, H, H_out,
+    arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
     BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
 ):
@@ -971,7 +992,8 @@ def backward_resident_kernel(
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
     row tiles, as the forward's (resident_program), and loads W~'s columns for them, a [4H, BLOCK_H] slab,
     once. Each call, per row tile: dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and
-    launches as the forward's. fresh: FRESH_* bits of call 0."""
+    launches as the forward's, on a counter of its own that it leaves as it is: resetting it after the loop
+    (barriers_done) spilled registers inside the loop of the T=1024 layer on Triton 3.6 (sm_90 compile)."""
     # each step's inputs loaded ahead of the product where a tile has at most 128 elements: at 16 x 16
     # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
     # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
@@ -984,28 +1006,23 @@ def backward_resident_kernel(
     expected = 0
     for back in range(first, last):
         t, t_next = backward_positions(back, seq_len, reverse)
-        fresh_here = tl.where(back == 0, fresh, 0)
         for row0 in range(row_program * BLOCK_B, B, row_programs * BLOCK_B):
             rows = row0 + tl.arange(0, BLOCK_B)[:, None]
             inside = (rows < B) & (units < H_out)
             h_inputs = None
             cell_inputs = None
             if INPUTS_AHEAD:
-                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths,
-                                             fresh_here, B, H_out)
-                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse,
-                                                   fresh_here, B, H)
+                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B,
+                                             H_out)
+                cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
                 acc = resident_dot(dgates_ptr + t_next.to(tl.int64) * B * 4 * H, rows, B, 4 * H, 4 * H, w_main_low,
                                    w_main_high, w_rest_low, w_rest_high, acc, K_MAIN, K_REST, PRECISION, LOAD_AHEAD)
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
-                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, fresh_here, dgates_ptr, db_ptr,
-                              xg_ptr, cs_ptr,
+                              seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
                               dout_ptr,
                               gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
-    if synchronize != 0:
-        barriers_done(arrivals_ptr)

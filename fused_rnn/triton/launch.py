@@ -820,8 +820,12 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
                   precision: str, final_states: tuple = ()) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
     (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it.
-    final_states: the forward's (h_n, c_n), which its last launch writes."""
-    arrivals = arrival_counter(x.device)
+    final_states: the forward's (h_n, c_n), which its last launch writes. The backward leaves its barrier
+    counter as it is (kernels.backward_resident_kernel): a new one, not the stream's kept one."""
+    if kernel is forward_resident_kernel:
+        arrivals = arrival_counter(x.device)
+    else:
+        arrivals = torch.zeros(2, dtype=torch.int32, device=x.device)
     if plan.synchronize:
         return _launch_persistent(
             kernel, plan, x, *buffers, arrivals, *final_states, seq_len, 0, steps, 1, *runtime,
@@ -1030,7 +1034,7 @@ def layer_backward(
     dtype = compute_dtype(x.dtype)
     has_proj = w_hr is not None
     w_hr = None if w_hr is None else w_hr.contiguous()
-    # the carries are written in place: copies of their own, or unfilled where the first call reads zeros (fresh)
+    # the carries are written in place: copies of their own, or unfilled (fresh) for a persistent launch to zero
     gh, gc = (
         torch.empty(batch, size, dtype=dtype, device=x.device) if grad is None
         else grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
@@ -1055,17 +1059,25 @@ def layer_backward(
     sizes = (batch, hidden, real_hidden)
 
     def bias_partials() -> Tensor:
-        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates (the
-        first call writes them: FRESH_BIAS)."""
+        """[row tiles, 4H]: dL/dbias of each row tile of the plan, from the kernels' unrounded dgates; unfilled
+        (FRESH_BIAS), for a persistent launch to zero."""
         return torch.empty(cdiv(batch, plan.block_b), 4 * hidden, dtype=dtype, device=x.device)
 
+    def zero_fresh(db: Tensor) -> Tensor:
+        """db and the fresh carries zeroed, for the loops that read them as they are (resident, a launch per
+        step)."""
+        for buffer, bit in ((gh, FRESH_H.value), (gc, FRESH_C.value)):
+            if fresh & bit:
+                buffer.zero_()
+        return db.zero_()
+
     if plan.kind == "resident":
-        db = bias_partials()
+        db = zero_fresh(bias_partials())
         w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
             (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments),
-            (int(reverse), stream, has_lengths, fresh, *sizes), precision,
+            (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
             plan = replan()
@@ -1086,7 +1098,7 @@ def layer_backward(
         if not done:
             plan = replan()
     if plan.kind == "steps":
-        db = bias_partials()
+        db = zero_fresh(bias_partials())
         tiles_b, tiles_h = cdiv(batch, plan.block_b), cdiv(hidden, plan.block_h)
         tiles_out = cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
@@ -1100,14 +1112,12 @@ def layer_backward(
         )
         for index, t in enumerate(order + order[-1:]):
             # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-            fresh_here = 0 if index else fresh
             h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
                    order[index - 1] if index else t,
-                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), fresh_here,
-                   *sizes)
+                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
             if has_proj and index < seq_len:
                 projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
-                                     has_lengths, fresh_here, *sizes)
+                                     has_lengths, *sizes)
 
     # weight and input gradients: one GEMM each over the whole sequence, in x's dtype (that of dgates,
     # rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from the kernels
