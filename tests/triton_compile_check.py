@@ -238,7 +238,8 @@ def main(arch: int) -> int:
             config.update(ok=False, problems=[f"{type(error).__name__}: {str(error)[:2000]}"])
         failures += not config["ok"]
         print(json.dumps(config), flush=True)
-    print(json.dumps({"summary": True, "arch": arch, "compiled": len(seen), "failures": failures}), flush=True)
+    print(json.dumps({"summary": True, "arch": arch, "compiled": len(seen), "failures": failures,
+                      "triton": triton.__version__}), flush=True)
     return 1 if failures else 0
 
 
