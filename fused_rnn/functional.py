@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backends
+from .kept import current_stream_handle, kept
 from .philox import SEED_LIMIT
 from .regularizers import Regularizers
 from .stack import split_flat_weights
@@ -126,19 +127,8 @@ def zero_states(x: Tensor, states: int, batch: int, real_hidden_size: int, hidde
             or torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
             or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return x.new_zeros(shapes[0]), x.new_zeros(shapes[1])
-    stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.device.type == "cuda" else None
-    key = (shapes, x.dtype, x.device, stream, torch.is_inference_mode_enabled())
-    found = _zero_states.get(key)
-    if found is None:
-        found = _zero_states[key] = (x.new_zeros(shapes[0]), x.new_zeros(shapes[1]))
-        if len(_zero_states) > ZERO_STATES_KEPT:
-            _zero_states.popitem(last=False)
-    else:
-        try:
-            _zero_states.move_to_end(key)
-        except KeyError:  # another thread dropped it since
-            pass
-    return found
+    key = (shapes, x.dtype, x.device, current_stream_handle(x.device), torch.is_inference_mode_enabled())
+    return kept(_zero_states, key, ZERO_STATES_KEPT, lambda: (x.new_zeros(shapes[0]), x.new_zeros(shapes[1])))
 
 
 def _check_int(name: str, value, minimum: int) -> int:

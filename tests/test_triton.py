@@ -976,9 +976,8 @@ def test_a_persistent_backward_whose_final_states_went_unused_fills_nothing(monk
     launch.arrival_counter): on a GPU each fill is a launch the recurrence waits behind. (The resident and
     per-step loops fill them.) Counted by wrapping torch's fills, not by a dispatch mode, under which the
     backward takes the path of a kept graph."""
-    mode = "persistent"
     device = require_backend("triton", torch.float64)
-    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "persistent")
     model = fused_rnn.LSTM(3, 4, 1, backend="triton", device=device, dtype=torch.float64, **EVERY)
     x = torch.randn(3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
     out, _ = model(x, seed=2)
@@ -1280,12 +1279,14 @@ def test_a_training_loop_sends_its_launch_parameters_once_on_a_gpu(monkeypatch):
 
 
 def test_a_cache_entry_another_thread_dropped_is_not_an_error():
-    """launch._recently_used: between a lookup that found a launch's entry and marking it used, another
+    """kept.recently_used: between a lookup that found a launch's entry and marking it used, another
     thread's insertion may have dropped it from the LRU cache."""
+    from fused_rnn.kept import recently_used
+
     cache = collections.OrderedDict(a=1, b=2)
-    launch._recently_used(cache, "a")
+    recently_used(cache, "a")
     assert list(cache) == ["b", "a"]
-    launch._recently_used(cache, "dropped")
+    recently_used(cache, "dropped")
     assert list(cache) == ["b", "a"]
 
 

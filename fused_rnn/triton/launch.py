@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import philox
 from ..backends import triton_interpreted
+from ..kept import current_stream_handle, kept
 from ..regularizers import Regularizers
 from . import cell
 from .kernels import (
@@ -169,7 +170,7 @@ def layer_settings(
         })
         return (*step_parameters(reg, training, device, dtype), flags)
 
-    return _kept(_layer_settings, key, SENT_PARAMETERS_KEPT, make)
+    return kept(_layer_settings, key, SENT_PARAMETERS_KEPT, make)
 
 
 def dropout_parameters(p: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -195,40 +196,12 @@ def launch_parameters(
     those sent before. Every launch asks for its parameters: here a CUDA graph capture is refused."""
     _refuse_capture(device)
     key = (ints, floats, float_dtype, device, current_stream_handle(device))
-    return _kept(_sent_parameters, key, SENT_PARAMETERS_KEPT, lambda: _send_packed(ints, floats, float_dtype, device))
-
-
-def _kept(cache: collections.OrderedDict, key, limit: int, make):
-    """cache[key], made by make() where it is missing, as the most recently used entry; the least recently
-    used dropped past limit (the launch parameters, the seeds and the specialised launches)."""
-    found = cache.get(key)
-    if found is None:
-        found = cache[key] = make()
-        if len(cache) > limit:
-            cache.popitem(last=False)
-    else:
-        _recently_used(cache, key)
-    return found
-
-
-def _recently_used(cache: collections.OrderedDict, key) -> None:
-    """Move key to the end of an LRU cache, if it is still there: another thread may have dropped it since."""
-    try:
-        cache.move_to_end(key)
-    except KeyError:
-        pass
+    return kept(_sent_parameters, key, SENT_PARAMETERS_KEPT, lambda: _send_packed(ints, floats, float_dtype, device))
 
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on device's current stream (where host_to_device refuses)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def current_stream_handle(device: torch.device) -> int | None:
-    """torch.cuda.current_stream(device).cuda_stream, without building a Stream object; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device() if device.index is None else device.index)
 
 
 # The seed of each call on its device, by value, device and stream, the least recently used dropped past
@@ -241,7 +214,7 @@ SEEDS_KEPT = 16
 def seed_tensor(seed: int, device: torch.device) -> Tensor:
     """The call's seed as a one-element int64 tensor on device, which the kernels read (cell.seed_value)."""
     key = (seed, device, current_stream_handle(device))
-    return _kept(_seeds, key, SEEDS_KEPT, lambda: torch.full((1,), seed, dtype=torch.int64, device=device))
+    return kept(_seeds, key, SEEDS_KEPT, lambda: torch.full((1,), seed, dtype=torch.int64, device=device))
 
 
 # Each device and stream's grid barrier counter, int32 [arrivals, programs out]: 0 before and after every
@@ -254,7 +227,7 @@ ARRIVAL_COUNTERS_KEPT = 16
 def arrival_counter(device: torch.device) -> Tensor:
     """The grid barrier counter of device's current stream, for a persistent or resident launch on it."""
     key = (device, current_stream_handle(device))
-    return _kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT,
+    return kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT,
                  lambda: torch.zeros(2, dtype=torch.int32, device=device))
 
 
@@ -580,7 +553,7 @@ def recurrence_plan(device: torch.device, precision: str, element_size: int, bat
         device, precision, element_size, batch, hidden, real_hidden, forward, limits, interpreted(),
         bool(_persistent_refused), bool(_resident_refused), *(os.environ.get(name) for name in TUNING_VARIABLES),
     )
-    return _kept(_plans, key, PLANS_KEPT, lambda: choose_plan(
+    return kept(_plans, key, PLANS_KEPT, lambda: choose_plan(
         device, precision, element_size, batch, hidden, real_hidden, forward))
 
 
@@ -816,16 +789,11 @@ def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> 
     return options
 
 
-def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, runtime: tuple,
-                  precision: str, final_states: tuple = ()) -> bool:
+def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, arrivals: Tensor,
+                  runtime: tuple, precision: str, final_states: tuple = ()) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
     (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it.
-    final_states: the forward's (h_n, c_n), which its last launch writes. The backward leaves its barrier
-    counter as it is (kernels.backward_resident_kernel): a new one, not the stream's kept one."""
-    if kernel is forward_resident_kernel:
-        arrivals = arrival_counter(x.device)
-    else:
-        arrivals = torch.zeros(2, dtype=torch.int32, device=x.device)
+    arrivals: its barrier counter; final_states: the forward's (h_n, c_n), which its last launch writes."""
     if plan.synchronize:
         return _launch_persistent(
             kernel, plan, x, *buffers, arrivals, *final_states, seq_len, 0, steps, 1, *runtime,
@@ -921,7 +889,7 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
     key = (kernel, grid, tuple(constexprs.items()), options, torch.cuda.current_device() if args[0].is_cuda else None,
            *specialisation)
     make = lambda: RepeatedLaunch(kernel, grid, launch_options, **constexprs)  # noqa: E731
-    _kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
+    kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
 
 
 def _positions(seq_len: int, reverse: bool) -> range:
@@ -978,7 +946,7 @@ def layer_forward(
     if plan.kind == "resident":
         done = _run_resident(
             forward_resident_kernel, plan, x, seq_len, seq_len,
-            (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments),
+            (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments), arrival_counter(x.device),
             (int(reverse), stream, has_lengths, *sizes), precision, final_states=(h_n, c_n),
         )
         if not done:
@@ -1077,7 +1045,8 @@ def layer_backward(
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
             (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments),
-            (int(reverse), stream, has_lengths, *sizes), precision,
+            # a counter of its own, which it leaves as it is (kernels.backward_resident_kernel)
+            torch.zeros(2, dtype=torch.int32, device=x.device), (int(reverse), stream, has_lengths, *sizes), precision,
         )
         if not done:
             plan = replan()
