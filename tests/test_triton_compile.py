@@ -24,9 +24,9 @@ DEVICE_TRITON = "3.6.0"
 def device_triton() -> Path:
     """A folder holding Triton DEVICE_TRITON alone, installed there once (pip --target), which the check's
     process finds before the suite's Triton; torch stays the suite's."""
-    base = Path(os.environ.get("FUSED_RNN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-                / "fused_rnn")
-    folder = base / f"triton-{DEVICE_TRITON}"
+    from fused_rnn.cpp.loader import cache_base
+
+    folder = cache_base() / f"triton-{DEVICE_TRITON}"
     if (folder / "triton" / "__init__.py").exists():
         return folder
     if platform.system() != "Linux" or platform.machine() != "x86_64":

@@ -46,14 +46,17 @@ def source_dir() -> Path | None:
     return None
 
 
-def cache_dir() -> Path:
+def cache_base() -> Path:
+    """$FUSED_RNN_CACHE, else $XDG_CACHE_HOME/fused_rnn or ~/.cache/fused_rnn: the package's cache folder."""
     root = os.environ.get("FUSED_RNN_CACHE")
     if root:
-        base = Path(root)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fused_rnn"
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fused_rnn"
+
+
+def cache_dir() -> Path:
     key = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{flags.cpu_capability()}"
-    return base / re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
+    return cache_base() / re.sub(r"[^A-Za-z0-9_.+-]", "_", key)
 
 
 def _load() -> str | None:
