@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -910,15 +911,17 @@ def sequence_products_overlap(device: torch.device) -> bool:
     return choice == "overlap"
 
 
-# a side stream per device for SequenceProducts, made at its first use
+# streams per device and priority for SequenceProducts, made at their first use
 _side_streams: dict = {}
+# whether the step launches beside SequenceProducts run on a stream of the highest priority
+PRIORITY_LOOP = False
 
 
-def side_stream(device: torch.device):
+def side_stream(device: torch.device, priority: int = 0):
     index = torch.cuda.current_device() if device.index is None else device.index
-    found = _side_streams.get(index)
+    found = _side_streams.get((index, priority))
     if found is None:
-        found = _side_streams[index] = torch.cuda.Stream(device=index)
+        found = _side_streams[(index, priority)] = torch.cuda.Stream(device=index, priority=priority)
     return found
 
 
@@ -1205,18 +1208,25 @@ def layer_backward(
             backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
             **{**plan.tile_constexprs, "BLOCK_K": min(plan.block_k, block_depth(True, w_hh.element_size()))},
         )
+        loop_stream = None
+        if products is not None and products.side is not None and PRIORITY_LOOP:
+            loop_stream = side_stream(x.device, torch.cuda.Stream.priority_range()[1])
+            loop_stream.wait_stream(torch.cuda.current_stream(x.device))
         try:
-            for index, t in enumerate(order + order[-1:]):
-                # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-                h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
-                       order[index - 1] if index else t,
-                       int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
-                if has_proj and index < seq_len:
-                    projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse),
-                                         stream, has_lengths, *sizes)
-                if products is not None and index < seq_len:
-                    products.complete(t)
+            with torch.cuda.stream(loop_stream) if loop_stream is not None else contextlib.nullcontext():
+                for index, t in enumerate(order + order[-1:]):
+                    # the extra last launch (no step) completes dL/dh0 from the first position's dgates
+                    h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
+                           order[index - 1] if index else t, int(reverse), stream, has_lengths, int(has_proj),
+                           int(index > 0), int(index < seq_len), *sizes)
+                    if has_proj and index < seq_len:
+                        projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t,
+                                             int(reverse), stream, has_lengths, *sizes)
+                    if products is not None and index < seq_len:
+                        products.complete(t)
         finally:
+            if loop_stream is not None:
+                torch.cuda.current_stream(x.device).wait_stream(loop_stream)
             if products is not None:
                 products.join()
 
