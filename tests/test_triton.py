@@ -297,50 +297,6 @@ def test_matches_the_reference_at_other_tiles(mode, tuning, monkeypatch):
                             bidirectional=False, packed=False, training=True, reg=EVERY)
 
 
-def _spy_on_sequence_products(monkeypatch) -> list:
-    """A list that gets an entry for each launch.SequenceProducts made."""
-    made = []
-    original = launch.SequenceProducts.__init__
-
-    def spy(self, *args):
-        made.append(args[0].shape)
-        original(self, *args)
-
-    monkeypatch.setattr(launch.SequenceProducts, "__init__", spy)
-    return made
-
-
-@pytest.mark.parametrize("chunk_rows, packed", [(1, True), (7, False)])
-def test_a_per_step_backward_overlapping_its_products_matches_the_reference(chunk_rows, packed, monkeypatch):
-    """FUSED_RNN_SEQUENCE_PRODUCTS=overlap (auto's choice on a GPU): dx, dW_ih and dW_hh a chunk of positions
-    at a time as the step launches complete them (launch.SequenceProducts), in line on the CPU: chunks of one
-    position of packed input, and of two with one left over (7 rows of B=3, T=5), both directions, a
-    projection, every regularizer (the input's dropout applied to dW_ih's input before and to dx after)."""
-    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "steps")
-    monkeypatch.setenv("FUSED_RNN_SEQUENCE_PRODUCTS", "overlap")
-    monkeypatch.setattr(launch, "PRODUCT_CHUNK_ROWS", chunk_rows)
-    made = _spy_on_sequence_products(monkeypatch)
-    device = require_backend("triton", torch.float64)
-    _compare_with_reference(device, torch.float64, 1e-12, seq_len=5, batch=3, inputs=3, hidden=6, proj=4, layers=2,
-                            bidirectional=True, packed=packed, training=True, reg=EVERY)
-    assert len(made) == 4  # every layer-direction's backward
-
-
-def test_sequence_products_overlap_on_a_gpu_by_default_and_are_validated(monkeypatch):
-    monkeypatch.delenv("FUSED_RNN_SEQUENCE_PRODUCTS", raising=False)
-    assert launch.sequence_products_overlap(torch.device("cpu")) is False
-    assert launch.sequence_products_overlap(torch.device("cuda")) is not launch.interpreted()
-    for value, overlap in (("overlap", True), ("after", False)):
-        monkeypatch.setenv("FUSED_RNN_SEQUENCE_PRODUCTS", value)
-        assert launch.sequence_products_overlap(torch.device("cpu")) is overlap
-    monkeypatch.setenv("FUSED_RNN_SEQUENCE_PRODUCTS", "beside")
-    with pytest.raises(ValueError, match="FUSED_RNN_SEQUENCE_PRODUCTS must be one of auto, overlap, after"):
-        launch.sequence_products_overlap(torch.device("cpu"))
-    # one chunk would leave nothing to run beside the launches
-    assert not launch.SequenceProducts.worth_it(launch.PRODUCT_CHUNK_ROWS // 80, 80)
-    assert launch.SequenceProducts.worth_it(70, 80)
-
-
 @pytest.mark.parametrize("mode", ["persistent", "resident"])
 def test_loops_that_load_where_used_match_the_reference(mode, monkeypatch):
     """FUSED_RNN_LOAD_AHEAD=0 (bench.tune's where-used variants): the resident loops and the persistent
@@ -536,21 +492,6 @@ def test_low_precision_error_is_at_most_twice_pytorchs(dtype, mode, monkeypatch,
     error of PyTorch computing the same math in the same low precision. Small in the interpreter."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(64, 128, 30, 24), layers=2, bidirectional=True)
-
-
-@gpu
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "tf32"])
-def test_low_precision_error_with_overlapped_products_is_at_most_twice_pytorchs(dtype, monkeypatch, restored_tf32):
-    """The per-step backward's products in chunks (launch.SequenceProducts): on a GPU on its side stream, 16-bit
-    chunks summed in float32 through mm's out_dtype, 4 positions a chunk (96 rows of B=24); in the interpreter
-    in line, 2 positions a chunk."""
-    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "steps")
-    monkeypatch.setenv("FUSED_RNN_SEQUENCE_PRODUCTS", "overlap")
-    monkeypatch.setattr(launch, "PRODUCT_CHUNK_ROWS", 96 if torch.cuda.is_available() else 6)
-    made = _spy_on_sequence_products(monkeypatch)
-    _assert_error_at_most_twice_pytorchs(dtype, monkeypatch, gpu_sizes=(64, 128, 30, 24), layers=2, bidirectional=True,
-                                         packed=True)
-    assert made
 
 
 @gpu

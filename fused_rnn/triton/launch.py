@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import os
@@ -893,123 +892,6 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
     kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
 
 
-SEQUENCE_PRODUCTS_CHOICES = ("auto", "overlap", "after")
-# rows (positions x batch) of each chunk of an overlapped per-step backward's products: deep enough for a
-# GEMM to keep its tiles busy, 16 positions at PTB's B=80, so that the last chunk, which runs after the
-# recurrence, is a fraction of the whole
-PRODUCT_CHUNK_ROWS = 1280
-
-
-def sequence_products_overlap(device: torch.device) -> bool:
-    """FUSED_RNN_SEQUENCE_PRODUCTS: where a per-step backward computes its sequence-wide products (dx, dW_ih,
-    dW_hh): "overlap", chunk by chunk on a side stream while the step launches go on (SequenceProducts);
-    "after", each as one product after the recurrence; "auto" (default): overlap on a GPU, after elsewhere
-    (on the CPU nothing runs beside the launches)."""
-    choice = environment_choice("FUSED_RNN_SEQUENCE_PRODUCTS", SEQUENCE_PRODUCTS_CHOICES)
-    if choice == "auto":
-        return device.type == "cuda" and not interpreted()
-    return choice == "overlap"
-
-
-# streams per device and priority for SequenceProducts, made at their first use
-_side_streams: dict = {}
-# whether the step launches beside SequenceProducts run on a stream of the highest priority
-PRIORITY_LOOP = False
-
-
-def side_stream(device: torch.device, priority: int = 0):
-    index = torch.cuda.current_device() if device.index is None else device.index
-    found = _side_streams.get((index, priority))
-    if found is None:
-        found = _side_streams[(index, priority)] = torch.cuda.Stream(device=index, priority=priority)
-    return found
-
-
-def accumulate_product(acc: Tensor, a: Tensor, b: Tensor, first: bool, scratch: Tensor | None) -> None:
-    """acc = a @ b (first) or acc + a @ b, with acc in float32 (float64 for float64) and a, b in x's dtype, summed
-    in float32 as one product of cuBLAS would. A 16-bit product on CUDA goes to scratch (acc.numel() or more) and is
-    added: addmm with a float32 addend and 16-bit factors is refused by some of the PyTorch versions that
-    have out_dtype. The CPU, which has no mixed-dtype product, upcasts a and b."""
-    if a.dtype != acc.dtype and not a.is_cuda:
-        a, b = a.to(acc.dtype), b.to(acc.dtype)
-    if a.dtype == acc.dtype:
-        torch.mm(a, b, out=acc) if first else acc.addmm_(a, b)
-    elif first:
-        torch.mm(a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        part = scratch[: acc.numel()].view(acc.shape)
-        torch.mm(a, b, out_dtype=acc.dtype, out=part)
-        acc.add_(part)
-
-
-class SequenceProducts:
-    """The sequence-wide products of a per-step backward, dx = dg W_ih, dW_hh = dg^T r_prev and dW_ih = dg^T x~
-    (x~: the layer's input after its dropout), a chunk of positions at a time as the step launches complete
-    their dL/dgates, on a side stream (CUDA) that runs them beside the recurrence's next launches: a launch
-    per step keeps few of the GPU's units busy, and GEMMs were 2.4 ms of the 14.0 ms of kernels in PTB's fp16
-    training step on the H100, most of them these, after each layer's recurrence (bench.breakdown, 05e0d24). dW_* accumulate in float32 (float64 for float64) and are rounded once, as one product's are.
-    Every tensor the side stream reads or writes is the caller's and lives until join(), where the caller's
-    stream waits for the side stream: nothing it uses is freed or reused before that."""
-
-    def __init__(self, dgates: Tensor, r_prev: Tensor, x_in: Tensor, w_ih: Tensor):
-        # dgates [T, B, 4H], r_prev [T, B, H_out], x_in [T, B, I], w_ih [4H, I]
-        seq_len, batch, gates = dgates.shape
-        self.dgates, self.r_prev, self.x_in, self.w_ih = dgates, r_prev, x_in, w_ih
-        self.dx = dgates.new_empty(seq_len, batch, w_ih.shape[1])
-        # the sums in float32, or float64 for float64
-        sums = compute_dtype(dgates.dtype)
-        self.dw_hh = dgates.new_empty(gates, r_prev.shape[2], dtype=sums)
-        self.dw_ih = dgates.new_empty(gates, w_ih.shape[1], dtype=sums)
-        # where a 16-bit chunk's product goes before it is added (accumulate_product); the side stream runs
-        # the products one after another, so one buffer serves both
-        mixed = dgates.is_cuda and dgates.dtype != sums
-        self.scratch = dgates.new_empty(gates * max(r_prev.shape[2], w_ih.shape[1]) if mixed else 0, dtype=sums)
-        self.chunk_steps = max(1, PRODUCT_CHUNK_ROWS // batch)
-        self.side = side_stream(dgates.device) if dgates.is_cuda else None
-        self.completed = 0
-        self.low = self.high = None  # the positions completed since the last chunk, low..high
-
-    @staticmethod
-    def worth_it(seq_len: int, batch: int) -> bool:
-        """Whether the positions make two chunks or more: with one, nothing would run beside the launches."""
-        return seq_len > max(1, PRODUCT_CHUNK_ROWS // batch)
-
-    def complete(self, t: int) -> None:
-        """Position t's dL/dgates are written (its step launches are queued): a chunk's products once it is full
-        or the last."""
-        self.low = t if self.low is None else min(self.low, t)
-        self.high = t if self.high is None else max(self.high, t)
-        self.completed += 1
-        if self.completed % self.chunk_steps == 0 or self.completed == self.dgates.shape[0]:
-            if self.side is None:
-                self._chunk(self.low, self.high + 1)
-            else:
-                # after the launches queued so far, beside those to come
-                self.side.wait_stream(torch.cuda.current_stream(self.dgates.device))
-                with torch.cuda.stream(self.side):
-                    self._chunk(self.low, self.high + 1)
-            self.low = self.high = None
-
-    def _chunk(self, start: int, stop: int) -> None:
-        first = self.completed <= self.chunk_steps
-        dg = self.dgates[start:stop].reshape(-1, self.dgates.shape[2])  # [rows, 4H]
-        torch.mm(dg, self.w_ih, out=self.dx[start:stop].view(-1, self.w_ih.shape[1]))
-        accumulate_product(self.dw_hh, dg.t(), self.r_prev[start:stop].reshape(-1, self.r_prev.shape[2]), first,
-                           self.scratch)
-        accumulate_product(self.dw_ih, dg.t(), self.x_in[start:stop].reshape(-1, self.x_in.shape[2]), first,
-                           self.scratch)
-
-    def join(self) -> None:
-        """The caller's stream waits for the chunks queued on the side stream."""
-        if self.side is not None:
-            torch.cuda.current_stream(self.dgates.device).wait_stream(self.side)
-
-    def results(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(dx [T, B, I], dW_hh [4H, H_out], dW_ih [4H, I]) in x's dtype, after join()."""
-        dtype = self.dgates.dtype
-        return self.dx, self.dw_hh.to(dtype), self.dw_ih.to(dtype)
-
-
 def _positions(seq_len: int, reverse: bool) -> range:
     return range(seq_len - 1, -1, -1) if reverse else range(seq_len)
 
@@ -1157,14 +1039,6 @@ def layer_backward(
                 buffer.zero_()
         return db.zero_()
 
-    def x_dropped() -> Tensor:
-        """The layer's input after its dropout (drawn again), for SequenceProducts' dW_ih."""
-        if not flags.input_dropout:
-            return x.contiguous()
-        return dropped_features(seed, x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format),
-                                philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
-                                parameters=flags.input_parameters)
-
     if plan.kind == "resident":
         db = zero_fresh(bias_partials())
         w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
@@ -1192,11 +1066,8 @@ def layer_backward(
         )
         if not done:
             plan = replan()
-    products = None
     if plan.kind == "steps":
         db = zero_fresh(bias_partials())
-        if sequence_products_overlap(x.device) and SequenceProducts.worth_it(seq_len, batch):
-            products = SequenceProducts(dgates, rs[int(reverse) : seq_len + int(reverse)], x_dropped(), w_ih)
         tiles_b, tiles_h = cdiv(batch, plan.block_b), cdiv(hidden, plan.block_h)
         tiles_out = cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
@@ -1208,50 +1079,30 @@ def layer_backward(
             backward_projection_cell_kernel, (tiles_b, tiles_h), PRECISION=precision,
             **{**plan.tile_constexprs, "BLOCK_K": min(plan.block_k, block_depth(True, w_hh.element_size()))},
         )
-        loop_stream = None
-        if products is not None and products.side is not None and PRIORITY_LOOP:
-            loop_stream = side_stream(x.device, torch.cuda.Stream.priority_range()[1])
-            loop_stream.wait_stream(torch.cuda.current_stream(x.device))
-        try:
-            with torch.cuda.stream(loop_stream) if loop_stream is not None else contextlib.nullcontext():
-                for index, t in enumerate(order + order[-1:]):
-                    # the extra last launch (no step) completes dL/dh0 from the first position's dgates
-                    h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
-                           order[index - 1] if index else t, int(reverse), stream, has_lengths, int(has_proj),
-                           int(index > 0), int(index < seq_len), *sizes)
-                    if has_proj and index < seq_len:
-                        projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t,
-                                             int(reverse), stream, has_lengths, *sizes)
-                    if products is not None and index < seq_len:
-                        products.complete(t)
-        finally:
-            if loop_stream is not None:
-                torch.cuda.current_stream(x.device).wait_stream(loop_stream)
-            if products is not None:
-                products.join()
+        for index, t in enumerate(order + order[-1:]):
+            # the extra last launch (no step) completes dL/dh0 from the first position's dgates
+            h_step(seed, dgates, db, xg, w_t, cs, d_out, gh, gc, dht, *step_arguments, t,
+                   order[index - 1] if index else t,
+                   int(reverse), stream, has_lengths, int(has_proj), int(index > 0), int(index < seq_len), *sizes)
+            if has_proj and index < seq_len:
+                projection_cell_step(seed, dgates, db, xg, w_hr, cs, gc, dht, *step_arguments, t, int(reverse), stream,
+                                     has_lengths, *sizes)
 
-    # weight and input gradients: one GEMM each over the whole sequence (or SequenceProducts' chunks), in x's
-    # dtype (that of dgates, rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from
-    # the kernels
-    if products is not None:
-        dx, dw_hh, dw_ih = products.results()
-        if flags.input_dropout:
-            # dx through the input's mask, in place
-            dropped_features(seed, dx, dx, philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
-                             parameters=flags.input_parameters)
-    else:
-        dg = dgates.reshape(seq_len * batch, 4 * hidden)
-        dw_hh = dg.t() @ rs[int(reverse) : seq_len + int(reverse)].reshape(seq_len * batch, real_hidden)
-        dx = (dg @ w_ih).reshape(x.shape)
-        if flags.input_dropout:
-            # the dropped input again, and dx through the same mask (in place), in one launch
-            x_kept = torch.empty_like(x, memory_format=torch.contiguous_format)
-            dropped_features(seed, x.contiguous(), x_kept, philox.KIND_INPUT, stream, flags.input_dropout,
-                             flags.locked, paired=(dx, dx), parameters=flags.input_parameters)
-            x = x_kept
-        dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
+    # weight and input gradients: one GEMM each over the whole sequence, in x's dtype (that of dgates,
+    # rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from the kernels
+    dg = dgates.reshape(seq_len * batch, 4 * hidden)
+    r_prev = rs[int(reverse) : seq_len + int(reverse)].reshape(seq_len * batch, real_hidden)
+    dw_hh = dg.t() @ r_prev
     if flags.weight:
         dw_hh = dropped_weight(seed, dw_hh, ints, floats, stream, flags.weight_rows)
+    dx = (dg @ w_ih).reshape(x.shape)
+    if flags.input_dropout:
+        # the dropped input again, and dx through the same mask (in place), in one launch
+        x_kept = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dropped_features(seed, x.contiguous(), x_kept, philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
+                         paired=(dx, dx), parameters=flags.input_parameters)
+        x = x_kept
+    dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
     dbias = db.sum(0)
     dw_hr = None
     if has_proj:
