@@ -8,7 +8,7 @@ a fill, a view, a GEMM's launch, one of the Triton backend's kernel launches str
 kernel (launch.RepeatedLaunch) and through launch.launch_specialised (its key, then the same), an
 autograd.Function's apply, a custom op's dispatch, launch.recurrence_plan, and a whole training step of
 one H512 layer with every regularizer and without, beside nn.LSTM's, until each returns (nothing waited
-for). The GPU's queue is drained between rows, never inside one. Under the interpreter (CPU) the kernel
+for), and when fused_rnn's step reaches its layer's forward and backward (milestones). The GPU's queue is drained between rows, never inside one. Under the interpreter (CPU) the kernel
 rows run the interpreter's launch and are not what a GPU's host pays.
 """
 
@@ -38,6 +38,44 @@ def per_call(fn, calls: int = CALLS, sync=lambda: None) -> float:
         rounds.append((time.perf_counter() - start) / calls * 1e6)
         sync()
     return statistics.median(rounds)
+
+
+def milestones(step, steps: int, sync) -> tuple[float, float, float]:
+    """Median us from a training step's start, with the GPU's queue drained as the benchmarks' steps start,
+    until its first call of launch.layer_forward, its first call of launch.layer_backward, and its return.
+    A step whose backward recurrence takes most of the GPU's time lasts about the second plus that
+    recurrence: the host's time before it is what the GPU waits for."""
+    from fused_rnn.triton import launch
+
+    names = ("layer_forward", "layer_backward")
+    originals = {name: getattr(launch, name) for name in names}
+    marks: dict[str, float] = {}
+
+    def marked(name):
+        original = originals[name]
+
+        def call(*args, **kwargs):
+            marks.setdefault(name, time.perf_counter())
+            return original(*args, **kwargs)
+
+        return call
+
+    rows = []
+    try:
+        for name in names:
+            setattr(launch, name, marked(name))
+        for _ in range(steps + 3):
+            sync()
+            marks.clear()
+            start = time.perf_counter()
+            step()
+            end = time.perf_counter()
+            rows.append(tuple((at - start) * 1e6 for at in (marks[names[0]], marks[names[1]], end)))
+    finally:
+        for name, original in originals.items():
+            setattr(launch, name, original)
+    # the first steps warm up
+    return tuple(statistics.median(column) for column in zip(*rows[3:]))
 
 
 def main(argv: list[str]) -> int:
@@ -119,15 +157,18 @@ def measure(device: torch.device) -> int:
     shape = SHAPES_BY_NAME["h512"] if device.type == "cuda" else Shape("tiny", 3, 2, 4, 8, 1, ("cpu",))
     inputs = make_input(shape, dtype, device)
     models = {
+        # the Triton backend's (auto's on CUDA; on CPU, its host calls with the kernels skipped)
         "fused_rnn, every regularizer": fused_rnn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers,
-                                                       device=device, dtype=dtype, **regularizer_kwargs(shape)),
+                                                       device=device, dtype=dtype, backend="triton",
+                                                       **regularizer_kwargs(shape)),
         "fused_rnn, none": fused_rnn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device,
-                                          dtype=dtype),
+                                          dtype=dtype, backend="triton"),
         "nn.LSTM": torch.nn.LSTM(shape.input_size, shape.hidden_size, shape.num_layers, device=device, dtype=dtype),
     }
     print(f"\n{shape.name}: a training step's host time until it returned (the GPU may still run), and with the "
           f"GPU waited for; median of 5 rounds of {STEPS}")
     print("| provider | host us | synchronised us |\n|---|---:|---:|")
+    steps = {}
     for name, model in models.items():
         step = build_step(Built(model, lambda x, model=model: model(x)[0], {}), shape, inputs, "fwdbwd")
         returned = per_call(step, STEPS, sync)
@@ -137,6 +178,13 @@ def measure(device: torch.device) -> int:
             sync()
 
         print(f"| {name} | {returned:.0f} | {per_call(synchronised, STEPS):.0f} |", flush=True)
+        if name.startswith("fused_rnn"):
+            steps[name] = step
+    print(f"\n{shape.name}: host us from a training step's start (the GPU's queue drained) until it called "
+          f"launch.layer_forward, launch.layer_backward, and until it returned; median of {STEPS}")
+    print("| provider | layer_forward | layer_backward | returned |\n|---|---:|---:|---:|")
+    for name, step in steps.items():
+        print("| " + " | ".join([name, *(f"{us:.0f}" for us in milestones(step, STEPS, sync))]) + " |", flush=True)
     return 0
 
 

@@ -1353,8 +1353,8 @@ def test_the_host_proxy_times_each_provider_and_leaves_the_kernels_running(capsy
 
 
 def test_the_host_costs_script_times_each_call_and_step(capsys, monkeypatch):
-    """bench/host_costs.py on CPU (kernels skipped): a positive time for every call and each provider's step;
-    afterwards kernels run again."""
+    """bench/host_costs.py on CPU (kernels skipped): a positive time for every call and each provider's step,
+    fused_rnn's milestones in their order; afterwards kernels run again and the layer functions are launch's own."""
     from bench import host_costs
 
     monkeypatch.setattr(host_costs, "CALLS", 2)
@@ -1366,6 +1366,11 @@ def test_the_host_costs_script_times_each_call_and_step(capsys, monkeypatch):
     assert len(calls) >= 15 and all(float(us) > 0 for _, us in calls)
     assert [name.strip() for name, *_ in steps] == ["fused_rnn, every regularizer", "fused_rnn, none", "nn.LSTM"]
     assert all(float(us) > 0 for _, *times in steps for us in times)
+    # the milestones of fused_rnn's steps: the layer's forward, then its backward, then the step's return
+    milestones = [row for row in rows if len(row) == 4][1:]
+    assert [name.strip() for name, *_ in milestones] == ["fused_rnn, every regularizer", "fused_rnn, none"]
+    assert all(0 < float(forward) <= float(backward) <= float(end) for _, forward, backward, end in milestones)
+    assert launch.layer_forward.__name__ == "layer_forward" and launch.layer_backward.__name__ == "layer_backward"
     x = torch.randn(3, 2, 4)
     assert torch.equal(launch.feature_dropout(x, SEEDS[0], 1, 0, 1.0, False), torch.zeros_like(x))
 
