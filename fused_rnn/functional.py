@@ -8,6 +8,7 @@ caller's row order, draws the seed, and hands that to a backend.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import numbers
 from typing import Sequence
@@ -190,8 +191,8 @@ def _sizes(
     if len(weights) != num_layers * num_directions * per_layer:
         counts = f"{2 + 2 * has_biases} or {3 + 2 * has_biases}" if proj_size is None else str(per_layer)
         raise ValueError(
-            f"expected {counts} weights per layer and direction ({num_layers} layers, {num_directions} directions), "
-            f"got {len(weights)} weights"
+            f"expected {counts} weights per layer and direction, times {num_layers} layers and {num_directions} "
+            f"directions, got {len(weights)} weights in all"
         )
     if input_size is None:
         input_size = _size_from(weights[0], "weight_ih_l0", 1)
@@ -290,7 +291,10 @@ def lstm(
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-    autocast = _autocast_enabled(data.device.type)
+    # nn.LSTM's packed overload is not on autocast's list: packed input runs in the weights' dtype there,
+    # autocast off for the backend's own ops (run below)
+    autocast_off = packed and _autocast_enabled(data.device.type)
+    autocast = not packed and _autocast_enabled(data.device.type)
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
         # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)
@@ -373,17 +377,18 @@ def lstm(
 
     if chosen != "reference" and _transformed(x, h0, c0, *weights):
         chosen = "reference"
-    out, h_n, c_n = backends.module(chosen).run(
-        x,
-        h0,
-        c0,
-        split_flat_weights(weights, num_layers, num_directions, has_biases, has_proj),
-        num_directions=num_directions,
-        reg=reg,
-        training=training,
-        seed=seed,
-        lengths=lengths,
-    )
+    with torch.autocast(data.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
+        out, h_n, c_n = backends.module(chosen).run(
+            x,
+            h0,
+            c0,
+            split_flat_weights(weights, num_layers, num_directions, has_biases, has_proj),
+            num_directions=num_directions,
+            reg=reg,
+            training=training,
+            seed=seed,
+            lengths=lengths,
+        )
 
     if packed:
         return PackedSequence(out[time_index, batch_index], batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)

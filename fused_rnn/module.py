@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
+import torch
 from torch import nn
 
 from . import functional
@@ -96,10 +97,17 @@ class LSTM(nn.RNNBase):
         return self._regularizers(dropout)
 
     def forward(self, input, hx=None, *, seed: int | None = None):
+        if torch.compiler.is_compiling():
+            weights = [getattr(self, name) for name in self._flat_weights_names]
+        else:
+            # nn.LSTM's: its flat weights list, refreshed where a parameter was replaced behind RNNBase's
+            # __setattr__ (in _parameters, say), kept where only the list was changed
+            self._update_flat_weights()
+            weights = self._flat_weights
         return functional.lstm(
             input,
             hx,
-            [getattr(self, name) for name in self._flat_weights_names],
+            weights,
             has_biases=self.bias,
             num_layers=self.num_layers,
             bidirectional=self.bidirectional,
@@ -110,7 +118,8 @@ class LSTM(nn.RNNBase):
             backend=self.backend,
             input_size=self.input_size,
             hidden_size=self.hidden_size,
-            proj_size=self.proj_size,
+            # nn.LSTM accepts proj_size=False, as no projection
+            proj_size=0 if self.proj_size is False else self.proj_size,
         )
 
     def sample_masks(self, seq_len: int, batch_size: int, seed: int, device=None) -> dict:

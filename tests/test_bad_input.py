@@ -601,8 +601,8 @@ def functional_args(cfg=None):
         (dict(input_size=0), ValueError, r"^input_size must be greater than zero, got 0$"),
         (dict(hidden_size="4"), TypeError, r"^hidden_size should be of type int, got: str$"),
         (dict(proj_size=-1), ValueError, r"^proj_size must be at least 0, got -1$"),
-        (dict(proj_size=2), ValueError, r"^expected 5 weights per layer and direction \(1 layers, 1 directions\)"),
-        (dict(bidirectional=True), ValueError, r"^expected 4 or 5 weights per layer and direction \(1 layers, 2"),
+        (dict(proj_size=2), ValueError, r"^expected 5 weights per layer and direction, times 1 layers and 1 directions, got 4 weights in all"),
+        (dict(bidirectional=True), ValueError, r"^expected 4 or 5 weights per layer and direction, times 1 layers and 2 directions"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else "",
 )

@@ -339,6 +339,53 @@ def test_functional_call_uses_the_given_parameters():
         assert_close(name, r, g, TIGHT)
 
 
+def test_flat_weights_are_read_and_refreshed_as_nn_lstms():
+    """forward reads RNNBase's _flat_weights as nn.LSTM.forward does: refreshed where a parameter was replaced
+    behind __setattr__ (in _parameters), used as it is where only the list was changed."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, dtype=torch.float64)
+    lstm = fused_rnn.LSTM(I, H, dtype=torch.float64)
+    lstm.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    for module in (ref, lstm):
+        module._parameters["weight_hh_l0"] = torch.nn.Parameter(torch.full_like(module.weight_hh_l0, 0.1))
+    assert_close("output, weight_hh_l0 replaced", ref(x)[0], lstm(x)[0], TIGHT)
+    assert lstm._flat_weights[1] is lstm.weight_hh_l0
+    for module in (ref, lstm):
+        module._flat_weights[0] = torch.zeros_like(module.weight_ih_l0)
+    assert_close("output, the list changed", ref(x)[0], lstm(x)[0], TIGHT)
+
+
+def test_proj_size_false_is_no_projection_as_in_nn_lstm():
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, proj_size=False, dtype=torch.float64)
+    lstm = fused_rnn.LSTM(I, H, proj_size=False, dtype=torch.float64)
+    lstm.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    assert_close("output", ref(x)[0], lstm(x)[0], TIGHT)
+
+
+def test_packed_input_under_autocast_runs_in_the_weights_dtype_as_in_nn_lstm():
+    """nn.LSTM's packed overload is not on autocast's list: its outputs keep the weights' float32, where padded
+    input under the same autocast comes out in bfloat16. fused_rnn computes them as without autocast (nn.LSTM's
+    CPU kernel, whose products autocast still reaches, differs from its own float32 result by bfloat16's
+    rounding)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H)
+    lstm = fused_rnn.LSTM(I, H)
+    lstm.load_state_dict(ref.state_dict())
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(3, I), torch.randn(2, I)])
+    expected = ref(packed)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_ref, (h_ref, c_ref) = ref(packed)
+        out, (h, c) = lstm(packed)
+        padded = lstm(torch.randn(T, B, I))[0]
+    dtypes = (out.data.dtype, h.dtype, c.dtype)
+    assert dtypes == (autocast_ref.data.dtype, h_ref.dtype, c_ref.dtype) == (torch.float32,) * 3
+    assert_close("packed output", expected.data, out.data, 1e-6)
+    assert padded.dtype == torch.bfloat16
+
+
 def test_flatten_parameters_and_packed_round_trip():
     ref, lstm = make_pair(Cfg(bidirectional=True))
     lstm.flatten_parameters()
