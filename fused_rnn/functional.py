@@ -34,6 +34,19 @@ def draw_seed() -> Tensor:
     return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64)
 
 
+@torch.library.custom_op("fused_rnn::draw_seed", mutates_args=())
+def _compiled_draw_seed(anchor: Tensor) -> Tensor:
+    """draw_seed() as an op that torch.compile keeps opaque: inductor replaces torch.randint with a generator
+    of its own (as it does F.dropout's draws), so a compiled call drew other masks than an eager one after the
+    same torch.manual_seed. anchor: a tensor of the call, so that the draw is not folded into a constant."""
+    return draw_seed()
+
+
+@_compiled_draw_seed.register_fake
+def _(anchor):
+    return torch.empty((), dtype=torch.int64)
+
+
 def check_seed(seed) -> Tensor:
     """A user's seed (an int in [0, 2**63)) as a 0-dim int64 CPU tensor."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -340,7 +353,9 @@ def lstm(
         for index, state in enumerate((h0, c0)):
             if state.dtype != data.dtype:
                 raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
-    layout = _weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
+    # (traced, the function itself: dynamo warns of an lru_cache it would ignore)
+    weight_layout = _weight_layout.__wrapped__ if torch.compiler.is_compiling() else _weight_layout
+    layout = weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
     for w, (name, shape) in zip(weights, layout):
         if w.dtype != weight_dtype and not autocast:
             raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")
@@ -373,7 +388,7 @@ def lstm(
     if not (training and reg.draws_masks(num_layers)):
         seed = torch.zeros((), dtype=torch.int64)
     elif seed is None:
-        seed = draw_seed()
+        seed = _compiled_draw_seed(x.detach()) if torch.compiler.is_compiling() else draw_seed()
 
     if chosen != "reference" and _transformed(x, h0, c0, *weights):
         chosen = "reference"

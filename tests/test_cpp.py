@@ -359,6 +359,26 @@ def test_torch_compile_fullgraph(ops):
     torch.testing.assert_close(result_grad, eager_grad, rtol=1e-12, atol=1e-12)
 
 
+def test_torch_compile_with_inductor_draws_the_eager_seed(ops):
+    """seed=None: inductor would put its own generator in torch.randint's place; the draw goes through an op it
+    keeps as it is (functional._compiled_draw_seed), so a compiled call after torch.manual_seed uses the
+    eager call's masks and leaves the generator where the eager call does."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lstm = fused_rnn.LSTM(3, 4, backend="cpp", zoneout_h=0.3, recurrent_dropout=0.2, weight_dropout=0.3)
+    x = torch.randn(3, 2, 3)
+    compiled = torch.compile(lstm, fullgraph=True, backend="inductor")
+    torch.manual_seed(1)
+    first, second = compiled(x)[0], compiled(x)[0]
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    eager, eager_second = lstm(x)[0], lstm(x)[0]
+    torch.testing.assert_close(first, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(second, eager_second, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(first, second), "each call draws a new seed"
+    assert torch.equal(state, torch.get_rng_state())
+
+
 COMPILE_FIRST_SCRIPT = textwrap.dedent(
     """
     import torch, fused_rnn

@@ -413,7 +413,8 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_torch_compile_draws_the_seed_inside_the_graph():
-    """seed=None under torch.compile(fullgraph=True): the draw is traced, reproducible under manual_seed."""
+    """seed=None under torch.compile(fullgraph=True, inductor): the draw is in the graph, reproducible under
+    manual_seed, and the one an eager call makes from torch's generator (functional._compiled_draw_seed)."""
     device = require_backend("triton", torch.float32)
     model = fused_rnn.LSTM(4, 5, backend="triton", device=device, zoneout_h=0.2, recurrent_dropout=0.3)
     x = torch.randn(3, 2, 4, device=device)
@@ -422,8 +423,11 @@ def test_torch_compile_draws_the_seed_inside_the_graph():
     first, second = compiled(x), compiled(x)
     torch.manual_seed(0)
     again = compiled(x)
+    torch.manual_seed(0)
+    eager = model(x)[0].sum()
     assert torch.equal(first, again), "torch.manual_seed reproduces a compiled run"
     assert not torch.equal(first, second), "each call draws a new seed"
+    assert torch.allclose(first, eager, rtol=1e-6, atol=1e-6), "the compiled call draws the eager call's seed"
 
 
 def test_recurrence_mode_is_validated(monkeypatch):
