@@ -354,6 +354,13 @@ def test_flat_weights_are_read_and_refreshed_as_nn_lstms():
     for module in (ref, lstm):
         module._flat_weights[0] = torch.zeros_like(module.weight_ih_l0)
     assert_close("output, the list changed", ref(x)[0], lstm(x)[0], TIGHT)
+    # AWD-LSTM's old WeightDrop: the parameter deleted, a plain tensor set in its place
+    for module in (ref, lstm):
+        raw = module.weight_hh_l0
+        del module.weight_hh_l0
+        module.weight_hh_l0 = raw * 0.5
+    assert_close("output, a plain tensor for weight_hh_l0", ref(x)[0], lstm(x)[0], TIGHT)
+    assert lstm._flat_weights[1] is lstm.weight_hh_l0
 
 
 def test_proj_size_false_is_no_projection_as_in_nn_lstm():
