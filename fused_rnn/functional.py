@@ -306,8 +306,8 @@ def lstm(
 
     # nn.LSTM's packed overload is not on autocast's list: packed input runs in the weights' dtype there,
     # autocast off for the backend's own ops (run below)
-    autocast_off = packed and _autocast_enabled(data.device.type)
-    autocast = not packed and _autocast_enabled(data.device.type)
+    autocast_on = _autocast_enabled(data.device.type)
+    autocast, autocast_off = autocast_on and not packed, autocast_on and packed
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
         # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)

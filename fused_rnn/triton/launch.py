@@ -227,8 +227,7 @@ ARRIVAL_COUNTERS_KEPT = 16
 def arrival_counter(device: torch.device) -> Tensor:
     """The grid barrier counter of device's current stream, for a persistent or resident launch on it."""
     key = (device, current_stream_handle(device))
-    return kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT,
-                 lambda: torch.zeros(2, dtype=torch.int32, device=device))
+    return kept(_arrival_counters, key, ARRIVAL_COUNTERS_KEPT, lambda: torch.zeros(2, dtype=torch.int32, device=device))
 
 
 def _refuse_capture(device: torch.device) -> None:
