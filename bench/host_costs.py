@@ -41,40 +41,61 @@ def per_call(fn, calls: int = CALLS, sync=lambda: None) -> float:
     return statistics.median(rounds)
 
 
-def milestones(step, steps: int, sync) -> tuple[float, float, float]:
+# (label, owner, attribute, when): a step's milestones, each the first time `owner.attribute` is entered
+# ("call") or returns ("return"), or the last time it returns ("last return")
+MILESTONES = (
+    ("layer_forward", "launch", "layer_forward", "call"),
+    ("its return", "launch", "layer_forward", "return"),
+    ("backward()", "autograd", "backward", "call"),
+    ("layer's backward", "ops", "backward", "call"),
+    ("layer_backward", "launch", "layer_backward", "call"),
+    ("recurrence launched", "launch", "_launch_persistent", "last return"),
+)
+
+
+def milestones(step, steps: int, sync) -> tuple[float, ...]:
     """Median us from a training step's start, with the GPU's queue drained as the benchmarks' steps start,
-    until its first call of launch.layer_forward, its first call of launch.layer_backward, and its return.
-    A step whose backward recurrence takes most of the GPU's time lasts about the second plus that
-    recurrence: the host's time before it is what the GPU waits for."""
-    from fused_rnn.triton import launch
+    until each of MILESTONES, then until its return: its layer's forward launcher called and returned,
+    torch.autograd.backward called, the layer's autograd backward (ops) called, launch.layer_backward
+    called, its last persistent or resident launch returned (the backward's recurrence, where it has one;
+    0 where none ran). A step whose backward recurrence takes most of the GPU's time lasts about the time
+    to that launch plus the recurrence: the host's time before it is what the GPU waits for."""
+    from fused_rnn.triton import launch, ops
 
-    names = ("layer_forward", "layer_backward")
-    originals = {name: getattr(launch, name) for name in names}
-    marks: dict[str, float] = {}
+    owners = {"launch": launch, "autograd": torch.autograd, "ops": ops._LayerFunction}
+    patched = {(owner, attribute) for _, owner, attribute, _ in MILESTONES}
+    originals = {key: owners[key[0]].__dict__[key[1]] for key in patched}
+    marks: dict[tuple[str, str, str], float] = {}
 
-    def marked(name):
-        original = originals[name]
+    def marked(key):
+        original = originals[key]
+        function = original.__func__ if isinstance(original, staticmethod) else original
 
         def call(*args, **kwargs):
-            marks.setdefault(name, time.perf_counter())
-            return original(*args, **kwargs)
+            marks.setdefault((*key, "call"), time.perf_counter())
+            result = function(*args, **kwargs)
+            now = time.perf_counter()
+            marks.setdefault((*key, "return"), now)
+            marks[(*key, "last return")] = now
+            return result
 
-        return call
+        return staticmethod(call) if isinstance(original, staticmethod) else call
 
     rows = []
     try:
-        for name in names:
-            setattr(launch, name, marked(name))
+        for key in patched:
+            setattr(owners[key[0]], key[1], marked(key))
         for _ in range(steps + 3):
             sync()
             marks.clear()
             start = time.perf_counter()
             step()
             end = time.perf_counter()
-            rows.append(tuple((at - start) * 1e6 for at in (marks[names[0]], marks[names[1]], end)))
+            at = [marks.get((owner, attribute, when)) for _, owner, attribute, when in MILESTONES]
+            rows.append(tuple(0.0 if mark is None else (mark - start) * 1e6 for mark in (*at, end)))
     finally:
-        for name, original in originals.items():
-            setattr(launch, name, original)
+        for key, original in originals.items():
+            setattr(owners[key[0]], key[1], original)
     # the first steps warm up
     return tuple(statistics.median(column) for column in zip(*rows[3:]))
 
@@ -181,9 +202,10 @@ def measure(device: torch.device) -> int:
         print(f"| {name} | {returned:.0f} | {per_call(synchronised, STEPS):.0f} |", flush=True)
         if name.startswith("fused_rnn"):
             steps[name] = step
-    print(f"\n{shape.name}: host us from a training step's start (the GPU's queue drained) until it called "
-          f"launch.layer_forward, launch.layer_backward, and until it returned; median of {STEPS}")
-    print("| provider | layer_forward | layer_backward | returned |\n|---|---:|---:|---:|")
+    print(f"\n{shape.name}: host us from a training step's start (the GPU's queue drained) until each milestone "
+          f"(host_costs.milestones) and until it returned; median of {STEPS}")
+    labels = [label for label, *_ in MILESTONES] + ["returned"]
+    print("| provider | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels))
     for name, step in steps.items():
         print("| " + " | ".join([name, *(f"{us:.0f}" for us in milestones(step, STEPS, sync))]) + " |", flush=True)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import types
 
 import pytest
 import torch
@@ -266,6 +267,51 @@ def test_matches_the_reference_in_float64(case, mode, monkeypatch):
                             proj=proj, layers=layers, bidirectional=bidirectional, packed=packed, training=training, reg=reg)
 
 
+def test_gemm_operands_are_padded_to_whole_16_bytes_on_a_gpu_only():
+    """cuBLAS's tensor-core GEMMs want rows 16 bytes apart: 8 elements in 16-bit, 4 in float32 (TF32), none
+    for float64 or off a GPU; the padding is zeros, and an aligned operand is used as it is."""
+    on_gpu = lambda size: types.SimpleNamespace(is_cuda=True, element_size=lambda: size)  # noqa: E731
+    assert [launch.gemm_row_elements(on_gpu(size)) for size in (2, 4, 8)] == [8, 4, 1]
+    assert all(launch.gemm_row_elements(torch.empty(2, 3, dtype=dtype)) == 1 for dtype in (torch.float16, torch.float32))
+    t = torch.randn(5, 1150)
+    padded = launch.padded_columns(t, 8)
+    assert padded.shape == (5, 1152) and torch.equal(padded[:, :1150], t) and not padded[:, 1150:].any()
+    aligned = torch.randn(5, 16)
+    assert launch.padded_columns(aligned, 8) is aligned
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8])
+def test_padded_products_are_the_products(multiple, monkeypatch):
+    """input_projection and aligned_product with their operands padded (as on a GPU, gemm_row_elements) give
+    the plain products, contiguous: the zero columns add nothing, and the product's extra ones are dropped."""
+    monkeypatch.setattr(launch, "gemm_row_elements", lambda t: multiple)
+    generator = torch.Generator().manual_seed(0)
+    x, w_ih, bias = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((3, 2, 5), (12, 5), (12,)))
+    xg = launch.input_projection(x, w_ih, bias)
+    assert xg.shape == (3, 2, 12) and xg.is_contiguous()
+    torch.testing.assert_close(xg, torch.nn.functional.linear(x, w_ih, bias), rtol=1e-14, atol=1e-14)
+    dg, b = torch.randn(6, 12, generator=generator, dtype=torch.float64), torch.randn(6, 7, generator=generator,
+                                                                                     dtype=torch.float64)
+    for a, operand in ((dg.t(), b), (dg, w_ih)):
+        product = launch.aligned_product(a, operand)
+        assert product.shape == (a.shape[0], operand.shape[1]) and product.is_contiguous()
+        torch.testing.assert_close(product, a @ operand, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["steps", "persistent"])
+def test_matches_the_reference_with_the_gemms_operands_padded(mode, monkeypatch):
+    """A training step with every GEMM operand padded as on a GPU (16 bytes: 4 float32 elements; here 5 inputs,
+    6 units and 4 projected ones, none a multiple of 4) against the reference; the padding did take place."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    device = require_backend("triton", torch.float32)
+    monkeypatch.setattr(launch, "gemm_row_elements", lambda t: 4)
+    padded_widths, pad = [], launch.padded_columns
+    monkeypatch.setattr(launch, "padded_columns", lambda t, multiple: padded_widths.append(t.shape[-1]) or pad(t, multiple))
+    _compare_with_reference(device, torch.float32, 1e-5, seq_len=4, batch=3, inputs=5, hidden=6, proj=3, layers=2,
+                            bidirectional=True, packed=True, training=True, reg=EVERY)
+    assert {5, 3, 6} <= set(padded_widths), padded_widths
+
+
 @pytest.mark.parametrize("mode", RECURRENCE_MODES)
 def test_matches_the_reference_in_float32(mode, monkeypatch):
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
@@ -321,9 +367,9 @@ def test_loading_ahead_is_the_default_and_validated(monkeypatch):
 
 def test_k_tile_depths_follow_the_weights_bytes_and_the_tuning_variable(monkeypatch):
     monkeypatch.delenv("FUSED_RNN_BLOCK_K", raising=False)
-    # forward 128 bytes of W~, backward 256
+    # forward 128 bytes of W~, backward 256 (float32: 128)
     assert [launch.block_depth(True, size) for size in (2, 4, 8)] == [64, 32, 16]
-    assert [launch.block_depth(False, size) for size in (2, 4, 8)] == [128, 64, 32]
+    assert [launch.block_depth(False, size) for size in (2, 4, 8)] == [128, 32, 32]
     monkeypatch.setenv("FUSED_RNN_BLOCK_K", "32,256")
     assert (launch.block_depth(True, 2), launch.block_depth(False, 2)) == (32, 256)
     monkeypatch.setenv("FUSED_RNN_BLOCK_K", "16")
@@ -712,6 +758,8 @@ def test_resident_plan_is_for_layers_without_projection(monkeypatch):
         (16, 768, "tf32", 4, False, "persistent"),  # no TF32 resident backward
         (64, 512, "default", 2, True, "resident"),  # row tiles split: 6.4 against 12.3 (28e61d7)
         (64, 512, "default", 2, False, "persistent"),  # 20 against 36
+        (64, 512, "tf32", 4, True, "resident"),  # two row tiles walked: 15.8 against 28.7 (af9aabe)
+        (64, 512, "tf32", 4, False, "persistent"),
         (80, 1150, "default", 2, True, "resident"),  # 360 persistent tiles on 132 SMs
         (80, 1150, "default", 2, False, "steps"),  # no resident plan fits; persistent 146-158, steps 70-73
         (80, 1150, "tf32", 4, True, "steps"),
@@ -719,9 +767,9 @@ def test_resident_plan_is_for_layers_without_projection(monkeypatch):
 )
 def test_auto_runs_the_loop_the_h100_timed_fastest(batch, hidden, precision, element_size, forward, expected,
                                                      monkeypatch):
-    """auto's choice at the benchmark layers on an H100 (132 SMs), against bench.tune's tables at 9ab8d3d
-    and 28e61d7 (bench/results): resident unless its programs walk several row tiles where a persistent
-    launch has a tile a program (a forward's row tiles are then split among programs where they fit);
+    """auto's choice at the benchmark layers on an H100 (132 SMs), against bench.tune's tables at 9ab8d3d,
+    28e61d7 and af9aabe (bench/results): resident unless its programs walk several row tiles where a persistent
+    launch has a tile a program, in 16-bit (a forward's row tiles are then split among programs where they fit);
     persistent only with a tile a program; else a launch per step."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
     monkeypatch.setattr(launch, "interpreted", lambda: False)
@@ -1370,11 +1418,17 @@ def test_the_host_costs_script_times_each_call_and_step(capsys, monkeypatch):
     assert len(calls) >= 15 and all(float(us) > 0 for _, us in calls)
     assert [name.strip() for name, *_ in steps] == ["fused_rnn, every regularizer", "fused_rnn, none", "nn.LSTM"]
     assert all(float(us) > 0 for _, *times in steps for us in times)
-    # the milestones of fused_rnn's steps: the layer's forward, then its backward, then the step's return
-    milestones = [row for row in rows if len(row) == 4][1:]
+    # the milestones of fused_rnn's steps in the order a step reaches them, then the step's return; the CPU's
+    # auto plan launches per step, with no persistent or resident launch (0)
+    milestones = [row for row in rows if len(row) == len(host_costs.MILESTONES) + 2][1:]
     assert [name.strip() for name, *_ in milestones] == ["fused_rnn, every regularizer", "fused_rnn, none"]
-    assert all(0 < float(forward) <= float(backward) <= float(end) for _, forward, backward, end in milestones)
+    for _, *times in milestones:
+        *reached, recurrence, end = map(float, times)
+        assert 0 < reached[0] and reached == sorted(reached) and reached[-1] <= end and recurrence == 0, times
     assert launch.layer_forward.__name__ == "layer_forward" and launch.layer_backward.__name__ == "layer_backward"
+    assert launch._launch_persistent.__name__ == "_launch_persistent" and torch.autograd.backward.__name__ == "backward"
+    assert isinstance(ops._LayerFunction.__dict__["backward"], staticmethod)
+    assert ops._LayerFunction.backward.__name__ == "_layer_backward"
     x = torch.randn(3, 2, 4)
     assert torch.equal(launch.feature_dropout(x, SEEDS[0], 1, 0, 1.0, False), torch.zeros_like(x))
 

@@ -563,7 +563,7 @@ def choose_plan(device: torch.device, precision: str, element_size: int, batch: 
 
     auto on a GPU: resident where the layer has no projection and its slabs fit (the forward's and the
     backward's plans apart: the backward's slab is 4H deep; no TF32 backward), unless its programs would
-    walk several row tiles where a persistent launch has one tile a program (a forward's row tiles are
+    walk several row tiles where a persistent launch has one tile a program (in 16-bit only) (a forward's row tiles are
     split among programs instead, where they fit); else persistent where each program has one tile, else
     steps.
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
@@ -604,7 +604,10 @@ def choose_plan(device: torch.device, precision: str, element_size: int, batch: 
             split = resident_plan(limits, element_size, batch, hidden, forward, split_rows=True)
             if split is not None and split.row_programs > 1:
                 return split
-        if plan is not None and not (mode == "auto" and walks_rows and programs):
+        # In TF32 a resident program walking its row tiles is the faster (H100, bench.tune at af9aabe, B=64
+        # H=512, 128 programs of two 32-row tiles): 15.8 us a step forward against the persistent loop's
+        # 28.7, which reads a float32 W~ from L2 at every step
+        if plan is not None and not (mode == "auto" and walks_rows and programs and precision != "tf32"):
             return plan
     if programs:
         return Plan("persistent", programs, block_b, block_h, block_k)
@@ -674,9 +677,12 @@ def forward_or_backward(values: list, forward: bool):
 # step: H=512 persistent forward 12.2 at 64 against 15.7 at 32, backward 12.3 at 128 against 19.1 at
 # 32; PTB per-step backward 40 at 128 against 49 at 32, forward 42 at 64 against 55. Deeper forward
 # tiles spilled registers in the persistent forward's sm_90 compile (every phase inlined: 248 of 255
-# at 64 elements), and deeper float32 ones in the backward's projection step.
+# at 64 elements), and deeper float32 ones in the backward's projection step. A float32 (TF32) backward
+# takes 128 bytes: bench.tune on the H100 (TF32, af9aabe), us a step: PTB per-step backward 96 at 32
+# against 110 at 64; H=512 persistent backward (8 warps) 41.4 at 32 against 45.1 at 64.
 FORWARD_BLOCK_K_BYTES = 128
 BACKWARD_BLOCK_K_BYTES = 256
+FLOAT32_BACKWARD_BLOCK_K_BYTES = 128
 BLOCK_K_CHOICES = (16, 32, 64, 128, 256)
 
 
@@ -687,7 +693,11 @@ def block_depth(forward: bool, element_size: int) -> int:
 
 
 def default_block_depth(forward: bool, element_size: int) -> int:
-    return max(16, (FORWARD_BLOCK_K_BYTES if forward else BACKWARD_BLOCK_K_BYTES) // element_size)
+    if forward:
+        depth_bytes = FORWARD_BLOCK_K_BYTES
+    else:
+        depth_bytes = FLOAT32_BACKWARD_BLOCK_K_BYTES if element_size == 4 else BACKWARD_BLOCK_K_BYTES
+    return max(16, depth_bytes // element_size)
 
 
 def tuned_depth(forward: bool) -> int | None:
@@ -772,15 +782,12 @@ def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> 
     """GPU launch options of a persistent or resident kernel: cooperative (the driver refuses the launch
     unless every program is resident), every register a thread may have (some ptxas releases otherwise
     trade spills for occupancy that one program per SM cannot use); warps: resident_warps, and 4 for
-    16-bit persistent tiles, 8 for float32 ones."""
+    persistent tiles. (bench.tune on the H100, TF32, H=512, af9aabe: the float32 persistent loops, which
+    took 8 warps before, took 28.7 us a step forward and 40.0 backward with 4 against 34.0 and 45.1.)"""
     if device.type != "cuda":
         return {}
     resident = plan.kind == "resident"
-    if resident:
-        warps = resident_warps(plan)
-    else:
-        warps = 8 if dtype == torch.float32 else 4
-    options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": warps}
+    options = {"launch_cooperative_grid": True, "maxnreg": 255, "num_warps": resident_warps(plan) if resident else 4}
     if resident:
         # no software pipelining: it would keep several steps' operands in flight, in shared memory
         # the slabs need, and the loop's loads depend on the barrier before them anyway
@@ -891,6 +898,44 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
     kept(_specialised_launches, key, SPECIALISED_LAUNCHES_KEPT, make)(*args)
 
 
+# cuBLAS's tensor-core GEMMs want each operand's rows a whole number of 16 bytes apart. Where they are not
+# (the PTB layers' 1150 units and inputs: 2300 bytes in 16-bit, 4600 in float32), it ran sm_80 kernels for
+# 2-element alignment: 2.39 ms of the PTB step's 13.98 ms of kernels in fp16, 9 GEMMs at about 220 TFLOPS
+# (H100, bench.breakdown at 05e0d24), where the H512 layer's aligned ones ran above 500. Such operands
+# are padded with zero columns first (a copy of each, a few us at PTB), and the products' extra columns
+# dropped.
+GEMM_ROW_BYTES = 16
+
+
+def gemm_row_elements(t: Tensor) -> int:
+    """The multiple of elements a GEMM operand's rows are padded to: 1 (as they are) off a GPU, and for
+    float64 (no tensor cores)."""
+    if not t.is_cuda or t.element_size() > 4:
+        return 1
+    return GEMM_ROW_BYTES // t.element_size()
+
+
+def padded_columns(t: Tensor, multiple: int) -> Tensor:
+    """t [M, N] with zero columns after its N up to a multiple of `multiple` (t itself where N is one)."""
+    width = t.shape[-1]
+    padded = -(-width // multiple) * multiple
+    return t if padded == width else F.pad(t, (0, padded - width))
+
+
+def input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """x W_ih^T + bias, [T, B, 4H] contiguous: x's and W_ih's rows padded (gemm_row_elements) for the GEMM."""
+    multiple = gemm_row_elements(x)
+    return F.linear(padded_columns(x, multiple), padded_columns(w_ih, multiple), bias).contiguous()
+
+
+def aligned_product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b [M, N] contiguous, b's rows (and so the product's) padded for the GEMM (gemm_row_elements),
+    the product's extra columns dropped. a: rows of a whole number of 16 bytes, or a transposed view of such."""
+    width = b.shape[1]
+    product = a @ padded_columns(b, gemm_row_elements(b))
+    return product if product.shape[1] == width else product[:, :width].contiguous()
+
+
 def _positions(seq_len: int, reverse: bool) -> range:
     return range(seq_len - 1, -1, -1) if reverse else range(seq_len)
 
@@ -917,7 +962,7 @@ def layer_forward(
                              philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
                              parameters=flags.input_parameters)
     # [T, B, 4H]: every step's input projection in one GEMM
-    xg = F.linear(x, w_ih, bias).contiguous()
+    xg = input_projection(x, w_ih, bias)
     w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
     first, last = (seq_len, 0) if reverse else (0, seq_len)
     h_carry = torch.empty(2, batch, real_hidden, dtype=dtype, device=x.device)
@@ -1091,17 +1136,17 @@ def layer_backward(
     # rs and the weights), accumulated in float32 as cuBLAS does; dL/dbias came from the kernels
     dg = dgates.reshape(seq_len * batch, 4 * hidden)
     r_prev = rs[int(reverse) : seq_len + int(reverse)].reshape(seq_len * batch, real_hidden)
-    dw_hh = dg.t() @ r_prev
+    dw_hh = aligned_product(dg.t(), r_prev)
     if flags.weight:
         dw_hh = dropped_weight(seed, dw_hh, ints, floats, stream, flags.weight_rows)
-    dx = (dg @ w_ih).reshape(x.shape)
+    dx = aligned_product(dg, w_ih).reshape(x.shape)
     if flags.input_dropout:
         # the dropped input again, and dx through the same mask (in place), in one launch
         x_kept = torch.empty_like(x, memory_format=torch.contiguous_format)
         dropped_features(seed, x.contiguous(), x_kept, philox.KIND_INPUT, stream, flags.input_dropout, flags.locked,
                          paired=(dx, dx), parameters=flags.input_parameters)
         x = x_kept
-    dw_ih = dg.t() @ x.reshape(seq_len * batch, x.shape[2])
+    dw_ih = aligned_product(dg.t(), x.reshape(seq_len * batch, x.shape[2]))
     dbias = db.sum(0)
     dw_hr = None
     if has_proj:
