@@ -16,6 +16,8 @@ ran). The rows (the kF/kB and BxH variants only where --variants names them, or 
 - persistent / resident load: their grid barriers poll with acquire loads (FUSED_RNN_BARRIER=load).
 - persistent / resident where-used: each step input and setting loaded where it is used, not ahead
   (FUSED_RNN_LOAD_AHEAD=0: the kernels as they were before loading ahead).
+- steps / resident unpadded: the GEMMs' operands as they are, rows not padded to whole 16 bytes
+  (FUSED_RNN_GEMM_PADDING=0; launch.gemm_row_elements): where a layer's sizes are no multiple of 8 (PTB).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step; "barrier load" polls with acquire loads (GPU only).
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -70,6 +72,9 @@ VARIANTS = (
     (f"{mode} load", mode, None, {"FUSED_RNN_BARRIER": "load"}) for mode in ("persistent", "resident")
 ) + tuple(
     (f"{mode} where-used", mode, None, {"FUSED_RNN_LOAD_AHEAD": "0"}) for mode in ("persistent", "resident")
+) + tuple(
+    # the GEMMs' operands as they are, rows not padded to 16 bytes (launch.gemm_row_elements): at PTB's 1150
+    (f"{mode} unpadded", mode, None, {"FUSED_RNN_GEMM_PADDING": "0"}) for mode in ("steps", "resident")
 )
 
 

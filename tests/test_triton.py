@@ -267,11 +267,19 @@ def test_matches_the_reference_in_float64(case, mode, monkeypatch):
                             proj=proj, layers=layers, bidirectional=bidirectional, packed=packed, training=training, reg=reg)
 
 
-def test_gemm_operands_are_padded_to_whole_16_bytes_on_a_gpu_only():
+def test_gemm_operands_are_padded_to_whole_16_bytes_on_a_gpu_only(monkeypatch):
     """cuBLAS's tensor-core GEMMs want rows 16 bytes apart: 8 elements in 16-bit, 4 in float32 (TF32), none
-    for float64 or off a GPU; the padding is zeros, and an aligned operand is used as it is."""
+    for float64, off a GPU or with FUSED_RNN_GEMM_PADDING=0; the padding is zeros, and an aligned operand is
+    used as it is."""
     on_gpu = lambda size: types.SimpleNamespace(is_cuda=True, element_size=lambda: size)  # noqa: E731
+    monkeypatch.delenv("FUSED_RNN_GEMM_PADDING", raising=False)
     assert [launch.gemm_row_elements(on_gpu(size)) for size in (2, 4, 8)] == [8, 4, 1]
+    monkeypatch.setenv("FUSED_RNN_GEMM_PADDING", "0")
+    assert launch.gemm_row_elements(on_gpu(2)) == 1
+    monkeypatch.setenv("FUSED_RNN_GEMM_PADDING", "yes")
+    with pytest.raises(ValueError, match="FUSED_RNN_GEMM_PADDING must be one of 1, 0"):
+        launch.gemm_row_elements(on_gpu(2))
+    monkeypatch.delenv("FUSED_RNN_GEMM_PADDING")
     assert all(launch.gemm_row_elements(torch.empty(2, 3, dtype=dtype)) == 1 for dtype in (torch.float16, torch.float32))
     t = torch.randn(5, 1150)
     padded = launch.padded_columns(t, 8)

@@ -903,14 +903,16 @@ def launch_specialised(kernel, grid: tuple, *args, launch_options: dict | None =
 # 2-element alignment: 2.39 ms of the PTB step's 13.98 ms of kernels in fp16, 9 GEMMs at about 220 TFLOPS
 # (H100, bench.breakdown at 05e0d24), where the H512 layer's aligned ones ran above 500. Such operands
 # are padded with zero columns first (a copy of each, a few us at PTB), and the products' extra columns
-# dropped.
+# dropped. Unmeasured on a GPU when written (2026-11-28): FUSED_RNN_GEMM_PADDING=0 turns it off, for bench.tune's
+# "unpadded" variants to time it against.
 GEMM_ROW_BYTES = 16
+GEMM_PADDING_CHOICES = ("1", "0")
 
 
 def gemm_row_elements(t: Tensor) -> int:
-    """The multiple of elements a GEMM operand's rows are padded to: 1 (as they are) off a GPU, and for
-    float64 (no tensor cores)."""
-    if not t.is_cuda or t.element_size() > 4:
+    """The multiple of elements a GEMM operand's rows are padded to: 1 (as they are) off a GPU, for float64
+    (no tensor cores), and with FUSED_RNN_GEMM_PADDING=0."""
+    if not t.is_cuda or t.element_size() > 4 or environment_choice("FUSED_RNN_GEMM_PADDING", GEMM_PADDING_CHOICES) == "0":
         return 1
     return GEMM_ROW_BYTES // t.element_size()
 
