@@ -8,7 +8,8 @@ a fill, a view, a GEMM's launch, one of the Triton backend's kernel launches str
 kernel (launch.RepeatedLaunch) and through launch.launch_specialised (its key, then the same), an
 autograd.Function's apply, a custom op's dispatch, launch.recurrence_plan, and a whole training step of
 one H512 layer with every regularizer and without, beside nn.LSTM's, until each returns (nothing waited
-for), and when fused_rnn's step reaches its layer's forward and backward (milestones). The GPU's queue
+for), and when fused_rnn's step reaches each of its milestones (MILESTONES: its layer's forward launcher, the
+engine's call of the layer's backward, the backward's launcher and its recurrence's launch). The GPU's queue
 is drained between rows, never inside one. Under the interpreter (CPU) the kernel rows run the
 interpreter's launch and are not what a GPU's host pays.
 """
