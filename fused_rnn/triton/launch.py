@@ -563,9 +563,9 @@ def choose_plan(device: torch.device, precision: str, element_size: int, batch: 
 
     auto on a GPU: resident where the layer has no projection and its slabs fit (the forward's and the
     backward's plans apart: the backward's slab is 4H deep; no TF32 backward), unless its programs would
-    walk several row tiles where a persistent launch has one tile a program (in 16-bit only) (a forward's row tiles are
-    split among programs instead, where they fit); else persistent where each program has one tile, else
-    steps.
+    walk several row tiles where a persistent launch has one tile a program, in 16-bit (a forward's row
+    tiles are split among programs instead, where they fit; in TF32 they are walked); else persistent
+    where each program has one tile, else steps.
     IEEE float32 and float64 products (no tensor cores) always step there: their persistent phases
     would not fit in registers, and they are chosen for accuracy, not speed. Under the interpreter
     auto steps; resident and persistent run their kernels, as one program where a barrier is needed.
