@@ -275,10 +275,11 @@ def test_gemm_operands_are_padded_to_whole_16_bytes_on_a_gpu_only(monkeypatch):
     monkeypatch.delenv("FUSED_RNN_GEMM_PADDING", raising=False)
     assert [launch.gemm_row_elements(on_gpu(size)) for size in (2, 4, 8)] == [8, 4, 1]
     monkeypatch.setenv("FUSED_RNN_GEMM_PADDING", "0")
-    assert launch.gemm_row_elements(on_gpu(2)) == 1
+    unaligned = torch.randn(2, 5)
+    assert launch.padded_columns(unaligned, 8) is unaligned
     monkeypatch.setenv("FUSED_RNN_GEMM_PADDING", "yes")
     with pytest.raises(ValueError, match="FUSED_RNN_GEMM_PADDING must be one of 1, 0"):
-        launch.gemm_row_elements(on_gpu(2))
+        launch.padded_columns(unaligned, 8)
     monkeypatch.delenv("FUSED_RNN_GEMM_PADDING")
     assert all(launch.gemm_row_elements(torch.empty(2, 3, dtype=dtype)) == 1 for dtype in (torch.float16, torch.float32))
     t = torch.randn(5, 1150)

@@ -910,18 +910,19 @@ GEMM_PADDING_CHOICES = ("1", "0")
 
 
 def gemm_row_elements(t: Tensor) -> int:
-    """The multiple of elements a GEMM operand's rows are padded to: 1 (as they are) off a GPU, for float64
-    (no tensor cores), and with FUSED_RNN_GEMM_PADDING=0."""
-    if not t.is_cuda or t.element_size() > 4 or environment_choice("FUSED_RNN_GEMM_PADDING", GEMM_PADDING_CHOICES) == "0":
-        return 1
-    return GEMM_ROW_BYTES // t.element_size()
+    """The multiple of elements a GEMM operand's rows are padded to: 1 (as they are) off a GPU and for float64
+    (no tensor cores)."""
+    return GEMM_ROW_BYTES // t.element_size() if t.is_cuda and t.element_size() <= 4 else 1
 
 
 def padded_columns(t: Tensor, multiple: int) -> Tensor:
-    """t [M, N] with zero columns after its N up to a multiple of `multiple` (t itself where N is one)."""
+    """t [M, N] with zero columns after its N up to a multiple of `multiple`: t itself where N is one, or
+    with FUSED_RNN_GEMM_PADDING=0 (asked only where a padding would be made)."""
     width = t.shape[-1]
     padded = -(-width // multiple) * multiple
-    return t if padded == width else F.pad(t, (0, padded - width))
+    if padded == width or environment_choice("FUSED_RNN_GEMM_PADDING", GEMM_PADDING_CHOICES) == "0":
+        return t
+    return F.pad(t, (0, padded - width))
 
 
 def input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
