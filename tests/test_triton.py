@@ -393,9 +393,10 @@ def test_gpu_tiles_follow_the_batch_the_dtype_and_the_tuning_variables(monkeypat
     monkeypatch.setattr(launch, "interpreted", lambda: False)
     monkeypatch.delenv("FUSED_RNN_STEP_TILE", raising=False)
     monkeypatch.delenv("FUSED_RNN_BLOCK_K", raising=False)
-    # per-step tiles of 512 units, the backward's K tile twice the forward's
+    # per-step tiles of 512 units, the backward's K tile twice the forward's bytes in 16-bit, as many in float32
     assert [launch.tile_sizes(batch, False, True, 2) for batch in (1, 20, 80)] == [(16, 32, 64), (32, 16, 64), (32, 16, 64)]
-    assert launch.tile_sizes(80, False, False, 4) == (32, 16, 64)
+    assert launch.tile_sizes(80, False, False, 2) == (32, 16, 128)
+    assert launch.tile_sizes(80, False, False, 4) == (32, 16, 32)
     # persistent 16 x 16; the forward of a batch no multiple of 16 at most 32 deep
     assert [launch.tile_sizes(batch, True, True, 2) for batch in (64, 20)] == [(16, 16, 64), (16, 16, 32)]
     assert launch.tile_sizes(20, True, False, 2) == (16, 16, 128)
