@@ -51,7 +51,7 @@ from .providers import DTYPES, EVERY_REGULARIZER, SHAPES_BY_NAME, Shape
 TINY = Shape("tiny", 3, 2, 5, 8, 1, ("cpu",))
 RECURRENCE = Regularizers(**{**EVERY_REGULARIZER, "dropout": 0.0})
 # (name, FUSED_RNN_RECURRENCE, num_warps of persistent and resident launches or None, other environment
-# variables). Defaults (launch.persistent_options): persistent 4 warps in 16-bit, 8 in float32; resident
+# variables). Defaults (launch.persistent_options): persistent 4 warps (8 in float32 before 4567233); resident
 # forwards 4 below 64 product columns, else 8; resident backwards launch.resident_warps; K tiles
 # launch.block_depth; per-step tiles launch.tile_sizes.
 VARIANTS = (
