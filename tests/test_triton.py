@@ -1443,6 +1443,18 @@ def test_the_host_costs_script_times_each_call_and_step(capsys, monkeypatch):
     assert torch.equal(launch.feature_dropout(x, SEEDS[0], 1, 0, 1.0, False), torch.zeros_like(x))
 
 
+def test_the_smoke_step_runs_in_float32_and_checks_its_loops(capsys, monkeypatch, restored_tf32):
+    """bench/smoke.py in its float32 form (tf32: TF32 products on a GPU, IEEE in the interpreter) at a tiny size:
+    the step runs in the mode asked, matches the float64 reference and says so; the mode is left as it was."""
+    from bench import smoke
+
+    monkeypatch.setattr(smoke, "SIZES", dict(seq_len=3, batch=2, inputs=4, hidden=8))
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "auto")
+    assert smoke.main("steps", torch.device("cpu"), "tf32") == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("smoke steps tf32: loops steps forward, steps backward") and line.endswith(": ok"), line
+
+
 def test_the_breakdown_script_lists_each_providers_kernels(capsys):
     """bench/breakdown.py on its tiny CPU shape: a section per provider with a wall time and the ops that
     took the time, each a positive share."""
