@@ -8,8 +8,9 @@ Each line printed is one measurement (also appended to --jsonl as it is made, so
 ran). The rows (the kF/kB and BxH variants only where --variants names them, or is all):
 - cudnn: nn.LSTM, one layer, no regularizer; "backward" is its forward + backward minus its forward.
 - steps / persistent / resident (FUSED_RNN_RECURRENCE) with 4 or 8 warps for the persistent and
-  resident launches: launch.layer_forward and launch.layer_backward alone, every recurrence regularizer
-  on, which include the input projection and the weight GEMMs after the loop, as cuDNN's times do.
+  resident launches (and 2 for the resident ones): launch.layer_forward and launch.layer_backward alone,
+  every recurrence regularizer on, which include the input projection and the weight GEMMs after the
+  loop, as cuDNN's times do.
 - steps / persistent kF/kB: the same with the products' K tiles of the forward F and the backward B deep
   (FUSED_RNN_BLOCK_K; the other variants run launch.block_depth's); steps BxH: the backward's per-step
   tiles of B rows and H units (FUSED_RNN_STEP_TILE; the forward's, and the others, launch.tile_sizes').
@@ -60,6 +61,9 @@ VARIANTS = (
     ("persistent w8", "persistent", 8, {}),
     ("resident w8", "resident", 8, {}),
     ("resident w4", "resident", 4, {}),
+    # a product tile of one row of MMA tiles is computed whole by every warp (fused_rnn/triton/README.md,
+    # "Measured on the H200"): fewer warps, less of it done twice
+    ("resident w2", "resident", 2, {}),
 ) + tuple(
     (f"{mode} k{forward}/{backward}", mode, None, {"FUSED_RNN_BLOCK_K": f"{forward},{backward}"})
     for mode in ("steps", "persistent")
