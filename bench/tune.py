@@ -99,8 +99,8 @@ def recurrence(mode: str, warps: int | None, environment: dict | None = None):
     saved_options = launch.persistent_options
     os.environ.update(environment)
 
-    def options(device, dtype, plan):
-        chosen = saved_options(device, dtype, plan)
+    def options(device, plan):
+        chosen = saved_options(device, plan)
         if warps is not None and chosen:
             chosen = {**chosen, "num_warps": warps}
         return chosen
@@ -226,7 +226,7 @@ def barrier_time(layer: Layer, reps: int, poll_loads: bool) -> tuple[Timing, int
     programs = plan.programs if plan is not None else 1
     arrivals = torch.zeros(1, dtype=torch.int32, device=layer.device)
     # launched as the resident kernels are (launch.persistent_options)
-    options = launch.persistent_options(layer.device, layer.dtype, plan) if plan is not None else {}
+    options = launch.persistent_options(layer.device, plan) if plan is not None else {}
 
     def run():
         barrier_loop_kernel[(programs,)](arrivals, layer.shape.seq_len, POLL_LOADS=poll_loads, **options)

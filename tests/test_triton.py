@@ -310,7 +310,7 @@ def test_padded_products_are_the_products(multiple, monkeypatch):
 @pytest.mark.parametrize("mode", ["steps", "persistent"])
 def test_matches_the_reference_with_the_gemms_operands_padded(mode, monkeypatch):
     """A training step with every GEMM operand padded as on a GPU (16 bytes: 4 float32 elements; here 5 inputs,
-    6 units and 4 projected ones, none a multiple of 4) against the reference; the padding did take place."""
+    6 units and 3 projected ones, none a multiple of 4) against the reference; the padding did take place."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     device = require_backend("triton", torch.float32)
     monkeypatch.setattr(launch, "gemm_row_elements", lambda t: 4)

@@ -65,7 +65,7 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
     gpu_precision = launch.dot_precision
     launch.dot_precision = lambda dtype, device: gpu_precision(dtype, cuda)
     gpu_options = launch.persistent_options
-    launch.persistent_options = lambda device, dtype, plan: gpu_options(cuda, dtype, plan)
+    launch.persistent_options = lambda device, plan: gpu_options(cuda, plan)
     limits = list(GPU_LIMITS[arch])
     launch.gpu_limits = lambda device: limits[0]
     gpu_plan = launch.recurrence_plan

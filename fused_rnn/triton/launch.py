@@ -299,7 +299,7 @@ def _launch_persistent(kernel, plan: "Plan", x: Tensor, *args, **constexprs) -> 
     resident = plan.kind == "resident"
     refusals = _resident_refused if resident else _persistent_refused
     try:
-        launch_specialised(kernel, (plan.programs,), *args, launch_options=persistent_options(x.device, x.dtype, plan),
+        launch_specialised(kernel, (plan.programs,), *args, launch_options=persistent_options(x.device, plan),
                            BARRIER_POLL_LOADS=barrier_poll_loads(), LOAD_AHEAD=loads_ahead(), **constexprs)
     except (RuntimeError, triton.runtime.errors.OutOfResources) as error:
         if not refused_launch(error):
@@ -778,7 +778,7 @@ def transposed_dropped_weight(seed: Tensor, w: Tensor, ints: Tensor, floats: Ten
     return w_t
 
 
-def persistent_options(device: torch.device, dtype: torch.dtype, plan: Plan) -> dict:
+def persistent_options(device: torch.device, plan: Plan) -> dict:
     """GPU launch options of a persistent or resident kernel: cooperative (the driver refuses the launch
     unless every program is resident), every register a thread may have (some ptxas releases otherwise
     trade spills for occupancy that one program per SM cannot use); warps: resident_warps, and 4 for
@@ -919,7 +919,7 @@ def padded_columns(t: Tensor, multiple: int) -> Tensor:
     """t [M, N] with zero columns after its N up to a multiple of `multiple`: t itself where N is one, or
     with FUSED_RNN_GEMM_PADDING=0 (asked only where a padding would be made)."""
     width = t.shape[-1]
-    padded = -(-width // multiple) * multiple
+    padded = cdiv(width, multiple) * multiple
     if padded == width or environment_choice("FUSED_RNN_GEMM_PADDING", GEMM_PADDING_CHOICES) == "0":
         return t
     return F.pad(t, (0, padded - width))
