@@ -8,14 +8,14 @@ import warnings
 
 import torch
 
+from .regularizers import check_mode
+
 BACKENDS = ("auto", "triton", "cpp", "reference")
 _CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def check_backend_name(backend) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
-    return backend
+    return check_mode("backend", backend, BACKENDS)
 
 
 _loaded: dict = {}  # backend name -> its module, or the reason it cannot be loaded (a str)

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import backends
 from .kept import current_stream_handle, kept
 from .philox import SEED_LIMIT
-from .regularizers import Regularizers
+from .regularizers import ArgumentTypeError, Regularizers
 from .stack import split_flat_weights
 
 
@@ -50,15 +50,15 @@ def _(anchor):
 def check_seed(seed) -> Tensor:
     """A user's seed (an int in [0, 2**63)) as a 0-dim int64 CPU tensor."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        raise ArgumentTypeError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed}")
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
 class HiddenStateTypeError(TypeError, AttributeError):
-    """An hx pair with something other than a tensor in it: a TypeError, and the AttributeError that
-    nn.LSTM's hx[0].dim() raises for it."""
+    """An hx that is no pair, or a pair with something other than a tensor in it: a TypeError, and the
+    AttributeError that nn.LSTM's hx[0].dim() raises for it."""
 
 
 def _refused_hx(stacked: bool) -> Exception:
@@ -280,7 +280,8 @@ def lstm(
     if hx is not None:
         stacked = isinstance(hx, Tensor)
         if not (stacked or isinstance(hx, (tuple, list))):
-            raise TypeError("LSTM: hx must be a tuple (h_0, c_0) of two tensors")
+            # nn.LSTM raises a TypeError or an AttributeError, by what hx is
+            raise HiddenStateTypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
         if not stacked and not all(isinstance(h, Tensor) for h in hx):
             found = ", ".join(type(h).__name__ for h in hx)
             raise HiddenStateTypeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got ({found})")

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from . import philox
-from .regularizers import Regularizers
+from .regularizers import ArgumentTypeError, Regularizers
 
 
 def check_count(name: str, value, minimum: int) -> int:
     """A user's sequence length or batch size: an int (not a bool) of at least `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 

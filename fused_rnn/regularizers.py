@@ -31,9 +31,14 @@ PROBABILITIES = tuple(_PROBABILITY_MEANING)
 RECURRENCE_PROBABILITIES = ("recurrent_dropout", "weight_dropout", "update_dropout", "cell_dropout", "zoneout_h", "zoneout_c")
 
 
-class ProbabilityTypeError(ValueError, TypeError):
-    """A probability that is not a number at all (None, a list, a complex): the ValueError SPEC.md asks
-    for, and the TypeError nn.LSTM's float(dropout) raises."""
+class ArgumentTypeError(ValueError, TypeError):
+    """An argument of the wrong type (a seed that is no int, a mode that is no string): the ValueError SPEC.md
+    asks of a bad argument, and the TypeError Python raises for a wrong type."""
+
+
+class ProbabilityTypeError(ArgumentTypeError):
+    """A probability that is not a number at all (None, a list, a complex): also the TypeError nn.LSTM's
+    float(dropout) raises."""
 
 
 def check_probability(name: str, value) -> float:
@@ -55,7 +60,8 @@ def check_probability(name: str, value) -> float:
 
 def check_mode(name: str, value, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        error = ValueError if isinstance(value, str) else ArgumentTypeError
+        raise error(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
     return value
 
 

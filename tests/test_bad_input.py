@@ -193,7 +193,7 @@ def test_hx_must_be_a_pair_of_tensors():
     ref, lstm = make_pair(Cfg())
     x = randn(T_, B_, I)
     h0, c0 = states(Cfg())
-    for hx in ((h0, None), [h0.tolist(), c0], (None, None)):
+    for hx in ((h0, None), [h0.tolist(), c0], (None, None), "ab"):
         # nn.LSTM's hx[0].dim() raises AttributeError; ours is that and a TypeError
         assert isinstance(exception_of(lambda hx=hx: ref(x, hx)), AttributeError)
         for exc in (TypeError, AttributeError):
@@ -339,8 +339,12 @@ def test_bad_seed(seed, training):
     _, lstm = make_pair(Cfg(), zoneout_h=0.5)
     lstm.train(training)
     x = randn(T_, B_, I)
-    rejects(lstm, lambda: lstm(x, seed=seed), ValueError, r"seed must be an int in \[0, 2\*\*63\)", x)
+    # a seed that is no int is a TypeError as well
+    exc = ValueError if isinstance(seed, int) and not isinstance(seed, bool) else TypeError
+    rejects(lstm, lambda: lstm(x, seed=seed), exc, r"seed must be an int in \[0, 2\*\*63\)", x)
     with pytest.raises(ValueError, match="seed"):
+        lstm.sample_masks(T_, B_, seed)
+    with pytest.raises(exc, match="seed"):
         lstm.sample_masks(T_, B_, seed)
 
 
@@ -451,12 +455,14 @@ MODES = {
 @pytest.mark.parametrize("value", ["Locked", "", "rows", None, 1])
 @pytest.mark.parametrize("name", list(MODES))
 def test_unknown_mode_string(name, value):
-    with pytest.raises(ValueError, match=rf"^{name} must be one of {', '.join(map(repr, MODES[name]))}, got"):
-        fused_rnn.LSTM(I, H, **{name: value})
-    _, lstm = make_pair(Cfg())
-    setattr(lstm, name, value)
-    x = randn(T_, B_, I)
-    rejects(lstm, lambda: lstm(x), ValueError, rf"^{name} must be one of", x)
+    # a value that is no string is a TypeError as well
+    for exc in (ValueError,) if isinstance(value, str) else (ValueError, TypeError):
+        with pytest.raises(exc, match=rf"^{name} must be one of {', '.join(map(repr, MODES[name]))}, got"):
+            fused_rnn.LSTM(I, H, **{name: value})
+        _, lstm = make_pair(Cfg())
+        setattr(lstm, name, value)
+        x = randn(T_, B_, I)
+        rejects(lstm, lambda: lstm(x), exc, rf"^{name} must be one of", x)
 
 
 def test_backend_string_is_checked_by_the_functional_api():
@@ -563,6 +569,9 @@ def test_bad_sample_masks_sizes(args, pattern):
     _, lstm = make_pair(Cfg(num_layers=2), zoneout_h=0.5, input_dropout=0.2)
     with pytest.raises(ValueError, match=pattern):
         lstm.sample_masks(*args, 1)
+    if not all(isinstance(size, int) and not isinstance(size, bool) for size in args):
+        with pytest.raises(TypeError, match=pattern):  # a size that is no int is a TypeError as well
+            lstm.sample_masks(*args, 1)
 
 
 def test_sample_masks_accepts_the_sizes_a_forward_accepts():
