@@ -207,6 +207,28 @@ def test_empty_batch_backward_like_nn_lstm(backend):
         assert got.shape == expected.shape and not got.any()
 
 
+# every regularizer but input_dropout, whose training graph saves the dropped copy of x rather than x
+ALL_ON_BUT_INPUT_DROPOUT = {name: p for name, p in ALL_ON.items() if name != "input_dropout"}
+
+
+@pytest.mark.parametrize("reg", [{}, ALL_ON_BUT_INPUT_DROPOUT], ids=["none", "every-regularizer"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_input_modified_in_place_before_backward_raises_like_nn_lstm(backend, training, reg):
+    """nn.LSTM's graph refuses a backward through an input changed in place since the forward; so does every
+    backend's, in training too (where the reference saves tensors through its mask hooks), never computing
+    gradients from the changed values."""
+    device = setup_backend(backend)
+    ref, lstm = make_pair(Cfg(), backend=backend, device=device, **reg)
+    for module, dev in ((ref, "cpu"), (lstm, device)):
+        module.train(training)
+        x = torch.randn(T, B, I, dtype=torch.float64, device=dev, requires_grad=True)
+        out, _ = module(x)
+        with torch.no_grad():
+            x.mul_(3)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out.sum(), module.weight_ih_l0)
+
+
 def test_meta_tensors_like_nn_lstm():
     """On the meta device, where nn.LSTM computes shapes: the same shapes, every regularizer on (auto picks the
     reference there, with no warning: no fused backend exists for it); and nn.LSTM's error for mixed devices."""

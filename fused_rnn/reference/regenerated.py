@@ -41,6 +41,25 @@ class _SavedMask:
     stride: tuple
 
 
+@dataclasses.dataclass(frozen=True)
+class _SavedTensor:
+    """A tensor the graph saves, with its version then: modified in place before the backward, it raises
+    autograd's own error rather than giving wrong gradients."""
+
+    tensor: Tensor
+    version: int
+
+    def unpacked(self) -> Tensor:
+        now = self.tensor._version
+        if now != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{self.tensor.type()} {list(self.tensor.shape)}] is at version {now}; expected version "
+                f"{self.version} instead"
+            )
+        return self.tensor
+
+
 class _Regenerator:
     def __init__(self, masks: dict, draw: Callable[[], dict], outer: tuple | None):
         # storages of this forward's masks (alive while the forward runs, when packing happens), on one device
@@ -56,11 +75,14 @@ class _Regenerator:
         key = self.keys.get(t.untyped_storage().data_ptr()) if t.dtype == torch.bool and t.numel() else None
         if key is not None:
             return _SavedMask(self, key, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        return t if self.outer_pack is None else self.outer_pack(t)
+        # autograd checks no version of a tensor saved through hooks: this one does, as it would without them
+        return _SavedTensor(t, t._version) if self.outer_pack is None else self.outer_pack(t)
 
     def unpack(self, saved):
+        if isinstance(saved, _SavedTensor):
+            return saved.unpacked()
         if not isinstance(saved, _SavedMask):
-            return saved if self.outer_unpack is None else self.outer_unpack(saved)
+            return self.outer_unpack(saved)
         if self.drawn is None:
             self.drawn = _masks_by_key(self.draw())
         return self.drawn[saved.key].as_strided(saved.shape, saved.stride, saved.offset)
@@ -88,9 +110,10 @@ def _hooks_apply(device: torch.device) -> bool:
 @contextlib.contextmanager
 def masks_regenerated_in_backward(masks: dict | None, draw: Callable[[], dict], device: torch.device):
     """Within this context, the autograd graph saves where each of `masks` (sample_masks's dict on `device`,
-    which draw() returns again) is found rather than the mask; other tensors are saved as before. Where the
-    hook cannot apply, the graph keeps the masks, as autograd would."""
-    outer = _outer_hooks() if masks is not None and _hooks_apply(device) else False
+    which draw() returns again) is found rather than the mask; other tensors are saved as before, their
+    version checked when unpacked (autograd checks none of a tensor saved through hooks). Where the hook
+    cannot apply, or no mask is drawn, the graph keeps the masks, as autograd would."""
+    outer = _outer_hooks() if masks is not None and _masks_by_key(masks) and _hooks_apply(device) else False
     if outer is False:
         yield
         return
