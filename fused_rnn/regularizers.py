@@ -37,8 +37,7 @@ class ArgumentTypeError(ValueError, TypeError):
 
 
 class ProbabilityTypeError(ArgumentTypeError):
-    """A probability that is not a number at all (None, a list, a complex): also the TypeError nn.LSTM's
-    float(dropout) raises."""
+    """A probability that is not a number at all (None, a string, a list, a complex)."""
 
 
 def check_probability(name: str, value) -> float:
@@ -48,13 +47,9 @@ def check_probability(name: str, value) -> float:
         message = f"{name} should be a number in range [0, 1] representing {_PROBABILITY_MEANING[name]}"
         # nn.LSTM's exact words for its own argument; ours also say what was given
         message = message if name == "dropout" else f"{message}, got {value!r}"
-        try:
-            float(value)
-        except TypeError:  # what nn.LSTM's float(dropout) raises for it
-            raise ProbabilityTypeError(message) from None
-        except (ValueError, RuntimeError):  # a string, a tensor of several elements
-            pass
-        raise ValueError(message)
+        # no number at all (None, a string, a tensor): also the TypeError nn.LSTM raises for it, at
+        # construction (float(None)) or at a forward (a string set later)
+        raise (ValueError if isinstance(value, numbers.Real) else ProbabilityTypeError)(message)
     return float(value)
 
 

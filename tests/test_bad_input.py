@@ -444,6 +444,17 @@ def test_a_dropout_that_is_not_a_number_fails_as_in_nn_lstm(value):
     assert isinstance(error.value, type(expected)), (type(expected), type(error.value))
 
 
+def test_a_string_dropout_set_later_fails_as_in_nn_lstm():
+    """nn.LSTM's kernel takes no string for `dropout` (TypeError); ours is that and the contract's ValueError."""
+    ref, lstm = make_pair(Cfg(num_layers=2))
+    x = randn(T_, B_, I)
+    for module in (ref, lstm):
+        module.dropout = "0.5"
+    assert isinstance(exception_of(lambda: ref(x)), TypeError)
+    for exc in (TypeError, ValueError):
+        rejects(lstm, lambda: lstm(x), exc, "^dropout should be a number in range", x)
+
+
 MODES = {
     "dropout_mode": ("step", "locked"),
     "weight_dropout_mode": ("element", "row"),
