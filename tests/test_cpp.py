@@ -475,3 +475,24 @@ def test_no_compiler_falls_back_to_the_reference_with_one_warning(tmp_path):
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_ninja_installed_beside_this_python_is_found_without_an_activated_environment(monkeypatch):
+    """`pip install ninja` puts ninja in this Python's scripts folder, which is on PATH only where a virtual
+    environment is activated (dev.py runs .venv/bin/python without): the build looks there too."""
+    import shutil
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    scripts = sysconfig.get_path("scripts")
+    if not os.path.exists(os.path.join(scripts, "ninja")):
+        pytest.skip(f"no ninja in this Python's scripts folder ({scripts})")
+    # PATH without any folder that holds a ninja
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and not os.path.exists(os.path.join(d, "ninja")))
+    monkeypatch.setenv("PATH", path)
+    assert shutil.which("ninja") is None and not cpp_extension.is_ninja_available()
+    with loader._scripts_on_path():
+        assert cpp_extension.is_ninja_available()
+    assert os.environ["PATH"] == path

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -93,14 +94,15 @@ def _build_and_load() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler found (CXX={compiler!r}); install g++ or clang++, or set CXX"
-    if not cpp_extension.is_ninja_available():
-        return "ninja is not installed (`pip install ninja`)"
+    with _scripts_on_path():
+        if not cpp_extension.is_ninja_available():
+            return "ninja is not installed (`pip install ninja`)"
     build_dir = cache_dir()
     capability = flags.cpu_capability()
     verbose = os.environ.get("FUSED_RNN_VERBOSE", "0") not in ("", "0")
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        with _build_lock(build_dir), _default_env("MAX_JOBS", "2"):
+        with _build_lock(build_dir), _default_env("MAX_JOBS", "2"), _scripts_on_path():
             cpp_extension.load(
                 name=_NAME,
                 sources=[str(sources / "lstm.cpp")],
@@ -151,6 +153,22 @@ def _default_env(name: str, value: str):
         yield
     finally:
         os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def _scripts_on_path():
+    """PATH with this Python's scripts folder last, where it is missing: `pip install ninja` puts ninja there,
+    which torch runs from PATH, and a virtual environment's Python run without activating it has no such PATH."""
+    scripts = sysconfig.get_path("scripts")
+    path = os.environ.get("PATH", "")
+    if not scripts or scripts in path.split(os.pathsep):
+        yield
+        return
+    os.environ["PATH"] = os.pathsep.join(filter(None, (path, scripts)))
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
 
 
 def _first_line(text: str) -> str:
