@@ -109,31 +109,10 @@ def nan_filled_empty(monkeypatch):
     yield
 
 
-# Tests of minutes on the CI machine (2 cores, the Triton ones interpreted), longest first. Collected last,
-# they ran at the end of a two-worker run, one worker waiting on the other's; first, the short ones fill in
-# around them.
-LONGEST_FIRST = (
-    "test_triton_compile.py::test_every_kernel_configuration_compiles",
-    "test_gradcheck.py::test_gradgradcheck[triton-L1-bi-packed",
-    "test_gradcheck.py::test_gradcheck[triton-L2",
-    "test_gradcheck.py::test_gradgradcheck[triton",
-    "test_triton.py::test_the_host_proxy",
-    "test_cpp.py::test_torch_compile",
-    "test_gradcheck.py::test_gradcheck[triton",
-)
-
-
-def _rank(item) -> int:
-    name = item.nodeid.rpartition("/")[2]
-    return next((i for i, start in enumerate(LONGEST_FIRST) if name.startswith(start)), len(LONGEST_FIRST))
-
-
 def pytest_collection_modifyitems(config, items):
     """Cases of the Triton backend run on the GPU where there is one: mark them `cuda`, so that the GPU
-    check (`pytest -m cuda`) runs the shared parity, mask and bad-input tests there too. The longest tests
-    run first (LONGEST_FIRST)."""
+    check (`pytest -m cuda`) runs the shared parity, mask and bad-input tests there too."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == "triton":
             item.add_marker(pytest.mark.cuda)
-    items.sort(key=_rank)  # stable: every worker collects the same order
