@@ -30,7 +30,7 @@ def _patch_triton_language_once_a_launch() -> None:
         return
     patch_lang = getattr(interpreter, "_patch_lang", None)
     launch = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
-    if patch_lang is None or launch is None:
+    if patch_lang is None or launch is None or not hasattr(interpreter, "_LangPatchScope"):
         return
     languages = (tl, tl.core)
     seen_by: dict = {}  # function -> the indices in `languages` of the modules its globals hold

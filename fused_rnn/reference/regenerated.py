@@ -61,9 +61,9 @@ class _SavedTensor:
 
 
 class _Regenerator:
-    def __init__(self, masks: dict, draw: Callable[[], dict], outer: tuple | None):
+    def __init__(self, masks_by_key: dict, draw: Callable[[], dict], outer: tuple | None):
         # storages of this forward's masks (alive while the forward runs, when packing happens), on one device
-        stored = {k: m for k, m in _masks_by_key(masks).items() if m.numel()}
+        stored = {k: m for k, m in masks_by_key.items() if m.numel()}
         self.keys = {m.untyped_storage().data_ptr(): k for k, m in stored.items()}
         assert len(self.keys) == len(stored), "masks share storage"
         self.draw = draw
@@ -113,10 +113,11 @@ def masks_regenerated_in_backward(masks: dict | None, draw: Callable[[], dict], 
     which draw() returns again) is found rather than the mask; other tensors are saved as before, their
     version checked when unpacked (autograd checks none of a tensor saved through hooks). Where the hook
     cannot apply, or no mask is drawn, the graph keeps the masks, as autograd would."""
-    outer = _outer_hooks() if masks is not None and _masks_by_key(masks) and _hooks_apply(device) else False
+    masks_by_key = _masks_by_key(masks) if masks is not None else {}
+    outer = _outer_hooks() if masks_by_key and _hooks_apply(device) else False
     if outer is False:
         yield
         return
-    regenerator = _Regenerator(masks, draw, outer)
+    regenerator = _Regenerator(masks_by_key, draw, outer)
     with torch.autograd.graph.saved_tensors_hooks(regenerator.pack, regenerator.unpack):
         yield
