@@ -1133,6 +1133,17 @@ def test_a_backward_repeated_after_it_overwrote_the_reserve_raises(monkeypatch):
         loss.backward()
 
 
+def test_a_second_backward_through_a_freed_graph_raises_autograds_error():
+    """As nn.LSTM's: the saved activations were freed (and written over) by the first backward."""
+    device = require_backend("triton", torch.float64)
+    model = fused_rnn.LSTM(3, 4, backend="triton", dtype=torch.float64, device=device, zoneout_c=0.2)
+    out, _ = model(torch.randn(3, 2, 3, dtype=torch.float64, device=device), seed=3)
+    loss = out.sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 @pytest.mark.parametrize(
     "message, refused",
     [

@@ -149,13 +149,14 @@ def reserve_is_spent(ctx, xg: Tensor, grads: tuple[Tensor, ...]) -> bool:
 
 
 def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
+    # first: a second backward through a freed graph gets autograd's own error, as every other node's
+    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
     if ctx.reserve_overwritten:
         # an earlier backward of this node wrote over the activations and then failed before freeing the graph
         raise RuntimeError(
             "fused_rnn: this backward already ran once and wrote its gradients over the saved activations; "
             "run the forward again (or pass retain_graph=True to a backward that is to be repeated)"
         )
-    x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, xg, rs, cs, hpre = ctx.saved_tensors
     stream, reverse, training, probabilities, modes, feature_dropouts, locked = ctx.arguments
 
     def kernel():
