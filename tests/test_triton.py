@@ -27,7 +27,7 @@ from helpers import assert_close, error_ratio
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from fused_rnn.triton import cell, launch, ops  # noqa: E402
+from fused_rnn.triton import cell, kernels, launch, ops  # noqa: E402
 
 SEEDS = (0, 5, 2**32 + 7, 2**63 - 1)
 EVERY = dict(
@@ -103,6 +103,67 @@ def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_
     assert transposed.is_contiguous() and transposed.shape == (real_hidden, 4 * hidden)
     assert torch.equal(transposed, expected)
     assert 0 < int((transposed == 0).sum()) < transposed.numel()
+
+
+@triton.jit
+def _store_slab(out_ptr, slab, n, N, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    ks = K_START + tl.arange(0, K_SIZE)[:, None]
+    tl.store(out_ptr + ks * N + n, slab, mask=n < N)
+
+
+@triton.jit
+def _store_part(out_ptr, low, high, n, N, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+    """A part of resident_weight as resident_halves split it (one slab, given twice, below 32 deep)."""
+    if K_SIZE >= kernels.SPLIT_SLAB_DEPTH:
+        _store_slab(out_ptr, low, n, N, K_START, K_SIZE // 2)
+        _store_slab(out_ptr, high, n, N, K_START + K_SIZE // 2, K_SIZE // 2)
+    else:
+        _store_slab(out_ptr, low, n, N, K_START, K_SIZE)
+
+
+@triton.jit
+def _resident_weight_kernel(seed_ptr, w_ptr, out_ptr, ints_ptr, floats_ptr, stream, K, N, H_out,
+                            FORWARD: tl.constexpr, BLOCK_N: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+                            WEIGHT_DROP: tl.constexpr):
+    """out [K_MAIN + K_REST, N] = the resident slabs of W_hh [4H, H_out]: forward, the transposed rows of W
+    (slab (k, r) = W[r, k]), as forward_resident_kernel lays them; else W's rows (slab (k, j) = W[k, j])."""
+    n = tl.arange(0, BLOCK_N)[None, :]
+    offsets, k_stride = n, H_out
+    if FORWARD:
+        offsets, k_stride = n * H_out, 1
+    main_low, main_high, rest_low, rest_high = kernels.resident_weight(
+        w_ptr, offsets, k_stride, n < N, K, (seed_ptr, ints_ptr, floats_ptr, stream, H_out), K_MAIN, K_REST,
+        WEIGHT_DROP,
+    )
+    _store_part(out_ptr, main_low, main_high, n, N, 0, K_MAIN)
+    if K_REST > 0:
+        _store_part(out_ptr, rest_low, rest_high, n, N, K_MAIN, K_REST)
+
+
+@pytest.mark.parametrize("forward", [True, False])
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_the_resident_slabs_drop_w_hh_as_they_load_it_bit_for_bit(forward, rows, dtype):
+    """A resident kernel's slabs with weight drop applied as they load W_hh (launch.weight_drop_loaded) hold
+    W~'s bits: dropped_weight's mask, scale and rounding, in each layout and part (K = 70 is 64 + 16 deep)."""
+    device = require_backend("triton", dtype)
+    hidden, real_hidden, k, p = 17, 70, 2, 0.3  # W_hh [68, 70]
+    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
+    ints, floats = launch.step_parameters(reg, True, device, dtype)
+    w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
+    seed = launch.seed_tensor(SEEDS[0], device)
+    expected = launch.dropped_weight(seed, w, ints, floats, k, rows)
+    expected = expected.t() if forward else expected  # [K, N]
+    depth, width = expected.shape
+    main, rest = launch.resident_depths(depth)
+    slabs = torch.full((main + rest, width), float("nan"), dtype=dtype, device=device)
+    flags = launch.Recurrence(weight=True, weight_rows=rows)
+    _resident_weight_kernel[(1,)](seed, w, slabs, ints, floats, k, depth, width, real_hidden, FORWARD=forward,
+                                  BLOCK_N=launch.next_power_of_2(width), K_MAIN=main, K_REST=rest,
+                                  WEIGHT_DROP=launch.weight_drop_loaded(flags))
+    assert torch.equal(slabs[:depth], expected)
+    assert torch.equal(slabs[depth:], torch.zeros_like(slabs[depth:])), "zeros past the depth"
+    assert 0 < int((expected == 0).sum()) < expected.numel()
 
 
 @triton.jit
@@ -842,6 +903,40 @@ def test_resident_mode_runs_the_resident_kernels(hidden, launches, monkeypatch):
                             bidirectional=False, packed=False, training=True, reg=EVERY)
     assert len(runs["forward"]) == launches and len(runs["backward"]) == (1 if launches == 1 else 6)
     assert all(grid == (triton.cdiv(hidden, 4),) for grid in runs["forward"] + runs["backward"])
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_resident_kernels_drop_w_hh_as_they_load_it(rows, monkeypatch):
+    """With weight drop and slabs small enough (launch.weight_drop_loaded), the resident forward and backward
+    load W_hh and drop it as they load: the step's one dropped_weight is dL/dW_hh's, and the results are the
+    reference's."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", "resident")
+    made = []
+    real = launch.dropped_weight
+    monkeypatch.setattr(launch, "dropped_weight", lambda seed, w, *rest: made.append(w) or real(seed, w, *rest))
+    drops = []
+    for name in ("forward", "backward"):
+        kernel = getattr(launch, f"{name}_resident_kernel")
+        monkeypatch.setattr(kernel, "run", lambda *args, _run=kernel.run, **kwargs:
+                            drops.append(kwargs["WEIGHT_DROP"]) or _run(*args, **kwargs))
+    _compare_with_reference(device, torch.float64, 1e-12, seq_len=4, batch=3, inputs=3, hidden=4, proj=0, layers=1,
+                            bidirectional=False, packed=False, training=True, reg=EVERY_OTHER_MODES if rows else EVERY)
+    assert drops == [int(kernels.WEIGHT_ROWS if rows else kernels.WEIGHT_ELEMENTS)] * 2
+    assert len(made) == 1 and not made[0].requires_grad, "only dL/dW_hh goes through dropped_weight"
+
+
+def test_weight_drop_is_loaded_into_small_slabs_only():
+    """Slabs of at most RESIDENT_DROP_ELEMENTS a thread (T=50 B=8 H=256, 16-bit) are dropped as they load; larger
+    ones (PTB) load a W~ made before, their draws would spill registers; no weight drop, none."""
+    element, row = launch.Recurrence(weight=True, weight_rows=False), launch.Recurrence(weight=True, weight_rows=True)
+    for forward in (True, False):
+        small = launch.resident_plan(H100, 2, 8, 256, forward=forward)
+        assert launch.weight_drop_loaded(element, small) == int(kernels.WEIGHT_ELEMENTS)
+        assert launch.weight_drop_loaded(row, small) == int(kernels.WEIGHT_ROWS)
+        assert launch.weight_drop_loaded(launch.Recurrence(weight=False, weight_rows=False), small) == 0
+    large = launch.resident_plan(H100, 2, 80, 1150)
+    assert large is not None and launch.weight_drop_loaded(element, large) == int(kernels.WEIGHT_KEPT)
 
 
 @pytest.mark.parametrize("mode, proj", [("persistent", 2), ("resident", 0)])

@@ -250,14 +250,19 @@ def tile_dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def store_rounded(ptr, x, mask):
-    """Store x in ptr's dtype, rounded to the nearest (ties to even), as a compiled kernel converts. The
-    interpreter truncates float32 -> bfloat16 instead, which would double the error of every activation
-    kept in bf16 in the CPU tests; there the bits are rounded first, so the truncation is exact."""
-    dtype = ptr.dtype.element_ty
+def rounded(x, dtype: tl.constexpr):
+    """x in dtype, rounded to the nearest (ties to even), as a compiled kernel converts. The interpreter
+    truncates float32 -> bfloat16 instead, which would double the error of every activation kept in bf16
+    in the CPU tests; there the bits are rounded first, so the truncation is exact."""
     if INTERPRETED:
         if dtype == tl.bfloat16 and x.dtype == tl.float32:
             bits = x.to(tl.uint32, bitcast=True)
             bits += 0x7FFF + ((bits >> 16) & 1)
             x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-    tl.store(ptr, x.to(dtype), mask=mask)
+    return x.to(dtype)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask):
+    """Store x in ptr's dtype, rounded as `rounded` rounds."""
+    tl.store(ptr, rounded(x, ptr.dtype.element_ty), mask=mask)

@@ -43,6 +43,7 @@ from .cell import (
     cell_forward,
     keep_scaled,
     not_fires,
+    rounded,
     seed_value,
     setting,
     step_settings,
@@ -778,12 +779,35 @@ def backward_persistent_kernel(
 RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
+# weight drop applied by a resident kernel as it loads W_hh (launch.WEIGHT_DROP_LOADED): off, per element, per row
+WEIGHT_KEPT: tl.constexpr = tl.constexpr(0)
+WEIGHT_ELEMENTS: tl.constexpr = tl.constexpr(1)
+WEIGHT_ROWS: tl.constexpr = tl.constexpr(2)
+
+
 @triton.jit
-def resident_slab(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
-    """[K_SIZE, N]: element (k, n) = ptr[n] + (K_START + k) * k_stride, 0 past K. Loaded before a program's
-    step loop and used only as a dot operand, it stays in the SM's shared memory for every step."""
+def resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START: tl.constexpr, K_SIZE: tl.constexpr,
+                  WEIGHT_DROP: tl.constexpr):
+    """[K_SIZE, N]: element (k, n) = w_ptr[offsets[n] + (K_START + k) * k_stride], 0 past K. Loaded before a
+    program's step loop and used only as a dot operand, it stays in the SM's shared memory for every step.
+
+    w_ptr: W_hh [4H, H_out], dense. With WEIGHT_DROP, each element is W~'s, made as it loads:
+    packed_dropout_kernel's mask of W_hh's element e (or row e // H_out), scaled and rounded to W_hh's
+    dtype as that kernel stores it, so the slab holds W~'s bits. drop: (seed, ints_ptr, floats_ptr,
+    stream, H_out)."""
     ks = K_START + tl.arange(0, K_SIZE)[:, None]
-    return tl.load(ptr + ks * k_stride, mask=(ks < K) & n_inside, other=0.0)
+    # (the row pointers first, as W~'s slabs were addressed: element indices there put the where-used PTB
+    # forward's registers over the edge, spilling inside its step loop in the sm_90 compile)
+    w = tl.load((w_ptr + offsets) + ks * k_stride, mask=(ks < K) & n_inside, other=0.0)
+    if WEIGHT_DROP != WEIGHT_KEPT:
+        seed, ints_ptr, floats_ptr, stream, H_out = drop
+        element = offsets + ks * k_stride
+        if WEIGHT_DROP == WEIGHT_ROWS:
+            element = element // H_out
+        keep = bulk_keep(seed, ints_ptr, INT_WEIGHT, element, 0, stream, KIND_WEIGHT)
+        scaled = keep_scaled(w.to(floats_ptr.dtype.element_ty), keep, tl.load(floats_ptr + FLOAT_WEIGHT))
+        w = rounded(scaled, w_ptr.dtype.element_ty)
+    return w
 
 
 # A resident slab at least this deep is split in two (halves 16 deep or more, tl.dot's least K)
@@ -791,27 +815,32 @@ SPLIT_SLAB_DEPTH: tl.constexpr = tl.constexpr(32)
 
 
 @triton.jit
-def resident_halves(ptr, k_stride, n_inside, K, K_START: tl.constexpr, K_SIZE: tl.constexpr):
+def resident_halves(w_ptr, offsets, k_stride, n_inside, K, drop, K_START: tl.constexpr, K_SIZE: tl.constexpr,
+                    WEIGHT_DROP: tl.constexpr):
     """K_SIZE rows of an operand from K_START, as two slabs of K_SIZE / 2 where K_SIZE is SPLIT_SLAB_DEPTH or
     more; else the one slab, twice."""
     if K_SIZE >= SPLIT_SLAB_DEPTH:
-        low = resident_slab(ptr, k_stride, n_inside, K, K_START, K_SIZE // 2)
-        high = resident_slab(ptr, k_stride, n_inside, K, K_START + K_SIZE // 2, K_SIZE // 2)
+        low = resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START, K_SIZE // 2, WEIGHT_DROP)
+        high = resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START + K_SIZE // 2, K_SIZE // 2,
+                             WEIGHT_DROP)
     else:
-        low = resident_slab(ptr, k_stride, n_inside, K, K_START, K_SIZE)
+        low = resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START, K_SIZE, WEIGHT_DROP)
         high = low
     return low, high
 
 
 @triton.jit
-def resident_weight(ptr, k_stride, n_inside, K, K_MAIN: tl.constexpr, K_REST: tl.constexpr):
-    """A [K, N] operand in two power-of-two parts, K_MAIN + K_REST >= K (K_REST may be 0): a 768-deep
-    operand is 512 + 256, not 1024, of on-chip memory. Each part in halves (resident_halves), so that
-    resident_dot's product runs as up to four independent chains of MMAs rather than one."""
-    main_low, main_high = resident_halves(ptr, k_stride, n_inside, K, 0, K_MAIN)
+def resident_weight(w_ptr, offsets, k_stride, n_inside, K, drop, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
+                    WEIGHT_DROP: tl.constexpr):
+    """A [K, N] operand of W_hh or W~ (resident_slab) in two power-of-two parts, K_MAIN + K_REST >= K (K_REST
+    may be 0): a 768-deep operand is 512 + 256, not 1024, of on-chip memory. Each part in halves
+    (resident_halves), so that resident_dot's product runs as up to four independent chains of MMAs rather
+    than one."""
+    main_low, main_high = resident_halves(w_ptr, offsets, k_stride, n_inside, K, drop, 0, K_MAIN, WEIGHT_DROP)
     rest_low, rest_high = main_low, main_high
     if K_REST > 0:
-        rest_low, rest_high = resident_halves(ptr, k_stride, n_inside, K, K_MAIN, K_REST)
+        rest_low, rest_high = resident_halves(w_ptr, offsets, k_stride, n_inside, K, drop, K_MAIN, K_REST,
+                                              WEIGHT_DROP)
     return main_low, main_high, rest_low, rest_high
 
 
@@ -901,7 +930,7 @@ def forward_resident_kernel(
     arrivals_ptr, h_n_ptr, c_n_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr,
 ):
     """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns the units
     of unit tile p % tiles (tiles = H / BLOCK_H) for the row tiles p // tiles, p // tiles + R, ... (R =
@@ -923,7 +952,8 @@ def forward_resident_kernel(
     n = tl.arange(0, 4 * BLOCK_H)[None, :]
     n_unit = unit_tile * BLOCK_H + n // 4
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
-        w_ptr + ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, K_MAIN, K_REST
+        w_ptr, ((n % 4) * H + n_unit) * H_out, 1, n_unit < H, H_out, (seed, ints_ptr, floats_ptr, stream, H_out),
+        K_MAIN, K_REST, WEIGHT_DROP,
     )
     expected = 0
     # xg's gates at the program's first row tile for the step to come, loaded while the program waits at
@@ -986,7 +1016,7 @@ def backward_resident_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
@@ -1001,7 +1031,8 @@ def backward_resident_kernel(
     unit_tile, row_program, row_programs = resident_program(tl.cdiv(H_out, BLOCK_H))
     units = unit_tile * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]  # [1, BH]
     w_main_low, w_main_high, w_rest_low, w_rest_high = resident_weight(
-        w_ptr + units, H_out, units < H_out, 4 * H, K_MAIN, K_REST
+        w_ptr, units, H_out, units < H_out, 4 * H, (seed_ptr, ints_ptr, floats_ptr, stream, H_out), K_MAIN, K_REST,
+        WEIGHT_DROP,
     )
     expected = 0
     for back in range(first, last):

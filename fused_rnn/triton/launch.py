@@ -17,7 +17,7 @@ from .. import philox
 from ..backends import triton_interpreted
 from ..kept import current_stream_handle, kept
 from ..regularizers import Regularizers
-from . import cell
+from . import cell, kernels
 from .kernels import (
     FRESH_BIAS,
     FRESH_C,
@@ -796,20 +796,51 @@ def persistent_options(device: torch.device, plan: Plan) -> dict:
 
 
 def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, arrivals: Tensor,
-                  runtime: tuple, precision: str, final_states: tuple = ()) -> bool:
+                  runtime: tuple, precision: str, flags: Recurrence, final_states: tuple = ()) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
     (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it.
+    buffers: with W~, or W_hh where weight_drop_loaded(flags, plan) (the kernel drops it as it loads it).
     arrivals: its barrier counter; final_states: the forward's (h_n, c_n), which its last launch writes."""
+    constexprs = dict(plan.resident_constexprs, WEIGHT_DROP=weight_drop_loaded(flags, plan))
     if plan.synchronize:
         return _launch_persistent(
             kernel, plan, x, *buffers, arrivals, *final_states, seq_len, 0, steps, 1, *runtime,
-            PRECISION=precision, **plan.resident_constexprs,
+            PRECISION=precision, **constexprs,
         )
     for s in range(steps):
         kernel[(plan.programs,)](*buffers, arrivals, *final_states, seq_len, s, s + 1, 0, *runtime,
-                                 PRECISION=precision, BARRIER_POLL_LOADS=False, LOAD_AHEAD=loads_ahead(),
-                                 **plan.resident_constexprs)
+                                 PRECISION=precision, BARRIER_POLL_LOADS=False, LOAD_AHEAD=loads_ahead(), **constexprs)
     return True
+
+
+# The most slab elements a resident program's thread drops as it loads them (weight_drop_loaded). In the sm_90
+# compile (Triton 3.9), slabs of 32 a thread (the T=50 H=256 layer's, forward and backward) compiled with the
+# registers of W~'s; at 128 (H=512, 768 and PTB) they took all 255 and spilled before the step loop, and the
+# PTB forward's 288 spilled inside it: the draws of the whole slab are live in registers at once.
+RESIDENT_DROP_ELEMENTS = 32
+
+
+def weight_drop_loaded(flags: Recurrence, plan: Plan | None = None) -> int:
+    """The WEIGHT_DROP of a resident kernel (kernels.resident_slab): with weight drop, W~ made from W_hh as
+    the slab loads, where the plan's slab is at most RESIDENT_DROP_ELEMENTS a thread (a launch and two passes
+    over [4H, H_out] fewer, and no W~ in memory), else 0: the kernel loads a W~ made before (dropped_weight).
+    plan None: any slab (a test's)."""
+    if not flags.weight:
+        return int(kernels.WEIGHT_KEPT)
+    if plan is not None:
+        threads = 32 * resident_warps(plan)
+        if (plan.k_main + plan.k_rest) * plan.product_columns > RESIDENT_DROP_ELEMENTS * threads:
+            return int(kernels.WEIGHT_KEPT)
+    return int(kernels.WEIGHT_ROWS if flags.weight_rows else kernels.WEIGHT_ELEMENTS)
+
+
+def resident_operand(seed: Tensor, w_hh: Tensor, ints: Tensor, floats: Tensor, stream: int, flags: Recurrence,
+                     plan: Plan) -> Tensor:
+    """What a resident kernel loads its slabs from: W_hh, where it drops it as it loads (weight_drop_loaded),
+    or W~ made here."""
+    if flags.weight and weight_drop_loaded(flags, plan) == int(kernels.WEIGHT_KEPT):
+        return dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows)
+    return w_hh.contiguous()
 
 
 class RepeatedLaunch:
@@ -966,7 +997,7 @@ def layer_forward(
                              parameters=flags.input_parameters)
     # [T, B, 4H]: every step's input projection in one GEMM
     xg = input_projection(x, w_ih, bias)
-    w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
+    w_hh = w_hh.contiguous()
     first, last = (seq_len, 0) if reverse else (0, seq_len)
     h_carry = torch.empty(2, batch, real_hidden, dtype=dtype, device=x.device)
     c_carry = torch.empty(2, batch, hidden, dtype=dtype, device=x.device)
@@ -979,9 +1010,9 @@ def layer_forward(
     c_n = torch.empty(batch, hidden, dtype=x.dtype, device=x.device)
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     has_proj = w_hr is not None
-    precision = dot_precision(w.dtype, x.device)
+    precision = dot_precision(w_hh.dtype, x.device)
     # called again after a refused launch, which rules that kind out
-    replan = functools.partial(recurrence_plan, x.device, precision, w.element_size(), batch, hidden, real_hidden)
+    replan = functools.partial(recurrence_plan, x.device, precision, w_hh.element_size(), batch, hidden, real_hidden)
     plan = replan()
     # the carries, cs and rs at the state before the first step, in one launch
     launch_specialised(
@@ -993,11 +1024,15 @@ def layer_forward(
     if plan.kind == "resident":
         done = _run_resident(
             forward_resident_kernel, plan, x, seq_len, seq_len,
-            (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments), arrival_counter(x.device),
-            (int(reverse), stream, has_lengths, *sizes), precision, final_states=(h_n, c_n),
+            (seed, xg, resident_operand(seed, w_hh, ints, floats, stream, flags, plan), h_carry, rs, cs, c_carry, out,
+             *step_arguments), arrival_counter(x.device),
+            (int(reverse), stream, has_lengths, *sizes), precision, flags, final_states=(h_n, c_n),
         )
         if not done:
             plan = replan()
+    if plan.kind != "resident":
+        # the persistent and per-step loops read W~ from memory at every step
+        w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh
     if plan.kind == "persistent":
         done = _launch_persistent(
             forward_persistent_kernel, plan, x, seed,
@@ -1088,12 +1123,13 @@ def layer_backward(
 
     if plan.kind == "resident":
         db = zero_fresh(bias_partials())
-        w = dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows) if flags.weight else w_hh.contiguous()
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
-            (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments),
+            (seed, dgates, db, xg, resident_operand(seed, w_hh, ints, floats, stream, flags, plan), cs, d_out, gh, gc,
+             *step_arguments),
             # a counter of its own, which it leaves as it is (kernels.backward_resident_kernel)
             torch.zeros(2, dtype=torch.int32, device=x.device), (int(reverse), stream, has_lengths, *sizes), precision,
+            flags,
         )
         if not done:
             plan = replan()
