@@ -87,20 +87,25 @@ def test_weight_drop_masks_are_the_references(seed, rows):
         assert ((dropped != 0).all(1) | (dropped == 0).all(1)).all(), "row mode drops whole rows of W_hh"
 
 
+def _weight_drop_case(rows: bool, dtype: torch.dtype):
+    """(seed, W_hh [68, 70], ints, floats, stream) of a weight drop test: two 32-wide tiles by two, neither full."""
+    device = require_backend("triton", dtype)
+    hidden, real_hidden, stream, p = 17, 70, 2, 0.3
+    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
+    ints, floats = launch.step_parameters(reg, True, device, dtype)
+    w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
+    return launch.seed_tensor(SEEDS[0], device), w, ints, floats, stream
+
+
 @pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_the_transposed_dropped_weight_is_the_dropped_weight_transposed_bit_for_bit(rows, dtype):
     """The backward's W~ transposed in one pass (transposed_dropped_weight) against dropped_weight then a
     transposing copy: the same mask, scale and rounding, at a size of two tiles by two, neither full."""
-    device = require_backend("triton", dtype)
-    hidden, real_hidden, k, p = 17, 70, 2, 0.3  # W_hh [68, 70]
-    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
-    ints, floats = launch.step_parameters(reg, True, device, dtype)
-    w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
-    seed = launch.seed_tensor(SEEDS[0], device)
+    seed, w, ints, floats, k = _weight_drop_case(rows, dtype)
     expected = launch.dropped_weight(seed, w, ints, floats, k, rows).t()
     transposed = launch.transposed_dropped_weight(seed, w, ints, floats, k, rows)
-    assert transposed.is_contiguous() and transposed.shape == (real_hidden, 4 * hidden)
+    assert transposed.is_contiguous() and transposed.shape == w.t().shape
     assert torch.equal(transposed, expected)
     assert 0 < int((transposed == 0).sum()) < transposed.numel()
 
@@ -146,19 +151,14 @@ def _resident_weight_kernel(seed_ptr, w_ptr, out_ptr, ints_ptr, floats_ptr, stre
 def test_the_resident_slabs_drop_w_hh_as_they_load_it_bit_for_bit(forward, rows, dtype):
     """A resident kernel's slabs with weight drop applied as they load W_hh (launch.weight_drop_loaded) hold
     W~'s bits: dropped_weight's mask, scale and rounding, in each layout and part (K = 70 is 64 + 16 deep)."""
-    device = require_backend("triton", dtype)
-    hidden, real_hidden, k, p = 17, 70, 2, 0.3  # W_hh [68, 70]
-    reg = Regularizers(weight_dropout=p, weight_dropout_mode="row" if rows else "element")
-    ints, floats = launch.step_parameters(reg, True, device, dtype)
-    w = torch.randn(4 * hidden, real_hidden, device=device).to(dtype)
-    seed = launch.seed_tensor(SEEDS[0], device)
+    seed, w, ints, floats, k = _weight_drop_case(rows, dtype)
     expected = launch.dropped_weight(seed, w, ints, floats, k, rows)
     expected = expected.t() if forward else expected  # [K, N]
     depth, width = expected.shape
     main, rest = launch.resident_depths(depth)
-    slabs = torch.full((main + rest, width), float("nan"), dtype=dtype, device=device)
+    slabs = torch.full((main + rest, width), float("nan"), dtype=dtype, device=w.device)
     flags = launch.Recurrence(weight=True, weight_rows=rows)
-    _resident_weight_kernel[(1,)](seed, w, slabs, ints, floats, k, depth, width, real_hidden, FORWARD=forward,
+    _resident_weight_kernel[(1,)](seed, w, slabs, ints, floats, k, depth, width, w.shape[1], FORWARD=forward,
                                   BLOCK_N=launch.next_power_of_2(width), K_MAIN=main, K_REST=rest,
                                   WEIGHT_DROP=launch.weight_drop_loaded(flags))
     assert torch.equal(slabs[:depth], expected)
