@@ -779,7 +779,7 @@ def backward_persistent_kernel(
 RESIDENT_ARGUMENTS = ["seq_len", "first", "last", "synchronize", "reverse", "stream", "has_lengths"]
 
 
-# weight drop applied by a resident kernel as it loads W_hh (launch.WEIGHT_DROP_LOADED): off, per element, per row
+# weight drop applied by a resident kernel as it loads W_hh (launch.weight_drop_loaded): off, per element, per row
 WEIGHT_KEPT: tl.constexpr = tl.constexpr(0)
 WEIGHT_ELEMENTS: tl.constexpr = tl.constexpr(1)
 WEIGHT_ROWS: tl.constexpr = tl.constexpr(2)
