@@ -19,6 +19,9 @@ ran). The rows (the kF/kB and BxH variants only where --variants names them, or 
   (FUSED_RNN_LOAD_AHEAD=0: the kernels as they were before loading ahead).
 - steps / resident unpadded: the GEMMs' operands as they are, rows not padded to whole 16 bytes
   (FUSED_RNN_GEMM_PADDING=0; launch.gemm_row_elements): where a layer's sizes are no multiple of 8 (PTB).
+- resident stored W~: with weight drop, the resident kernels load a W~ made by a launch before
+  (FUSED_RNN_WEIGHT_DROP_LOADED=0), where by default the small slabs drop W_hh as they load it
+  (launch.weight_drop_loaded; the small_h256 layer's, forward and backward).
 - barrier: a launch of the resident plan's programs that does nothing but one grid barrier per step,
   the floor under a persistent step; "barrier load" polls with acquire loads (GPU only).
 The plan column is the loop that ran (a refused launch falls back, and says so); its programs, row tile
@@ -79,6 +82,9 @@ VARIANTS = (
 ) + tuple(
     # the GEMMs' operands as they are, rows not padded to 16 bytes (launch.gemm_row_elements): at PTB's 1150
     (f"{mode} unpadded", mode, None, {"FUSED_RNN_GEMM_PADDING": "0"}) for mode in ("steps", "resident")
+) + (
+    # weight drop from a W~ made by a launch before, where the default drops W_hh as the slabs load (small slabs)
+    ("resident stored W~", "resident", None, {"FUSED_RNN_WEIGHT_DROP_LOADED": "0"}),
 )
 
 

@@ -926,9 +926,10 @@ def test_resident_kernels_drop_w_hh_as_they_load_it(rows, monkeypatch):
     assert len(made) == 1 and not made[0].requires_grad, "only dL/dW_hh goes through dropped_weight"
 
 
-def test_weight_drop_is_loaded_into_small_slabs_only():
+def test_weight_drop_is_loaded_into_small_slabs_only(monkeypatch):
     """Slabs of at most RESIDENT_DROP_ELEMENTS a thread (T=50 B=8 H=256, 16-bit) are dropped as they load; larger
-    ones (PTB) load a W~ made before, their draws would spill registers; no weight drop, none."""
+    ones (PTB) load a W~ made before, their draws would spill registers; no weight drop, none; nor any with
+    FUSED_RNN_WEIGHT_DROP_LOADED=0 (bench.tune's "resident stored W~")."""
     element, row = launch.Recurrence(weight=True, weight_rows=False), launch.Recurrence(weight=True, weight_rows=True)
     for forward in (True, False):
         small = launch.resident_plan(H100, 2, 8, 256, forward=forward)
@@ -937,6 +938,8 @@ def test_weight_drop_is_loaded_into_small_slabs_only():
         assert launch.weight_drop_loaded(launch.Recurrence(weight=False, weight_rows=False), small) == 0
     large = launch.resident_plan(H100, 2, 80, 1150)
     assert large is not None and launch.weight_drop_loaded(element, large) == int(kernels.WEIGHT_KEPT)
+    monkeypatch.setenv("FUSED_RNN_WEIGHT_DROP_LOADED", "0")
+    assert launch.weight_drop_loaded(element, small) == int(kernels.WEIGHT_KEPT)
 
 
 @pytest.mark.parametrize("mode, proj", [("persistent", 2), ("resident", 0)])

@@ -818,6 +818,8 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
 # registers of W~'s; at 128 (H=512, 768 and PTB) they took all 255 and spilled before the step loop, and the
 # PTB forward's 288 spilled inside it: the draws of the whole slab are live in registers at once.
 RESIDENT_DROP_ELEMENTS = 32
+# FUSED_RNN_WEIGHT_DROP_LOADED=0 makes every resident kernel load a W~ made before (bench.tune's "stored W~")
+WEIGHT_DROP_LOADED_CHOICES = ("1", "0")
 
 
 def weight_drop_loaded(flags: Recurrence, plan: Plan | None = None) -> int:
@@ -825,7 +827,7 @@ def weight_drop_loaded(flags: Recurrence, plan: Plan | None = None) -> int:
     the slab loads, where the plan's slab is at most RESIDENT_DROP_ELEMENTS a thread (a launch and two passes
     over [4H, H_out] fewer, and no W~ in memory), else 0: the kernel loads a W~ made before (dropped_weight).
     plan None: any slab (a test's)."""
-    if not flags.weight:
+    if not flags.weight or environment_choice("FUSED_RNN_WEIGHT_DROP_LOADED", WEIGHT_DROP_LOADED_CHOICES) == "0":
         return int(kernels.WEIGHT_KEPT)
     if plan is not None:
         threads = 32 * resident_warps(plan)
