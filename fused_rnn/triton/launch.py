@@ -814,9 +814,9 @@ def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffe
 
 
 # The most slab elements a resident program's thread drops as it loads them (weight_drop_loaded). In the sm_90
-# compile (Triton 3.9), slabs of 32 a thread (the T=50 H=256 layer's, forward and backward) compiled with the
-# registers of W~'s; at 128 (H=512, 768 and PTB) they took all 255 and spilled before the step loop, and the
-# PTB forward's 288 spilled inside it: the draws of the whole slab are live in registers at once.
+# compile (Triton 3.9), slabs of 32 a thread (the T=50 H=256 layer's, forward and backward) kept the 16-bit
+# kernels within 2 registers of W~'s; at 128 to 288 (H=512, 768 and PTB) they took all 255 and spilled before
+# the step loop, and the PTB forward's (288) inside it: the draws of the whole slab are live in registers at once.
 RESIDENT_DROP_ELEMENTS = 32
 # FUSED_RNN_WEIGHT_DROP_LOADED=0 makes every resident kernel load a W~ made before (bench.tune's "stored W~")
 WEIGHT_DROP_LOADED_CHOICES = ("1", "0")
