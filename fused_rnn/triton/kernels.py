@@ -93,6 +93,14 @@ def bulk_keep(seed, ints_ptr, threshold_slot, m, step, stream, kind):
     return not_fires(draw, tl.load(ints_ptr + threshold_slot))
 
 
+@triton.jit
+def weight_dropped(w, m, seed, ints_ptr, floats_ptr, stream):
+    """Elements of W_hh after weight drop, in the compute dtype (floats_ptr's): mask element m (W_hh's element,
+    or its row in row mode) drawn as packed_dropout_kernel draws it, inverted scaling."""
+    keep = bulk_keep(seed, ints_ptr, INT_WEIGHT, m, 0, stream, KIND_WEIGHT)
+    return keep_scaled(w.to(floats_ptr.dtype.element_ty), keep, tl.load(floats_ptr + FLOAT_WEIGHT))
+
+
 @triton.jit(do_not_specialize=["stream", "R", "C", "rows"])
 def transposed_weight_dropout_kernel(
     seed_ptr, w_ptr, w_t_ptr, ints_ptr, floats_ptr, stream, R, C, rows,
@@ -104,9 +112,8 @@ def transposed_weight_dropout_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
     inside = (r < R) & (c < C)
     element = r * C + c  # W_hh's elements are indexed in 32 bits by packed_dropout_kernel too
-    keep = bulk_keep(seed_ptr, ints_ptr, INT_WEIGHT, tl.where(rows != 0, r, element), 0, stream, KIND_WEIGHT)
-    w = tl.load(w_ptr + element, mask=inside, other=0.0).to(floats_ptr.dtype.element_ty)
-    y = keep_scaled(w, keep, tl.load(floats_ptr + FLOAT_WEIGHT))
+    w = tl.load(w_ptr + element, mask=inside, other=0.0)
+    y = weight_dropped(w, tl.where(rows != 0, r, element), seed_ptr, ints_ptr, floats_ptr, stream)
     # written along R: the compiler moves the tile through shared memory so that both sides are coalesced
     store_rounded(w_t_ptr + c * R + r, y, inside)
 
@@ -793,7 +800,7 @@ def resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START: tl.const
 
     w_ptr: W_hh [4H, H_out], dense. With WEIGHT_DROP, each element is W~'s, made as it loads:
     packed_dropout_kernel's mask of W_hh's element e (or row e // H_out), scaled and rounded to W_hh's
-    dtype as that kernel stores it, so the slab holds W~'s bits. drop: (seed, ints_ptr, floats_ptr,
+    dtype as that kernel stores it (weight_dropped), so the slab holds W~'s bits. drop: (seed, ints_ptr, floats_ptr,
     stream, H_out)."""
     ks = K_START + tl.arange(0, K_SIZE)[:, None]
     # (the row pointers first, as W~'s slabs were addressed: element indices there put the where-used PTB
@@ -804,9 +811,7 @@ def resident_slab(w_ptr, offsets, k_stride, n_inside, K, drop, K_START: tl.const
         element = offsets + ks * k_stride
         if WEIGHT_DROP == WEIGHT_ROWS:
             element = element // H_out
-        keep = bulk_keep(seed, ints_ptr, INT_WEIGHT, element, 0, stream, KIND_WEIGHT)
-        scaled = keep_scaled(w.to(floats_ptr.dtype.element_ty), keep, tl.load(floats_ptr + FLOAT_WEIGHT))
-        w = rounded(scaled, w_ptr.dtype.element_ty)
+        w = rounded(weight_dropped(w, element, seed, ints_ptr, floats_ptr, stream), w_ptr.dtype.element_ty)
     return w
 
 

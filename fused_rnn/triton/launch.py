@@ -796,12 +796,12 @@ def persistent_options(device: torch.device, plan: Plan) -> dict:
 
 
 def _run_resident(kernel, plan: Plan, x: Tensor, seq_len: int, steps: int, buffers: tuple, arrivals: Tensor,
-                  runtime: tuple, precision: str, flags: Recurrence, final_states: tuple = ()) -> bool:
+                  runtime: tuple, precision: str, weight_drop: int, final_states: tuple = ()) -> bool:
     """A resident kernel's steps (seq_len forward, seq_len + 1 calls backward): one synchronized launch, or
     (a plan of several programs under the interpreter) one launch per step. False if the GPU refused it.
-    buffers: with W~, or W_hh where weight_drop_loaded(flags, plan) (the kernel drops it as it loads it).
+    buffers and weight_drop: resident_operand's (W~, or W_hh where the kernel drops it as it loads it).
     arrivals: its barrier counter; final_states: the forward's (h_n, c_n), which its last launch writes."""
-    constexprs = dict(plan.resident_constexprs, WEIGHT_DROP=weight_drop_loaded(flags, plan))
+    constexprs = dict(plan.resident_constexprs, WEIGHT_DROP=weight_drop)
     if plan.synchronize:
         return _launch_persistent(
             kernel, plan, x, *buffers, arrivals, *final_states, seq_len, 0, steps, 1, *runtime,
@@ -837,12 +837,13 @@ def weight_drop_loaded(flags: Recurrence, plan: Plan | None = None) -> int:
 
 
 def resident_operand(seed: Tensor, w_hh: Tensor, ints: Tensor, floats: Tensor, stream: int, flags: Recurrence,
-                     plan: Plan) -> Tensor:
-    """What a resident kernel loads its slabs from: W_hh, where it drops it as it loads (weight_drop_loaded),
-    or W~ made here."""
-    if flags.weight and weight_drop_loaded(flags, plan) == int(kernels.WEIGHT_KEPT):
-        return dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows)
-    return w_hh.contiguous()
+                     plan: Plan) -> tuple[Tensor, int]:
+    """(what a resident kernel loads its slabs from, its WEIGHT_DROP): W_hh, which it drops as it loads
+    (weight_drop_loaded), or W~ made here."""
+    weight_drop = weight_drop_loaded(flags, plan)
+    if flags.weight and weight_drop == int(kernels.WEIGHT_KEPT):
+        return dropped_weight(seed, w_hh, ints, floats, stream, flags.weight_rows), weight_drop
+    return w_hh.contiguous(), weight_drop
 
 
 class RepeatedLaunch:
@@ -1024,11 +1025,11 @@ def layer_forward(
     step_arguments = (lengths_arg, ints, floats)
     sizes = (batch, hidden, real_hidden)
     if plan.kind == "resident":
+        w, weight_drop = resident_operand(seed, w_hh, ints, floats, stream, flags, plan)
         done = _run_resident(
             forward_resident_kernel, plan, x, seq_len, seq_len,
-            (seed, xg, resident_operand(seed, w_hh, ints, floats, stream, flags, plan), h_carry, rs, cs, c_carry, out,
-             *step_arguments), arrival_counter(x.device),
-            (int(reverse), stream, has_lengths, *sizes), precision, flags, final_states=(h_n, c_n),
+            (seed, xg, w, h_carry, rs, cs, c_carry, out, *step_arguments), arrival_counter(x.device),
+            (int(reverse), stream, has_lengths, *sizes), precision, weight_drop, final_states=(h_n, c_n),
         )
         if not done:
             plan = replan()
@@ -1125,13 +1126,13 @@ def layer_backward(
 
     if plan.kind == "resident":
         db = zero_fresh(bias_partials())
+        w, weight_drop = resident_operand(seed, w_hh, ints, floats, stream, flags, plan)
         done = _run_resident(
             backward_resident_kernel, plan, x, seq_len, seq_len + 1,
-            (seed, dgates, db, xg, resident_operand(seed, w_hh, ints, floats, stream, flags, plan), cs, d_out, gh, gc,
-             *step_arguments),
+            (seed, dgates, db, xg, w, cs, d_out, gh, gc, *step_arguments),
             # a counter of its own, which it leaves as it is (kernels.backward_resident_kernel)
             torch.zeros(2, dtype=torch.int32, device=x.device), (int(reverse), stream, has_lengths, *sizes), precision,
-            flags,
+            weight_drop,
         )
         if not done:
             plan = replan()
