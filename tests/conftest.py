@@ -12,54 +12,9 @@ import pytest  # noqa: E402
 
 from fused_rnn import backends  # noqa: E402
 
+import triton_interpreter  # noqa: E402
 
-def _patch_triton_language_once_a_launch() -> None:
-    """Triton's interpreter patches triton.language for a launch, and again at every call of a @triton.jit
-    function inside the kernel (Triton 3.9: `inspect.getmembers` of the modules the function sees, about 0.7 ms
-    a call): with the kernels' helpers called per tile and step, that was a fifth of the interpreted suite's
-    time. Here a call inside a launch patches only where no call of the launch has patched the modules it sees
-    (`triton.language`, as our kernels and helpers, or `triton.language.core`, as Triton's own @jit functions
-    like tl.zeros): its patches would be the ones in place. Left as it is where Triton's interpreter is not laid
-    out so."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    patch_lang = getattr(interpreter, "_patch_lang", None)
-    launch = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
-    if patch_lang is None or launch is None or not hasattr(interpreter, "_LangPatchScope"):
-        return
-    languages = (tl, tl.core)
-    seen_by: dict = {}  # function -> the indices in `languages` of the modules its globals hold
-    running: list = []  # per launch running: the set of modules patched since it started
-
-    def run(self, *args, **kwargs):
-        running.append(set())
-        try:
-            return launch(self, *args, **kwargs)
-        finally:
-            running.pop()
-
-    def patch_once(fn):
-        seen = seen_by.get(fn)
-        if seen is None:
-            seen = seen_by[fn] = frozenset(i for i, lang in enumerate(languages)
-                                           if any(value is lang for value in fn.__globals__.values()))
-        if running and seen <= running[-1]:
-            return interpreter._LangPatchScope()  # nothing to restore
-        scope = patch_lang(fn)
-        if running:
-            running[-1].update(seen)
-        return scope
-
-    interpreter.GridExecutor.__call__ = run
-    interpreter._patch_lang = patch_once
-
-
-_patch_triton_language_once_a_launch()
+triton_interpreter.install()
 
 BACKENDS = ("reference", "cpp", "triton")
 

@@ -8,6 +8,7 @@ docs/randomness.md, and by checking that the document still says what that table
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from fractions import Fraction
@@ -20,6 +21,7 @@ import fused_rnn
 from fused_rnn import masks as fr_masks
 from fused_rnn import philox
 
+import triton_interpreter
 from conftest import backend_device
 
 MASK32 = 0xFFFFFFFF
@@ -84,9 +86,28 @@ def test_torch_philox_matches_the_scalar_definition():
         assert 0 <= int(got.min()) and int(got.max()) <= MASK32
 
 
-def test_triton_philox_agrees():
+@contextlib.contextmanager
+def philox_rounds(which: str):
+    """Under Triton's interpreter, tl.philox's rounds as the suite runs them ("installed": numpy's, where
+    tests/triton_interpreter.py put them) or Triton's own interpreted ones ("triton's own")."""
+    from triton.language import random as tl_random
+
+    installed = tl_random.philox_impl
+    if which == "triton's own":
+        if triton_interpreter.tritons_philox_impl is None:
+            pytest.skip("Triton's own rounds are the ones that run here (no interpreter, or none replaced)")
+        tl_random.philox_impl = triton_interpreter.tritons_philox_impl
+    try:
+        yield
+    finally:
+        tl_random.philox_impl = installed
+
+
+@pytest.mark.parametrize("rounds", ["installed", "triton's own"])
+def test_triton_philox_agrees(rounds):
     """Triton's tl.philox(seed, c0, c1, c2, c3) with 32-bit counters is the same function (on the GPU when
-    there is one, else in the interpreter conftest selects), for 64-bit seeds including seeds >= 2**32."""
+    there is one, else in the interpreter conftest selects, with the rounds the suite runs and with Triton's
+    own), for 64-bit seeds including seeds >= 2**32."""
     pytest.importorskip("triton")
     import triton
     import triton.language as tl
@@ -109,12 +130,57 @@ def test_triton_philox_agrees():
     g = torch.Generator().manual_seed(1)
     counters = random_words(n, g)
     as_int32 = torch.where(counters >= 2**31, counters - 2**32, counters).to(torch.int32).to(device)
-    for seed in SEEDS:
-        out = torch.zeros(n, 4, dtype=torch.int32, device=device)
-        philox_kernel[(1,)](seed, as_int32, out, N=n)
-        got = out.cpu().to(torch.int64) & MASK32
-        expected = torch.stack(philox.philox4x32(*counters.unbind(1), *philox.seed_key(seed)), dim=1)
-        assert torch.equal(got, expected), f"seed {seed}"
+    with philox_rounds(rounds):
+        for seed in SEEDS:
+            out = torch.zeros(n, 4, dtype=torch.int32, device=device)
+            philox_kernel[(1,)](seed, as_int32, out, N=n)
+            got = out.cpu().to(torch.int64) & MASK32
+            expected = torch.stack(philox.philox4x32(*counters.unbind(1), *philox.seed_key(seed)), dim=1)
+            assert torch.equal(got, expected), f"seed {seed}"
+
+
+def test_interpreted_philox_rounds_are_tritons():
+    """The interpreter's numpy rounds (tests/triton_interpreter.py) give Triton's own words where scalar and
+    block counters mix, as the kernels' calls do (a unit's block beside a step's and a stream's scalars), at
+    round counts where some words are still scalars (1, 2) and at Philox's 10."""
+    pytest.importorskip("triton")
+    import triton
+    import triton.language as tl
+
+    if triton_interpreter.tritons_philox_impl is None:
+        pytest.skip("no interpreter here, or its rounds were not replaced: nothing to compare")
+
+    @triton.jit
+    def mixed_kernel(out, seed, t, stream, N: tl.constexpr, ROUNDS: tl.constexpr, LAYOUT: tl.constexpr):
+        offs = tl.arange(0, N)
+        if LAYOUT == 0:
+            w0, w1, w2, w3 = tl.philox(seed, offs.to(tl.uint32), t, stream, 3, ROUNDS)
+        elif LAYOUT == 1:
+            w0, w1, w2, w3 = tl.philox(seed, t, offs, stream, offs * 7, ROUNDS)
+        else:
+            w0, w1, w2, w3 = tl.philox(seed, t, stream, 5, 9, ROUNDS)
+        # a word still scalar after the rounds stores the same value at every offset, and its rank, 0
+        zero = offs.to(tl.uint32) * 0
+        tl.store(out + offs, (w0 + zero).to(tl.int32, bitcast=True))
+        tl.store(out + N + offs, (w1 + zero).to(tl.int32, bitcast=True))
+        tl.store(out + 2 * N + offs, (w2 + zero).to(tl.int32, bitcast=True))
+        tl.store(out + 3 * N + offs, (w3 + zero).to(tl.int32, bitcast=True))
+        tl.store(out + 4 * N, len(w0.shape))
+        tl.store(out + 4 * N + 1, len(w1.shape))
+        tl.store(out + 4 * N + 2, len(w2.shape))
+        tl.store(out + 4 * N + 3, len(w3.shape))
+
+    g = torch.Generator().manual_seed(3)
+    for layout in range(3):
+        for n_rounds in (1, 2, 10):
+            seed, t, stream = (int(v) for v in torch.randint(0, 2**31, (3,), generator=g))
+            results = []
+            for rounds in ("installed", "triton's own"):
+                out = torch.zeros(4 * 16 + 4, dtype=torch.int32)
+                with philox_rounds(rounds):
+                    mixed_kernel[(1,)](out, seed + 2**40 * layout, t, stream, N=16, ROUNDS=n_rounds, LAYOUT=layout)
+                results.append(out)
+            assert torch.equal(*results), f"layout {layout}, {n_rounds} rounds"
 
 
 def test_threshold():
