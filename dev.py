@@ -48,7 +48,9 @@ def main(argv: list[str]) -> int:
     what, extra = argv[0], argv[1:]
     python = set_up(what)
     if what == "test":
-        command = [python, "-m", "pytest", "-n", "2", "tests", *extra]
+        # one test at a time to each worker as it finishes one: xdist otherwise hands out contiguous quarters of
+        # the collection, which put every minutes-long test (conftest.STARTED_FIRST) on one worker
+        command = [python, "-m", "pytest", "-n", "2", "--maxschedchunk", "1", "tests", *extra]
     else:
         command = [python, "-m", "pytest", "bench", *extra]
     print("+", " ".join(command), flush=True)

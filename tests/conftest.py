@@ -66,11 +66,14 @@ def nan_filled_empty(monkeypatch):
 
 # Tests of several minutes each on the 2-core CI VM (d5bfdbd: the compile checks 6-8.5 min, the interpreted
 # gradgradcheck of the packed bidirectional layer 3.3), every other test under a minute. Collected last, the
-# compile checks ran after the rest, one worker's two of them while the other had nothing left; first, two
-# workers share the short tests around them.
+# compile checks ran after the rest, one worker's two of them while the other had nothing left. They start
+# first, in this order: dev.py hands each worker one test at a time (--maxschedchunk 1) and keeps two queued,
+# so one worker starts with the sm_90 check and the gradgradcheck, the other with the other two checks, and
+# the short tests fill in around them.
 STARTED_FIRST = (
-    "test_triton_compile.py::test_every_kernel_configuration_compiles",
+    "test_triton_compile.py::test_every_kernel_configuration_compiles[90-None]",
     "test_gradcheck.py::test_gradgradcheck[triton-L1-bi-packed",
+    "test_triton_compile.py::test_every_kernel_configuration_compiles",
 )
 
 
