@@ -1,5 +1,6 @@
 """Every Triton kernel configuration the backend can launch compiles for sm_80 and sm_90, without a GPU: with
-the suite's Triton, and for sm_90 with the one the H100 of the GPU check runs."""
+the suite's Triton, and for sm_90 with the one the H100 of the GPU check runs, which alone also compiles the
+tuning variables' variants (bench.tune's, run on that machine)."""
 
 import json
 import os
@@ -51,7 +52,10 @@ def test_every_kernel_configuration_compiles(arch, triton_version):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if triton_version is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(device_triton()), env.get("PYTHONPATH"))))
-    run = subprocess.run([sys.executable, str(SCRIPT), str(arch)], capture_output=True, text=True, env=env, timeout=1500)
+    # the tuning variables' variants where bench.tune runs them: the GPU check's H100, with its Triton
+    tuning = ["--tuning"] if triton_version == DEVICE_TRITON and arch == 90 else []
+    run = subprocess.run([sys.executable, str(SCRIPT), str(arch), *tuning], capture_output=True, text=True, env=env,
+                         timeout=1500)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines and lines[-1].get("summary"), f"the compile check did not finish:\n{run.stderr[-5000:]}"
     if triton_version is not None:

@@ -1,6 +1,7 @@
 """Compile every Triton kernel configuration the backend launches, for a GPU this machine need not have.
 
-Run as a script, in a process without TRITON_INTERPRET: `python tests/triton_compile_check.py 90`.
+Run as a script, in a process without TRITON_INTERPRET: `python tests/triton_compile_check.py 90 [--tuning]`
+(--tuning: the tuning variables' variants too, which bench.tune launches on the GPU check's machine).
 The launchers run on CPU tensors with each kernel's launch replaced by a recorder, across every
 dtype, precision, tile size and structural option they can choose; each distinct specialization the
 JIT would compile is then compiled for GPUTarget("cuda", arch, 32) and checked by ptxas: no register
@@ -53,8 +54,10 @@ GPU_LIMITS = {
 BENCHMARK_LAYERS = ((80, 1150), (64, 512), (16, 768), (8, 256), (64, 1024))
 
 
-def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
-    """Drive the launchers through every configuration they can take; return each kernel launch."""
+def record_launches(arch: int, tuning: bool = True) -> list[tuple[JITFunction, tuple, dict]]:
+    """Drive the launchers through every configuration they can take; return each kernel launch. tuning: also
+    with the tuning variables' variants (FUSED_RNN_BARRIER=load, FUSED_RNN_LOAD_AHEAD=0), which only
+    bench.tune sets, on the GPU check's machine."""
     launches = []
     for name in dir(kernels):
         kernel = getattr(kernels, name)
@@ -90,6 +93,8 @@ def record_launches(arch: int) -> list[tuple[JITFunction, tuple, dict]]:
                             drive_layer(dtype, batch, hidden, 0, False, seed)
         for locked in (False, True):
             launch.feature_dropout(torch.zeros(3, 2, 5, dtype=dtype), seed, philox.KIND_INPUT, 0, 0.5, locked)
+    if not tuning:
+        return launches
     # grid barriers that poll with acquire loads (FUSED_RNN_BARRIER=load, inline PTX): each loop that has them
     os.environ["FUSED_RNN_BARRIER"] = "load"
     launch.persistent_programs = lambda device, tiles: 8
@@ -190,12 +195,12 @@ def slabs_before_loop(ttgir: str) -> int:
     return len(re.findall(r"ttg\.local_alloc %", ttgir[: ttgir.index("scf.for")]))
 
 
-def main(arch: int) -> int:
+def main(arch: int, tuning: bool) -> int:
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     seen = set()
     failures = 0
-    for kernel, args, kwargs in record_launches(arch):
+    for kernel, args, kwargs in record_launches(arch, tuning):
         signature, constexprs, attrs, options = specialize(kernel, args, kwargs, backend)
         key = (kernel.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs.items())))
         if key in seen:
@@ -244,4 +249,4 @@ def main(arch: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1])))
+    sys.exit(main(int(sys.argv[1]), "--tuning" in sys.argv[2:]))

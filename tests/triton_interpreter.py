@@ -76,12 +76,13 @@ def philox_rounds_in_numpy() -> None:
     global tritons_philox_impl
     import triton.language as tl
     from triton.language import random as tl_random
-    from triton.runtime.interpreter import TensorHandle
+    from triton.runtime import interpreter
 
     original = getattr(tl_random, "philox_impl", None)
     function = getattr(original, "fn", None)
-    if function is None or list(inspect.signature(function).parameters) != ["c0", "c1", "c2", "c3", "k0", "k1",
-                                                                             "n_rounds"]:
+    TensorHandle = getattr(interpreter, "TensorHandle", None)  # noqa: N806
+    if (function is None or TensorHandle is None or not hasattr(tl, "block_type")
+            or list(inspect.signature(function).parameters) != ["c0", "c1", "c2", "c3", "k0", "k1", "n_rounds"]):
         return
     tritons_philox_impl = original
     # Philox4x32's round multipliers and key increments (Salmon et al., SC'11)
