@@ -88,8 +88,8 @@ def test_torch_philox_matches_the_scalar_definition():
 
 @contextlib.contextmanager
 def philox_rounds(which: str):
-    """Under Triton's interpreter, tl.philox's rounds as the suite runs them ("installed": numpy's, where
-    tests/triton_interpreter.py put them) or Triton's own interpreted ones ("triton's own")."""
+    """Under Triton's interpreter, tl.philox's rounds as the suite runs them ("installed": the reference's Philox,
+    where tests/triton_interpreter.py put it) or Triton's own interpreted ones ("triton's own")."""
     from triton.language import random as tl_random
 
     installed = tl_random.philox_impl
@@ -140,9 +140,9 @@ def test_triton_philox_agrees(rounds):
 
 
 def test_interpreted_philox_rounds_are_tritons():
-    """The interpreter's numpy rounds (tests/triton_interpreter.py) give Triton's own words where scalar and
-    block counters mix, as the kernels' calls do (a unit's block beside a step's and a stream's scalars), at
-    round counts where some words are still scalars (1, 2) and at Philox's 10."""
+    """The interpreter's rounds (tests/triton_interpreter.py: the reference's Philox on whole arrays) give Triton's
+    own words, values and ranks, where scalar and block counters mix, as the kernels' calls do (a unit's block
+    beside a step's and a stream's scalars), or are all scalars; other round counts go to Triton's own."""
     pytest.importorskip("triton")
     import triton
     import triton.language as tl

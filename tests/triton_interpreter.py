@@ -18,7 +18,7 @@ def install() -> None:
     except ImportError:
         return
     patch_triton_language_once_a_launch()
-    philox_rounds_in_numpy()
+    philox_rounds_by_the_reference()
 
 
 def patch_triton_language_once_a_launch() -> None:
@@ -62,21 +62,25 @@ def patch_triton_language_once_a_launch() -> None:
     interpreter._patch_lang = patch_once
 
 
-# Triton's own interpreted philox_impl, where philox_rounds_in_numpy replaced it (for the tests that compare)
+# Triton's own interpreted philox_impl, where philox_rounds_by_the_reference replaced it (for the tests that compare)
 tritons_philox_impl = None
 
 
-def philox_rounds_in_numpy() -> None:
-    """tl.philox's rounds (triton.language.random.philox_impl) on 32-bit words, computed by numpy on whole
-    arrays: interpreted, each of a round's six operations went through Triton's type checks and broadcasts,
-    and the rounds took 40% of an interpreted layer's time with every regularizer on. The words are what
-    Triton's rounds give, shapes (a scalar word with block words) and types included; 64-bit words and
-    anything unexpected still go to Triton's. test_philox checks both against each other and against
-    Philox4x32-10's known answers."""
+def philox_rounds_by_the_reference() -> None:
+    """tl.philox's ten rounds (triton.language.random.philox_impl) on 32-bit words, computed on whole arrays by
+    the reference's Philox (fused_rnn.philox.philox4x32): interpreted, each of a round's six operations went
+    through Triton's type checks and broadcasts, and the rounds took 40% of an interpreted layer's time with
+    every regularizer on. The words are what Triton's rounds give, their shapes and types included (after ten
+    rounds every word has mixed in every input: a block wherever one input is); 64-bit words, other round
+    counts and anything unexpected still go to Triton's. test_philox checks both against each other and
+    against Philox4x32-10's known answers."""
     global tritons_philox_impl
+    import torch
     import triton.language as tl
     from triton.language import random as tl_random
     from triton.runtime import interpreter
+
+    from fused_rnn import philox
 
     original = getattr(tl_random, "philox_impl", None)
     function = getattr(original, "fn", None)
@@ -85,27 +89,18 @@ def philox_rounds_in_numpy() -> None:
             or list(inspect.signature(function).parameters) != ["c0", "c1", "c2", "c3", "k0", "k1", "n_rounds"]):
         return
     tritons_philox_impl = original
-    # Philox4x32's round multipliers and key increments (Salmon et al., SC'11)
-    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    key_a, key_b = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
-    low = np.uint64(0xFFFFFFFF)
 
     def philox_impl(c0, c1, c2, c3, k0, k1, n_rounds=tl_random.N_ROUNDS_DEFAULT):
         words = (c0, c1, c2, c3, k0, k1)
-        if any(not isinstance(word, tl.tensor) or word.dtype != tl.uint32 for word in words):
+        if (tl.core._unwrap_if_constexpr(n_rounds) != philox.PHILOX_ROUNDS
+                or any(not isinstance(word, tl.tensor) or word.dtype != tl.uint32 for word in words)):
             return original(c0, c1, c2, c3, k0, k1, n_rounds)
-        c0, c1, c2, c3, k0, k1 = (word.handle.data for word in words)  # a scalar's: shape (1,)
-        # which words are blocks: a word is one once a block has entered it, as in Triton's broadcasts
-        b0, b1, b2, b3, block_k0, block_k1 = (word.type.is_block() for word in words)
-        for _ in range(tl.core._unwrap_if_constexpr(n_rounds)):
-            p0, p2 = c0.astype(np.uint64) * round_a, c2.astype(np.uint64) * round_b
-            c0, c1, c2, c3 = ((p2 >> 32).astype(np.uint32) ^ c1 ^ k0, (p2 & low).astype(np.uint32),
-                              (p0 >> 32).astype(np.uint32) ^ c3 ^ k1, (p0 & low).astype(np.uint32))
-            b0, b1, b2, b3 = b2 or b1 or block_k0, b2, b0 or b3 or block_k1, b0
-            k0, k1 = k0 + key_a, k1 + key_b  # arrays: wrap around silently, as uint32 does
+        # a scalar's data: shape (1,); int64 holds every uint32, as philox4x32 wants
+        results = philox.philox4x32(*(torch.from_numpy(word.handle.data.astype(np.int64)) for word in words))
+        block = any(word.type.is_block() for word in words)
         return tuple(
             tl.tensor(TensorHandle(data, tl.uint32), tl.block_type(tl.uint32, list(data.shape)) if block else tl.uint32)
-            for data, block in ((c0, b0), (c1, b1), (c2, b2), (c3, b3))
+            for data in (result.numpy().astype(np.uint32) for result in results)
         )
 
     tl_random.philox_impl = philox_impl
