@@ -8,9 +8,10 @@ a fill, a view, a GEMM's launch, one of the Triton backend's kernel launches str
 kernel (launch.RepeatedLaunch) and through launch.launch_specialised (its key, then the same), an
 autograd.Function's apply, a custom op's dispatch, launch.recurrence_plan, and a whole training step of
 one H512 layer with every regularizer and without, beside nn.LSTM's, until each returns (nothing waited
-for), and when fused_rnn's step reaches each of its milestones (MILESTONES: its layer's forward launcher, the
-engine's call of the layer's backward, the backward's launcher and its recurrence's launch). The GPU's queue
-is drained between rows, never inside one. Under the interpreter (CPU) the kernel rows run the
+for), and when fused_rnn's step reaches each of its milestones (MILESTONES: its layer's forward launcher and
+its recurrence's cooperative launch, the engine's call of the layer's backward, the backward's launcher and
+its recurrence's launch), in steps started with the GPU's queue drained and in steps one after another. The
+GPU's queue is drained between rows, never inside one. Under the interpreter (CPU) the kernel rows run the
 interpreter's launch and are not what a GPU's host pays.
 """
 
@@ -46,7 +47,9 @@ def per_call(fn, calls: int = CALLS, sync=lambda: None) -> float:
 # ("call") or returns ("return"), or the last time it returns ("last return")
 MILESTONES = (
     ("layer_forward", "launch", "layer_forward", "call"),
-    ("its return", "launch", "layer_forward", "return"),
+    ("forward recurrence launch", "launch", "_launch_persistent", "call"),
+    ("its return", "launch", "_launch_persistent", "return"),
+    ("layer_forward's return", "launch", "layer_forward", "return"),
     ("backward()", "autograd", "backward", "call"),
     ("layer's backward", "ops", "backward", "call"),
     ("layer_backward", "launch", "layer_backward", "call"),
@@ -54,13 +57,19 @@ MILESTONES = (
 )
 
 
-def milestones(step, steps: int, sync) -> tuple[float, ...]:
-    """Median us from a training step's start, with the GPU's queue drained as the benchmarks' steps start,
-    until each of MILESTONES, then until its return: its layer's forward launcher called and returned,
-    torch.autograd.backward called, the layer's autograd backward (ops) called, launch.layer_backward
-    called, its last persistent or resident launch returned (the backward's recurrence, where it has one;
-    0 where none ran). A step whose backward recurrence takes most of the GPU's time lasts about the time
-    to that launch plus the recurrence: the host's time before it is what the GPU waits for."""
+def milestones(step, steps: int, sync, drained: bool = True) -> tuple[float, ...]:
+    """Median us from a training step's start until each of MILESTONES, then until its return: its layer's
+    forward launcher called, the forward recurrence's persistent or resident launch called and returned (a
+    cooperative launch, whose host cost no other row shows), the launcher returned, torch.autograd.backward
+    called, the layer's autograd backward (ops) called, launch.layer_backward called, its last persistent or
+    resident launch returned (the backward's recurrence). A milestone a step does not reach (a plan of a
+    launch per step has no persistent launch) reads 0. A step whose backward recurrence takes most of the
+    GPU's time lasts about the time to that launch plus the recurrence: the host's time before it is what
+    the GPU waits for.
+
+    drained: each step starts with the GPU's queue drained, as the benchmarks' steps do; else the steps
+    follow one another as a training loop's do, the queue drained only before the first, so that where a
+    call waits for the GPU (a synchronising call, a full launch queue), the step's marks after it move."""
     from fused_rnn.triton import launch, ops
 
     owners = {"launch": launch, "autograd": torch.autograd, "ops": ops._LayerFunction}
@@ -86,8 +95,10 @@ def milestones(step, steps: int, sync) -> tuple[float, ...]:
     try:
         for key in patched:
             setattr(owners[key[0]], key[1], marked(key))
+        sync()
         for _ in range(steps + 3):
-            sync()
+            if drained:
+                sync()
             marks.clear()
             start = time.perf_counter()
             step()
@@ -203,12 +214,15 @@ def measure(device: torch.device) -> int:
         print(f"| {name} | {returned:.0f} | {per_call(synchronised, STEPS):.0f} |", flush=True)
         if name.startswith("fused_rnn"):
             steps[name] = step
-    print(f"\n{shape.name}: host us from a training step's start (the GPU's queue drained) until each milestone "
-          f"(host_costs.milestones) and until it returned; median of {STEPS}")
     labels = [label for label, *_ in MILESTONES] + ["returned"]
-    print("| provider | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels))
-    for name, step in steps.items():
-        print("| " + " | ".join([name, *(f"{us:.0f}" for us in milestones(step, STEPS, sync))]) + " |", flush=True)
+    for drained, when in ((True, "each started with the GPU's queue drained"),
+                          (False, "one after another, as in training, the queue drained before the first")):
+        print(f"\n{shape.name}: host us from a training step's start until each milestone (host_costs.milestones) "
+              f"and until it returned; steps {when}; median of {STEPS}")
+        print("| provider | " + " | ".join(labels) + " |\n|---|" + "---:|" * len(labels))
+        for name, step in steps.items():
+            times = milestones(step, STEPS, sync, drained)
+            print("| " + " | ".join([name, *(f"{us:.0f}" for us in times)]) + " |", flush=True)
     return 0
 
 
