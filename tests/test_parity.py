@@ -73,10 +73,12 @@ def test_matches_nn_lstm(backend, case):
     compare_results(expected, got, TIGHT, f"{case}: ")
 
 
+@pytest.mark.parametrize("create_graph", [False, True], ids=["", "create_graph"])
 @pytest.mark.parametrize("used", ["c_n", "c_n and the first layer's h_n"])
-def test_an_unreached_projection_gets_no_gradient_as_in_nn_lstm(backend, used):
+def test_an_unreached_projection_gets_no_gradient_as_in_nn_lstm(backend, used, create_graph):
     """One step, the last layer's output and h_n unused: nothing reaches its W_hr (c_n comes before the
-    projection), and nn.LSTM on CPU leaves that gradient None; the other weights get theirs, equal to nn.LSTM's."""
+    projection), and nn.LSTM on CPU leaves that gradient None, with create_graph too (the fused backends'
+    differentiable gradients); the other weights get theirs, equal to nn.LSTM's."""
     device = setup_backend(backend)
     cfg = Cfg(num_layers=2, proj_size=2)
     ref, lstm = make_pair(cfg, backend=backend, device=device)
@@ -84,7 +86,7 @@ def test_an_unreached_projection_gets_no_gradient_as_in_nn_lstm(backend, used):
     grads = []
     for module, dev in ((ref, "cpu"), (lstm, device)):
         _, (h_n, c_n) = module(x.to(dev))
-        (c_n.sum() if used == "c_n" else c_n[-1].sum() + h_n[0].sum()).backward()
+        (c_n.sum() if used == "c_n" else c_n[-1].sum() + h_n[0].sum()).backward(create_graph=create_graph)
         grads.append({name: p.grad for name, p in module.named_parameters()})
     if used == "c_n":
         assert grads[0]["weight_hr_l1"] is None

@@ -52,9 +52,12 @@ def layer_gradients(
     where not wanted). Without create_graph this is kernel(); with it, the same values as a function of inputs and
     grads whose derivatives (of every order) are the reference's.
     """
-    if not torch.is_grad_enabled():
+    def gradients() -> tuple[Optional[Tensor], ...]:
         return _unreached_projection(tuple(kernel()), grads, inputs)
-    return _Vjp.apply(functools.partial(_reference_layer, layer), len(inputs), kernel, *inputs, *grads)
+
+    if not torch.is_grad_enabled():
+        return gradients()
+    return _Vjp.apply(functools.partial(_reference_layer, layer), len(inputs), gradients, *inputs, *grads)
 
 
 def _unreached_projection(gradients: tuple, grads: Sequence[Optional[Tensor]],
