@@ -91,6 +91,47 @@ def test_a_paired_dropout_drops_both_tensors_with_the_input_mask(locked):
     assert (dx == 0).any() and (dx != 0).any()
 
 
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("locked", [False, True], ids=["step", "locked"])
+def test_the_output_dropout_of_the_recurrence_is_the_launchs_bit_for_bit(mode, dtype, locked, monkeypatch):
+    """A resident forward stores out dropped, and a resident or persistent backward drops dL/dout as it loads it
+    (launch.output_dropped_in_loop; other loops launch the dropout): bit for bit what the dropout launch gives
+    of the undropped out, and the gradients of the layer run without it on dL/dout dropped by that launch. In
+    16-bit the kernels round to the layer's dtype before they drop, as the launch reads the stored tensor."""
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
+    device = require_backend("triton", dtype)
+    seq_len, batch, inputs, hidden, p = 3, 3, 4, 8, 0.4
+    generator = torch.Generator().manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)  # noqa: E731
+    x, h0, c0 = make(seq_len, batch, inputs), make(batch, hidden), make(batch, hidden)
+    w_ih, w_hh, bias = make(4 * hidden, inputs), make(4 * hidden, hidden), make(4 * hidden)
+    d_out = make(seq_len, batch, hidden)
+    probabilities, modes = Regularizers(recurrent_dropout=0.2, zoneout_h=0.1).recurrence_arguments()
+    seed = SEEDS[0]
+
+    def layer(output_dropout: float, d_out: torch.Tensor):
+        ints, floats, flags = launch.layer_settings(tuple(probabilities), tuple(modes), (0.0, output_dropout), locked,
+                                                    True, device, dtype)
+        out, _, _, xg, rs, cs, hpre = launch.layer_forward(x, h0, c0, w_ih, w_hh, bias, None, None, seed, ints, floats,
+                                                           flags, 0, False)
+        out = out.clone()  # before the backward writes dL/dgates over xg
+        grads = launch.layer_backward(d_out, None, None, x, w_ih, w_hh, None, None, seed, ints, floats, flags, 0, False,
+                                      xg, rs, cs, hpre, torch.empty_like(xg))
+        return out, grads
+
+    def dropped(t: torch.Tensor) -> torch.Tensor:
+        return launch.dropped_features(launch.seed_tensor(seed, device), t.clone(), torch.empty_like(t),
+                                       philox.KIND_OUTPUT, 0, p, locked)
+
+    out, grads = layer(p, d_out)
+    plain_out, plain_grads = layer(0.0, dropped(d_out))
+    assert torch.equal(out, dropped(plain_out))
+    assert 0 < int((out == 0).sum()) < out.numel()
+    for name, got, expected in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "dbias"), grads, plain_grads):
+        assert torch.equal(got, expected), name
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("rows", [False, True])
 def test_weight_drop_masks_are_the_references(seed, rows):
@@ -1641,22 +1682,34 @@ def test_calls_inside_a_transform_or_trace_go_through_the_custom_ops():
         assert ops.dispatch_free((torch.zeros(1),))
 
 
+def test_the_output_dropout_is_folded_where_the_kernels_have_the_registers():
+    """The resident loops drop out as they store it and dL/dout as they load it, the persistent backward dL/dout;
+    the per-step loops and the persistent forward, which spilled registers with it in the compile checks, leave
+    it to a launch."""
+    plan = lambda kind: launch.Plan(kind, 1, 16, 16)  # noqa: E731
+    assert [launch.output_dropped_in_loop(plan(kind)) for kind in RECURRENCE_MODES] == [False, False, True]
+    assert [launch.output_dropped_in_loop(plan(kind), forward=False) for kind in RECURRENCE_MODES] == [False, True, True]
+
+
 def test_the_hosts_integer_helpers_are_tritons():
     assert all(launch.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 4100))
     assert all(launch.cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in range(1, 70))
 
 
-def test_the_breakdowns_host_timers_count_the_backends_calls_and_come_off_after():
+@pytest.mark.parametrize("mode", RECURRENCE_MODES)
+def test_the_breakdowns_host_timers_count_the_backends_calls_and_come_off_after(mode, monkeypatch):
     from bench import breakdown
 
+    monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     originals = (launch.layer_forward, ops.layer, ops.dropout)
     lstm = fused_rnn.LSTM(3, 4, backend="triton", input_dropout=0.2, output_dropout=0.2, recurrent_dropout=0.1)
     x = torch.randn(3, 2, 3, requires_grad=True)
     returned, calls = breakdown.host_times(lambda: lstm(x, seed=1)[0].sum().backward(), 2, torch.device("cpu"))
     assert returned > 0
     assert calls["ops.layer"][1] == 1 and calls["ops.dropout"][1] == 0, calls
-    # one direction: the layer's op drops its input and output (forward), and d_out and dx (backward)
-    assert calls["launch.dropped_features"][1] == 4, calls
+    # one direction: the layer's op drops its input (forward) and dx with it (backward); a resident recurrence's
+    # kernels drop out and d_out, a persistent backward's d_out (launch.output_dropped_in_loop), else a launch each
+    assert calls["launch.dropped_features"][1] == {"steps": 4, "persistent": 3, "resident": 2}[mode], calls
     assert calls["launch.layer_forward"][1] == 1 and calls["launch.layer_backward"][1] == 1, calls
     assert calls["launch.layer_forward"][0] <= calls["ops.layer"][0], "inclusive times: the op includes its launcher"
     assert (launch.layer_forward, ops.layer, ops.dropout) == originals

@@ -31,14 +31,19 @@ INT_STEP_DRAWS = tl.constexpr(7)  # 1 when a kind-5 draw is needed (zoneout mask
 INT_UPDATE_MODE = tl.constexpr(8)  # UPDATE_*
 INT_ZONEOUT_H_MODE = tl.constexpr(9)  # ZONEOUT_*
 INT_ZONEOUT_C_MODE = tl.constexpr(10)
-INT_SLOTS = tl.constexpr(11)
+# the stack's output dropout where this layer-direction's kernels apply it (kernels.output_dropped; 0 elsewhere),
+# and 1 in locked mode (one mask for every step)
+INT_OUTPUT = tl.constexpr(11)
+INT_OUTPUT_LOCKED = tl.constexpr(12)
+INT_SLOTS = tl.constexpr(13)
 FLOAT_HIDDEN = tl.constexpr(0)
 FLOAT_UPDATE = tl.constexpr(1)
 FLOAT_CELL = tl.constexpr(2)
 FLOAT_ZONEOUT_H = tl.constexpr(3)
 FLOAT_ZONEOUT_C = tl.constexpr(4)
 FLOAT_WEIGHT = tl.constexpr(5)
-FLOAT_SLOTS = tl.constexpr(6)
+FLOAT_OUTPUT = tl.constexpr(6)
+FLOAT_SLOTS = tl.constexpr(7)
 
 # TRITON_INTERPRET, set before import as the tests do: kernels then run as Python on CPU tensors
 INTERPRETED = tl.constexpr(triton_interpreted())
@@ -87,6 +92,8 @@ def step_settings(ints_ptr, floats_ptr):
         tl.load(ints_ptr + INT_UPDATE_MODE).to(tl.int32),
         tl.load(ints_ptr + INT_ZONEOUT_H_MODE).to(tl.int32),
         tl.load(ints_ptr + INT_ZONEOUT_C_MODE).to(tl.int32),
+        tl.load(ints_ptr + INT_OUTPUT),
+        tl.load(ints_ptr + INT_OUTPUT_LOCKED).to(tl.int32),
     )
     floats = (
         tl.load(floats_ptr + FLOAT_HIDDEN),
@@ -95,6 +102,7 @@ def step_settings(ints_ptr, floats_ptr):
         tl.load(floats_ptr + FLOAT_ZONEOUT_H),
         tl.load(floats_ptr + FLOAT_ZONEOUT_C),
         tl.load(floats_ptr + FLOAT_WEIGHT),
+        tl.load(floats_ptr + FLOAT_OUTPUT),
     )
     return ints, floats
 

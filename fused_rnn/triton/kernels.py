@@ -12,7 +12,8 @@ layer's own dtype (x's), what the backward keeps, as cuDNN keeps its reserve; "c
   rs      [T + 1, B, H_out]  stored: every h state after recurrent dropout, the next step's product
                           operand (W~'s dtype, for tensor-core products) and dL/dW_hh's
   cs      [T + 1, B, H]      stored: every c state, for the backward
-  out     [T, B, H_out]   stored: the layer's output, h_t, or 0 past a row's length
+  out     [T, B, H_out]   stored: the layer's output, h_t, or 0 past a row's length; after the stack's
+                          output dropout where the layer applies it (output_dropped)
   hpre    [T, B, H]       compute: o * tanh(c~) before the projection (proj_size > 0 only)
   seed    [1]             int64: the call's seed, every kernel's first argument (launch.seed_tensor;
                           read by cell.seed_value)
@@ -31,13 +32,17 @@ import triton.language as tl
 from .cell import (
     FLOAT_CELL,
     FLOAT_HIDDEN,
+    FLOAT_OUTPUT,
     FLOAT_UPDATE,
     FLOAT_WEIGHT,
     FLOAT_ZONEOUT_C,
     FLOAT_ZONEOUT_H,
+    INT_OUTPUT,
+    INT_OUTPUT_LOCKED,
     INT_WEIGHT,
     INT_ZONEOUT_C_MODE,
     INT_ZONEOUT_H_MODE,
+    KIND_OUTPUT,
     KIND_WEIGHT,
     cell_backward,
     cell_forward,
@@ -84,13 +89,34 @@ def packed_dropout_kernel(
 
 
 @triton.jit
-def bulk_keep(seed, ints_ptr, threshold_slot, m, step, stream, kind):
-    """Whether a bulk mask keeps mask element m (any shape) of `step`: word m % 4 of Philox(m // 4, step,
-    stream, kind) against the threshold in slot threshold_slot (docs/randomness.md)."""
+def bulk_draw(seed, m, step, stream, kind):
+    """The draw of a bulk mask's element m (any shape) of `step`: word m % 4 of Philox(m // 4, step, stream,
+    kind) (docs/randomness.md)."""
     w0, w1, w2, w3 = tl.philox(seed_value(seed), (m // 4).to(tl.uint32), step, stream, kind)
     word = m % 4
-    draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
-    return not_fires(draw, tl.load(ints_ptr + threshold_slot))
+    return tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+
+
+@triton.jit
+def bulk_keep(seed, ints_ptr, threshold_slot, m, step, stream, kind):
+    """Whether a bulk mask keeps mask element m of `step`: bulk_draw against the threshold in slot threshold_slot."""
+    return not_fires(bulk_draw(seed, m, step, stream, kind), tl.load(ints_ptr + threshold_slot))
+
+
+@triton.jit
+def output_dropped(x, seed, rows, units, t, ints, floats, H_out):
+    """x [BB, BH], a tile (rows, units of H_out) of out[t] or of dL/dout[t] in x's dtype, in the compute dtype
+    (floats'), after the stack's output dropout where this layer applies it (INT_OUTPUT nonzero): the mask
+    packed_dropout_kernel draws for out (element b * H_out + j of step t, or 0 locked; stream 0), inverted
+    scaling, so that the values are the bits a launch of it after the recurrence gave."""
+    scale = setting(floats, FLOAT_OUTPUT)
+    x = x.to(scale.dtype)
+    threshold = setting(ints, INT_OUTPUT)
+    if threshold != 0:
+        step = t * (1 - setting(ints, INT_OUTPUT_LOCKED).to(tl.int32))  # a Philox counter word: 32 bits
+        keep = not_fires(bulk_draw(seed, rows * H_out + units, step, 0, KIND_OUTPUT), threshold)
+        x = keep_scaled(x, keep, scale)
+    return x
 
 
 @triton.jit
@@ -154,11 +180,13 @@ def row_is_active(lengths_ptr, rows, B, t, has_lengths):
 
 @triton.jit
 def finish_h(
-    h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse,
-    h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out,
+    h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse, seed,
+    h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """From h~ (after any projection): zoneout on h, frozen rows, and the stores of h_t, its dropped copy
-    (in rs, for the next step's product) and the output. h_prev: the state before, loaded here where None."""
+    (in rs, for the next step's product) and the output, after the stack's output dropout with
+    OUTPUT_DROPOUT (output_dropped; launch.output_dropped_in_loop). h_prev: the state before, loaded here
+    where None."""
     if h_prev is None:
         h_prev = previous_h(h_carry_ptr, rows, units, inside, t, reverse, B, H_out)
     here = rows * H_out + units
@@ -166,7 +194,11 @@ def finish_h(
     h_new = zoneout(h_prev, h_tilde, zone_h, setting(floats, FLOAT_ZONEOUT_H), setting(ints, INT_ZONEOUT_H_MODE))
     h_state = tl.where(active, h_new, h_prev)
     tl.store(h_carry_ptr + (new % 2).to(tl.int64) * B * H_out + here, h_state, mask=inside)
-    store_rounded(out_ptr + t.to(tl.int64) * B * H_out + here, tl.where(active, h_new, 0.0), inside)
+    out = tl.where(active, h_new, 0.0)
+    if OUTPUT_DROPOUT:
+        # out as stored (x's dtype), then its dropout in the compute dtype, as a launch after the loop computes it
+        out = output_dropped(rounded(out, out_ptr.dtype.element_ty), seed, rows, units, t, ints, floats, H_out)
+    store_rounded(out_ptr + t.to(tl.int64) * B * H_out + here, out, inside)
     # without recurrent dropout every unit is kept at scale 1, exactly h; the mask is fixed for the
     # sequence, so a frozen row's dropped copy stays what it was
     r = keep_scaled(h_state, hidden_keep, setting(floats, FLOAT_HIDDEN))
@@ -220,7 +252,9 @@ def forward_cell_tile(
     """Step at position t for one tile: gates = xg[t] + r_prev W~^T, the cell, c_t; h_t too unless a
     projection follows (has_proj: hpre[t] is stored and projection_tile finishes h). Its inputs are loaded
     after the product, where they are used (finish_step's None): loaded before it, they spilled registers
-    (sm_90 compile: the 16 x 32 per-step tile, and inside the step loop the persistent 16 x 16 one).
+    (sm_90 compile: the 16 x 32 per-step tile, and inside the step loop the persistent 16 x 16 one). out is
+    stored undropped (launch.output_dropped_in_loop: with the output dropout here, the 16-bit per-step tile and
+    the persistent step loop spilled).
 
     w: [4H, H_out] W_hh after weight drop.
     """
@@ -246,7 +280,7 @@ def forward_cell_tile(
         acc_o = tile_dot(r, tl.load(w_t + 3 * H * H_out, mask=w_inside, other=0.0), acc_o, PRECISION)
     finish_step(acc_i, acc_f, acc_g, acc_o, None, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
                 xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats,
-                B, H, H_out)
+                B, H, H_out, False)
 
 
 @triton.jit
@@ -282,6 +316,7 @@ def step_inputs(gates, h_carry_ptr, c_carry_ptr, lengths_ptr, rows, units, insid
 def finish_step(
     acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
     xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, hpre_ptr, lengths_ptr, ints, floats, B, H, H_out,
+    OUTPUT_DROPOUT: tl.constexpr,
 ):
     """From the recurrent parts r_prev W~^T [BB, BH] of a tile's four gate pre-activations: xg[t] added,
     the cell, c_t, the gate activations over xg[t]; h_t too unless a projection follows (has_proj: hpre[t]
@@ -319,8 +354,8 @@ def finish_step(
     if has_proj != 0:
         tl.store(hpre_ptr + t.to(tl.int64) * B * H + c_here, h_tilde, mask=inside)
     else:
-        finish_h(h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse,
-                 h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out)
+        finish_h(h_tilde, h_prev, hidden_keep, zone_h, rows, units, inside, active, t, reverse, seed,
+                 h_carry_ptr, rs_ptr, out_ptr, ints, floats, B, H_out, OUTPUT_DROPOUT)
 
 
 @triton.jit
@@ -345,8 +380,8 @@ def projection_tile(
         acc = tile_dot(a, w, acc, PRECISION)
     hidden_keep, _, _, zone_h, _ = unit_masks(ints, seed, rows, units, H, t, stream)
     active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-    finish_h(acc, None, hidden_keep, zone_h, rows, units, inside, active, t, reverse, h_carry_ptr, rs_ptr, out_ptr,
-             ints, floats, B, H_out)
+    finish_h(acc, None, hidden_keep, zone_h, rows, units, inside, active, t, reverse, seed, h_carry_ptr, rs_ptr,
+             out_ptr, ints, floats, B, H_out, False)
 
 
 @triton.jit
@@ -407,7 +442,7 @@ def backward_h_tile(
     pid_b, pid_h, t, t_next, reverse, stream, seed, has_lengths, has_proj, has_next, step,
     dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints, floats,
     B, H, H_out, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """Backward of the step at position t, for one tile of h (units of H_out; of H too without a projection).
 
@@ -417,6 +452,7 @@ def backward_h_tile(
     the state before t, and either dh~[t] is stored for the projection (has_proj) or the cell backward
     follows here. The final call (has_next, not step) completes gh into dL/dh0. AHEAD: the step's inputs
     are loaded before the product (h_backward_inputs, cell_backward_inputs), else where they are used.
+    OUTPUT_DROPOUT: dL/dout is dropped as it loads (output_gradient).
     """
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
@@ -424,7 +460,8 @@ def backward_h_tile(
     h_inputs = None
     cell_inputs = None
     if AHEAD:
-        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out)
+        h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, seed, ints,
+                                     floats, B, H_out, OUTPUT_DROPOUT)
         # with a projection the cell backward is backward_projection_cell_tile's, which loads its own: none here
         cell_units = tl.where(has_proj == 0, H, 0)
         cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, (rows < B) & (units < cell_units), t,
@@ -443,25 +480,37 @@ def backward_h_tile(
             acc = tile_dot(a, w, acc, PRECISION)
     finish_h_backward(acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths,
                       has_proj, has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr,
-                      lengths_ptr, ints, floats, B, H, H_out)
+                      lengths_ptr, ints, floats, B, H, H_out, OUTPUT_DROPOUT)
 
 
 @triton.jit
-def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B, H_out):
+def h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, seed, ints, floats, B, H_out,
+                      OUTPUT_DROPOUT: tl.constexpr):
     """What the backward of step t reads for a tile of h besides the product and the cell's inputs, for
-    loading before the product: dL/dh so far (the tile's program wrote it), dL/dout[t], and which rows are
-    active. (The final call, at no step, reads dL/dout at a valid position it does not use.)"""
-    h_here = rows * H_out + units
-    g_h = tl.load(gh_ptr + h_here, mask=inside, other=0.0)
-    d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
+    loading before the product: dL/dh so far (the tile's program wrote it), dL/dout[t] (output_gradient),
+    and which rows are active. (The final call, at no step, reads dL/dout at a valid position it does not use.)"""
+    g_h = tl.load(gh_ptr + rows * H_out + units, mask=inside, other=0.0)
+    d_out = output_gradient(dout_ptr, rows, units, inside, t, seed, ints, floats, B, H_out, g_h.dtype, OUTPUT_DROPOUT)
     return g_h, d_out, row_is_active(lengths_ptr, rows, B, t, has_lengths)
+
+
+@triton.jit
+def output_gradient(dout_ptr, rows, units, inside, t, seed, ints, floats, B, H_out, dtype: tl.constexpr,
+                    OUTPUT_DROPOUT: tl.constexpr):
+    """dL/dh_t from the output, for a tile (rows, units of H_out), in dtype (the compute dtype): dL/dout[t], with
+    OUTPUT_DROPOUT through the stack's output dropout where this layer applies it (output_dropped), rounded to
+    dL/dout's dtype (x's), the bits a dropout launch before the recurrence stores (launch.output_dropped_in_loop)."""
+    d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + rows * H_out + units, mask=inside, other=0.0)
+    if OUTPUT_DROPOUT:
+        d_out = rounded(output_dropped(d_out, seed, rows, units, t, ints, floats, H_out), dout_ptr.dtype.element_ty)
+    return d_out.to(dtype)
 
 
 @triton.jit
 def finish_h_backward(
     acc, h_inputs, cell_inputs, pid_b, rows, units, inside, t, reverse, stream, seed, has_lengths, has_proj,
     has_next, step, dgates_ptr, db_ptr, xg_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
-    floats, B, H, H_out,
+    floats, B, H, H_out, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """backward_h_tile from acc = dgates[t_next] W~[:, units] (read only with has_next): the gh update, and
     the step's backward if `step`. h_inputs, cell_inputs: loaded before the product, or None to load each
@@ -477,7 +526,8 @@ def finish_h_backward(
     if step != 0:
         if h_inputs is None:
             active = row_is_active(lengths_ptr, rows, B, t, has_lengths)
-            d_out = tl.load(dout_ptr + t.to(tl.int64) * B * H_out + h_here, mask=inside, other=0.0).to(g_h.dtype)
+            d_out = output_gradient(dout_ptr, rows, units, inside, t, seed, ints, floats, B, H_out, g_h.dtype,
+                                    OUTPUT_DROPOUT)
         d_h_new = tl.where(active, d_out + g_h, 0.0)
         g_h_prev, d_h_tilde = zoneout_backward(
             d_h_new, zone_h, setting(floats, FLOAT_ZONEOUT_H), setting(ints, INT_ZONEOUT_H_MODE)
@@ -556,11 +606,12 @@ def backward_step_kernel(
     t, t_next, reverse, stream, has_lengths, has_proj, has_next, step, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid."""
+    """One launch per step: backward_h_tile on a (row tiles, H_out tiles) grid. dL/dout comes dropped
+    (launch.output_dropped_in_loop): with the dropout here the IEEE float32 32 x 16 tile spilled (sm_90, Triton 3.6)."""
     backward_h_tile(
         tl.program_id(0), tl.program_id(1), t, t_next, reverse, stream, seed_ptr, has_lengths, has_proj, has_next, step,
         dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints_ptr, floats_ptr,
-        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False,
+        B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, False, False,
     )
 
 
@@ -685,7 +736,8 @@ def forward_persistent_kernel(
 ):
     """The whole forward of a layer-direction in one launch: the step tiles of forward_step_kernel (and
     projection_step_kernel) shared among resident programs, one grid barrier after each phase; then h_n
-    [B, H_out] and c_n [B, H] in x's dtype, each program its tiles, which the last barrier made visible."""
+    [B, H_out] and c_n [B, H] in x's dtype, each program its tiles, which the last barrier made visible.
+    The output dropout is a launch after it (launch.output_dropped_in_loop)."""
     # each setting (and the seed) loaded where it is used, whatever LOAD_AHEAD says: held through the loop,
     # they spilled registers inside the step loop (sm_90 compile, 16-bit 16 x 16 tiles)
     seed = seed_ptr
@@ -729,10 +781,10 @@ def backward_persistent_kernel(
     ints_ptr,
     floats_ptr, arrivals_ptr, seq_len, reverse, stream, has_lengths, has_proj, fresh, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """The whole backward through time of a layer-direction in one launch, steps in reverse order, after
-    the zeros of its fresh buffers (zero_fresh_tiles)."""
+    the zeros of its fresh buffers (zero_fresh_tiles). OUTPUT_DROPOUT: dL/dout is dropped as it loads."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -765,7 +817,7 @@ def backward_persistent_kernel(
                 tile // tiles_out, tile % tiles_out, t, t_next, reverse, stream, seed, has_lengths, has_proj,
                 back > 0, back < seq_len,
                 dgates_ptr, db_ptr, xg_ptr, w_t_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, dht_ptr, lengths_ptr, ints,
-                floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD,
+                floats, B, H, H_out, PRECISION, BLOCK_B, BLOCK_H, BLOCK_K, AHEAD, OUTPUT_DROPOUT,
             )
         expected += programs
         grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
@@ -935,14 +987,15 @@ def forward_resident_kernel(
     arrivals_ptr, h_n_ptr, c_n_ptr,
     seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """Steps [first, last) of a layer-direction without projection, W~ on chip: program p owns the units
     of unit tile p % tiles (tiles = H / BLOCK_H) for the row tiles p // tiles, p // tiles + R, ... (R =
     programs / tiles, launch.Plan.row_programs) at every step, and loads their four gates' rows of W~
     once, before the first step. With synchronize, a grid barrier ends each step (the whole sequence in
     one launch); without, the caller launches one step at a time. With LOAD_AHEAD, the launch that ends the
-    sequence stores the program's tiles of h_n and c_n in x's dtype."""
+    sequence stores the program's tiles of h_n and c_n in x's dtype. OUTPUT_DROPOUT: out is stored after the
+    stack's output dropout (finish_h)."""
     # the call's settings and each step's inputs loaded ahead (step_settings, step_inputs; the gates during
     # the barrier), except in TF32, which spilled registers inside the step loop with them (sm_90, H = 256
     # and 1024)
@@ -991,7 +1044,7 @@ def forward_resident_kernel(
             finish_step(acc_i, acc_f, acc_g, acc_o, inputs, rows, units, inside, t, reverse, stream, seed,
                         has_lengths, 0,
                         xg_ptr, h_carry_ptr, rs_ptr, cs_ptr, c_carry_ptr, out_ptr, out_ptr, lengths_ptr, ints, floats,
-                        B, H, H_out)
+                        B, H, H_out, OUTPUT_DROPOUT)
         if synchronize != 0:
             barrier_arrive(arrivals_ptr)
         if AHEAD:
@@ -1021,14 +1074,15 @@ def backward_resident_kernel(
     seed_ptr, dgates_ptr, db_ptr, xg_ptr, w_ptr, cs_ptr, dout_ptr, gh_ptr, gc_ptr, lengths_ptr, ints_ptr, floats_ptr,
     arrivals_ptr, seq_len, first, last, synchronize, reverse, stream, has_lengths, B, H, H_out,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, K_MAIN: tl.constexpr, K_REST: tl.constexpr,
-    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr,
+    BARRIER_POLL_LOADS: tl.constexpr, LOAD_AHEAD: tl.constexpr, WEIGHT_DROP: tl.constexpr, OUTPUT_DROPOUT: tl.constexpr,
 ):
     """Calls [first, last) of the backward through time of a layer-direction without projection (the
     seq_len + 1 calls of backward_positions), W~ on chip: program p owns the units of its unit tile for its
     row tiles, as the forward's (resident_program), and loads W~'s columns for them, a [4H, BLOCK_H] slab,
     once. Each call, per row tile: dgates[t_next] [BB, 4H] @ slab, then finish_h_backward. Barriers and
     launches as the forward's, on a counter of its own that it leaves as it is: resetting it after the loop
-    (barriers_done) spilled registers inside the loop of the T=1024 layer on Triton 3.6 (sm_90 compile)."""
+    (barriers_done) spilled registers inside the loop of the T=1024 layer on Triton 3.6 (sm_90 compile).
+    OUTPUT_DROPOUT: dL/dout is dropped as it loads."""
     # each step's inputs loaded ahead of the product where a tile has at most 128 elements: at 16 x 16
     # they spilled registers inside the step loop (sm_90 compile, H = 512's row-split plans). The call's
     # settings are loaded where used: held through the loop, they spilled at T = 1024 H = 768 on Triton 3.6
@@ -1048,8 +1102,8 @@ def backward_resident_kernel(
             h_inputs = None
             cell_inputs = None
             if INPUTS_AHEAD:
-                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths, B,
-                                             H_out)
+                h_inputs = h_backward_inputs(gh_ptr, dout_ptr, lengths_ptr, rows, units, inside, t, has_lengths,
+                                             seed_ptr, ints_ptr, floats_ptr, B, H_out, OUTPUT_DROPOUT)
                 cell_inputs = cell_backward_inputs(xg_ptr, cs_ptr, gc_ptr, rows, units, inside, t, reverse, B, H)
             acc = tl.zeros([BLOCK_B, BLOCK_H], gh_ptr.dtype.element_ty)
             if back > 0:
@@ -1058,7 +1112,7 @@ def backward_resident_kernel(
             finish_h_backward(acc, h_inputs, cell_inputs, row0 // BLOCK_B, rows, units, inside, t, reverse, stream,
                               seed_ptr, has_lengths, 0, back > 0, back < seq_len, dgates_ptr, db_ptr, xg_ptr, cs_ptr,
                               dout_ptr,
-                              gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out)
+                              gh_ptr, gc_ptr, dout_ptr, lengths_ptr, ints_ptr, floats_ptr, B, H, H_out, OUTPUT_DROPOUT)
         if synchronize != 0:
             expected += tl.num_programs(0)
             grid_barrier(arrivals_ptr, expected, BARRIER_POLL_LOADS)
