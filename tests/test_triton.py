@@ -93,11 +93,13 @@ def test_a_paired_dropout_drops_both_tensors_with_the_input_mask(locked):
 
 @pytest.mark.parametrize("mode", RECURRENCE_MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-@pytest.mark.parametrize("locked", [False, True], ids=["step", "locked"])
-def test_the_output_dropout_of_the_recurrence_is_the_launchs_bit_for_bit(mode, dtype, locked, monkeypatch):
+@pytest.mark.parametrize("locked, packed", [(False, False), (True, False), (False, True)],
+                         ids=["step", "locked", "step-lengths"])
+def test_the_output_dropout_of_the_recurrence_is_the_launchs_bit_for_bit(mode, dtype, locked, packed, monkeypatch):
     """A resident forward stores out dropped, and a resident or persistent backward drops dL/dout as it loads it
     (launch.output_dropped_in_loop; other loops launch the dropout): bit for bit what the dropout launch gives
-    of the undropped out, and the gradients of the layer run without it on dL/dout dropped by that launch. In
+    of the undropped out, and the gradients of the layer run without it on dL/dout dropped by that launch, with
+    rows of every length or of three (packed input, whose rows past their ends the kernels zero and skip). In
     16-bit the kernels round to the layer's dtype before they drop, as the launch reads the stored tensor."""
     monkeypatch.setenv("FUSED_RNN_RECURRENCE", mode)
     device = require_backend("triton", dtype)
@@ -109,15 +111,16 @@ def test_the_output_dropout_of_the_recurrence_is_the_launchs_bit_for_bit(mode, d
     d_out = make(seq_len, batch, hidden)
     probabilities, modes = Regularizers(recurrent_dropout=0.2, zoneout_h=0.1).recurrence_arguments()
     seed = SEEDS[0]
+    lengths = torch.tensor([seq_len, 1, 2], device=device) if packed else None
 
     def layer(output_dropout: float, d_out: torch.Tensor):
         ints, floats, flags = launch.layer_settings(tuple(probabilities), tuple(modes), (0.0, output_dropout), locked,
                                                     True, device, dtype)
-        out, _, _, xg, rs, cs, hpre = launch.layer_forward(x, h0, c0, w_ih, w_hh, bias, None, None, seed, ints, floats,
-                                                           flags, 0, False)
+        out, _, _, xg, rs, cs, hpre = launch.layer_forward(x, h0, c0, w_ih, w_hh, bias, None, lengths, seed, ints,
+                                                           floats, flags, 0, False)
         out = out.clone()  # before the backward writes dL/dgates over xg
-        grads = launch.layer_backward(d_out, None, None, x, w_ih, w_hh, None, None, seed, ints, floats, flags, 0, False,
-                                      xg, rs, cs, hpre, torch.empty_like(xg))
+        grads = launch.layer_backward(d_out, None, None, x, w_ih, w_hh, None, lengths, seed, ints, floats, flags, 0,
+                                      False, xg, rs, cs, hpre, torch.empty_like(xg))
         return out, grads
 
     def dropped(t: torch.Tensor) -> torch.Tensor:
