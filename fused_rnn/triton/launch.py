@@ -62,8 +62,10 @@ class Recurrence:
     input_dropout: float = 0.0
     output_dropout: float = 0.0
     locked: bool = False
-    # the input dropout's (ints, floats) parameter tensors, where layer_settings made these flags (else looked up)
+    # their (ints, floats) parameter tensors, where layer_settings made these flags (else looked up at use); the
+    # output's for the loops that launch its dropout
     input_parameters: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
+    output_parameters: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, reg: Regularizers, training: bool, feature_dropouts=(0.0, 0.0), locked: bool = False) -> "Recurrence":
@@ -172,8 +174,10 @@ def layer_settings(
     def make():
         reg = Regularizers.of_recurrence_arguments(probabilities, modes)
         flags = Recurrence.of(reg, training, feature_dropouts, locked)
-        if flags.input_dropout:
-            flags = dataclasses.replace(flags, input_parameters=dropout_parameters(flags.input_dropout, device, dtype))
+        flags = dataclasses.replace(flags, **{
+            f"{side}_parameters": dropout_parameters(p, device, dtype)
+            for side, p in (("input", flags.input_dropout), ("output", flags.output_dropout)) if p
+        })
         ints, floats = step_parameters(reg, training, device, dtype, flags.output_dropout, flags.locked)
         return ints, floats, flags
 
@@ -1084,7 +1088,8 @@ def layer_forward(
         c_n.copy_(c_carry[last % 2])
     if flags.output_dropout and not output_dropped_in_loop(plan):
         # in place: the backward reads the states from rs, never out (nor hpre, which is out only without W_hr)
-        dropped_features(seed, out, out, philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked)
+        dropped_features(seed, out, out, philox.KIND_OUTPUT, 0, flags.output_dropout, flags.locked,
+                         parameters=flags.output_parameters)
     return out, h_n, c_n, xg, rs, cs, hpre
 
 
@@ -1175,7 +1180,7 @@ def layer_backward(
         if flags.output_dropout and not output_dropped_in_loop(plan, forward=False):
             # into a buffer of x's dtype: autograd may hand the same gradient to other nodes
             d_out = dropped_features(seed, d_out, torch.empty_like(d_out), philox.KIND_OUTPUT, 0, flags.output_dropout,
-                                     flags.locked)
+                                     flags.locked, parameters=flags.output_parameters)
         tiles_b, tiles_h = cdiv(batch, plan.block_b), cdiv(hidden, plan.block_h)
         tiles_out = cdiv(real_hidden, plan.block_h)
         # positions in the order the backward visits them: the forward's order reversed
