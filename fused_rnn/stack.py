@@ -49,7 +49,8 @@ def run_stack(
 
     x: [T, B, I] time-major; h0: [L*D, B, H_out]; c0: [L*D, B, H].
     input_dropout(l, x) masks layer l's input; layer(k, x, h0_k, c0_k, weights_k, reverse) runs one
-    recurrence and returns (out [T, B, H_out], h_n [B, H_out], c_n [B, H]); output_dropout masks the result.
+    recurrence and returns (out [T, B, H_out], h_n [B, H_out] and c_n [B, H], or both
+    with a leading dimension of 1); output_dropout masks the result.
     """
     num_layers = len(weights) // num_directions
     h_n, c_n = [], []
@@ -67,10 +68,11 @@ def run_stack(
 
 
 def _stack(states: list[Tensor]) -> Tensor:
-    """torch.stack(states), but a single state of its own (no view of another tensor, as the fused ops
-    return) is only given its leading dimension: one copy less per state and training step."""
-    if len(states) == 1 and states[0]._base is None:
-        return states[0].unsqueeze(0)
+    """[L*D, B, H] of the layer-directions' final states, each [B, H], or [1, B, H] where the backend gives them so
+    (the Triton op's): those are concatenated, and a single one returned as it is, a tensor of its own as nn.LSTM's
+    (a view would refuse h_n.detach_(), truncated BPTT's idiom), one copy less a state and training step."""
+    if states[0].dim() == 3:
+        return states[0] if len(states) == 1 else torch.cat(states)
     return torch.stack(states)
 
 

@@ -33,6 +33,7 @@ from _cases import (
     run_with_grads,
     setup_backend,
 )
+from conftest import require_backend
 
 CONSTRUCTIONS = [
     dict(),
@@ -205,6 +206,25 @@ def test_empty_batch_backward_like_nn_lstm(backend):
         grads.append([x.grad] + [p.grad for p in module.parameters()])
     for expected, got in zip(*grads):
         assert got.shape == expected.shape and not got.any()
+
+
+
+@pytest.mark.parametrize("cfg", [Cfg(), Cfg(num_layers=2, bidirectional=True, proj_size=2)], ids=str)
+@pytest.mark.parametrize("batch", [B, 0], ids=["batch", "empty-batch"])
+def test_final_states_are_tensors_of_their_own_as_nn_lstms(backend, cfg, batch):
+    """h_n and c_n are no views, as nn.LSTM's are not: truncated BPTT's h_n.detach_() works on them (it refuses
+    a view), and their strides are nn.LSTM's, a batch of 0 included."""
+    device = setup_backend(backend)
+    ref, lstm = make_pair(cfg, backend=backend, device=device, zoneout_h=0.2)
+    x = torch.randn(T, batch, I, dtype=torch.float64)
+    _, expected = ref(x)
+    _, states = lstm(x.to(device))
+    for name, state, ref_state in zip(("h_n", "c_n"), states, expected):
+        assert state._base is None, f"{name} is a view"
+        assert state.stride() == ref_state.stride(), name
+        assert state.requires_grad
+        state.detach_()
+        assert not state.requires_grad
 
 
 # every regularizer but input_dropout, whose training graph saves the dropped copy of x rather than x
@@ -413,6 +433,31 @@ def test_packed_input_under_autocast_runs_in_the_weights_dtype_as_in_nn_lstm():
     assert dtypes == (autocast_ref.data.dtype, h_ref.dtype, c_ref.dtype) == (torch.float32,) * 3
     assert_close("packed output", expected.data, out.data, 1e-6)
     assert padded.dtype == torch.bfloat16
+
+
+def test_input_in_autocasts_dtype_runs_as_a_copy_of_the_module_in_that_dtype(backend):
+    """Under CPU autocast nn.LSTM runs padded input, and a PackedSequence whose data is in autocast's bfloat16
+    (which it refuses without autocast), in bfloat16. fused_rnn returns for each what a bfloat16 copy of the module
+    returns without autocast: the backend's own products are not cast again."""
+    device = setup_backend(backend)
+    require_backend(backend, torch.bfloat16)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H)
+    lstm = fused_rnn.LSTM(I, H, backend=backend, device=device)
+    lstm.load_state_dict(ref.state_dict())
+    low = copy.deepcopy(lstm).bfloat16()
+    sequences = [torch.randn(3, I, dtype=torch.bfloat16), torch.randn(2, I, dtype=torch.bfloat16)]
+    packed, padded = torch.nn.utils.rnn.pack_sequence(sequences), torch.randn(T, B, I)
+    for x, x_low in ((packed, packed), (padded, padded.bfloat16())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_out, (ref_h, ref_c) = ref(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out, (h, c) = lstm(x.to(device))
+        expected_out, (expected_h, expected_c) = low(x_low.to(device))
+        out, ref_out, expected_out = (getattr(o, "data", o) for o in (out, ref_out, expected_out))
+        assert (out.dtype, h.dtype, c.dtype) == (ref_out.dtype, ref_h.dtype, ref_c.dtype) == (torch.bfloat16,) * 3
+        for name, got, expected in (("output", out, expected_out), ("h_n", h, expected_h), ("c_n", c, expected_c)):
+            assert torch.equal(got, expected), f"{type(x).__name__}: {name}"
 
 
 def test_flatten_parameters_and_packed_round_trip():

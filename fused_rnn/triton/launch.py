@@ -1009,9 +1009,11 @@ def layer_forward(
     flags.input_dropout and flags.output_dropout: x is dropped before the recurrence, out as the recurrence
     stores it (ints: step_parameters with the output dropout's slots) or after it (output_dropped_in_loop).
 
-    Returns out [T, B, H_out], h_n, c_n (x's dtype, tensors of their own) and what the backward needs: xg
-    (gate activations), rs, cs, hpre. Buffers and dtypes: kernels.py. xg, rs, cs and out are in x's dtype,
-    as cuDNN keeps its reserve: in fp16/bf16 they are half the bytes of the float32 state the recurrence carries.
+    Returns out [T, B, H_out], h_n [1, B, H_out] and c_n [1, B, H] (x's dtype; tensors of their own, which a stack
+    of one layer-direction returns as they are: no view, so h_n.detach_() works as on nn.LSTM's) and what the
+    backward needs: xg (gate activations), rs, cs, hpre. Buffers and dtypes: kernels.py. xg, rs, cs and out are in
+    x's dtype, as cuDNN keeps its reserve: in fp16/bf16 they are half the bytes of the float32 state the recurrence
+    carries.
     """
     seq_len, batch, _ = x.shape
     seed = seed_tensor(seed, x.device)
@@ -1033,8 +1035,8 @@ def layer_forward(
     out = torch.empty(seq_len, batch, real_hidden, dtype=x.dtype, device=x.device)
     hpre = torch.empty(seq_len, batch, hidden, dtype=dtype, device=x.device) if w_hr is not None else out
     # written by a persistent or resident launch after its last step; converted from the carries after steps
-    h_n = torch.empty(batch, real_hidden, dtype=x.dtype, device=x.device)
-    c_n = torch.empty(batch, hidden, dtype=x.dtype, device=x.device)
+    h_n = torch.empty(1, batch, real_hidden, dtype=x.dtype, device=x.device)
+    c_n = torch.empty(1, batch, hidden, dtype=x.dtype, device=x.device)
     lengths_arg, has_lengths = (ints, 0) if lengths is None else (lengths, 1)
     has_proj = w_hr is not None
     precision = dot_precision(w_hh.dtype, x.device)

@@ -27,7 +27,8 @@ def _lstm_layer(
     lengths: Optional[Tensor], seed: Tensor, stream: int, reverse: bool, training: bool,
     probabilities: list[float], modes: list[int], feature_dropouts: list[float], locked: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer-direction: (out, h_n, c_n) in x's dtype, then the reserve (xg, rs, cs, hpre) for the backward.
+    """One layer-direction: (out, h_n [1, B, H_out], c_n [1, B, H]) in x's dtype, then the reserve (xg, rs, cs,
+    hpre) for the backward.
     feature_dropouts: [input, output] probabilities of the dropouts of x and of out that the layer applies
     itself (launch.Recurrence), in `locked` mode."""
     ints, floats, flags = _prepare(x, training, probabilities, modes, feature_dropouts, locked)
@@ -51,8 +52,8 @@ def _(x, h0, c0, w_ih, w_hh, bias, w_hr, lengths, seed, stream, reverse, trainin
     empty = lambda *shape, dtype=dtype: x.new_empty(shape, dtype=dtype)  # noqa: E731
     return (
         empty(seq_len, batch, real_hidden, dtype=x.dtype),
-        empty(batch, real_hidden, dtype=x.dtype),
-        empty(batch, hidden, dtype=x.dtype),
+        empty(1, batch, real_hidden, dtype=x.dtype),
+        empty(1, batch, hidden, dtype=x.dtype),
         empty(seq_len, batch, 4 * hidden, dtype=x.dtype),
         empty(seq_len + 1, batch, real_hidden, dtype=x.dtype),
         empty(seq_len + 1, batch, hidden, dtype=x.dtype),
@@ -158,6 +159,8 @@ def _layer_backward(ctx, d_out, d_h_n, d_c_n, *_reserve):
             "run the forward again (or pass retain_graph=True to a backward that is to be repeated)"
         )
     stream, reverse, training, probabilities, modes, feature_dropouts, locked = ctx.arguments
+    # h_n and c_n came with a leading dimension of 1, which h0 and c0 have not
+    d_h_n, d_c_n = (None if grad is None else grad.squeeze(0) for grad in (d_h_n, d_c_n))
 
     def kernel():
         seq_len, batch, _ = x.shape
