@@ -236,6 +236,7 @@ def lstm(
     input_size: int | None = None,
     hidden_size: int | None = None,
     proj_size: int | None = None,
+    _settings_error: Exception | None = None,
 ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
     """nn.LSTM's forward with the regularizers of SPEC.md.
 
@@ -246,7 +247,8 @@ def lstm(
 
     Input checks follow nn.LSTM.forward's order (input dims, hx dims, input dtype and feature size, hidden
     sizes, then what its kernel checks: devices, sequence length); all of them, and the backend's
-    availability, come before the seed is drawn.
+    availability, come before the seed is drawn. _settings_error: fused_rnn.LSTM's, for a setting that nn.LSTM's
+    kernel refuses once the input has passed those checks (a `dropout` set after construction), raised there.
     """
     if regularizers is not None and not isinstance(regularizers, Regularizers):
         raise TypeError(f"regularizers must be a fused_rnn.Regularizers or None, got {type(regularizers).__name__}")
@@ -305,10 +307,14 @@ def lstm(
         if not batched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
 
-    # nn.LSTM's packed overload is not on autocast's list: packed input runs in the weights' dtype there,
-    # autocast off for the backend's own ops (run below)
+    # Under autocast, input runs in autocast's dtype, as nn.LSTM's: its padded overload is on CPU autocast's list,
+    # and on CUDA cuDNN's RNN is cast for packed input too. Its packed overload is on no CPU list: there packed
+    # data runs in its own dtype (float32 data in float32, data in autocast's dtype in that), so packed data in
+    # another dtype runs here in the weights'. Either way the backend runs with autocast off (below): its
+    # products are in the dtype chosen here, as they would be without autocast.
     autocast_on = _autocast_enabled(data.device.type)
-    autocast, autocast_off = autocast_on and not packed, autocast_on and packed
+    autocast = autocast_on and not (packed and data.device.type != "cuda"
+                                    and data.dtype != torch.get_autocast_dtype(data.device.type))
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
         # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)
@@ -362,6 +368,8 @@ def lstm(
             raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")
         if w.shape != shape:
             raise RuntimeError(f"Expected {name} size {shape}, got {list(w.shape)}")
+    if _settings_error is not None:
+        raise _settings_error
     if seed is not None:  # what nn.LSTM checks first, then ours
         seed = check_seed(seed)
 
@@ -393,7 +401,7 @@ def lstm(
 
     if chosen != "reference" and _transformed(x, h0, c0, *weights):
         chosen = "reference"
-    with torch.autocast(data.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
+    with torch.autocast(data.device.type, enabled=False) if autocast_on else contextlib.nullcontext():
         out, h_n, c_n = backends.module(chosen).run(
             x,
             h0,

@@ -11,7 +11,7 @@ from torch import nn
 from . import functional
 from .backends import check_backend_name
 from .masks import check_count, sample_masks
-from .regularizers import Regularizers, of_fields
+from .regularizers import Regularizers, check_probability, of_fields
 
 _REGULARIZER_FIELDS = tuple(f.name for f in dataclasses.fields(Regularizers) if f.name != "dropout")
 
@@ -86,15 +86,21 @@ class LSTM(nn.RNNBase):
     def _regularizers(self, dropout) -> Regularizers:
         return of_fields(dropout=dropout, **{name: getattr(self, name) for name in _REGULARIZER_FIELDS})
 
-    def _forward_regularizers(self) -> Regularizers:
-        """The regularizers of a forward. An out-of-range `dropout` set after construction is what nn.LSTM
-        checks only where it applies (training, 2+ layers), with its RuntimeError; elsewhere it is unused."""
-        dropout = self.dropout
-        if isinstance(dropout, numbers.Real) and not isinstance(dropout, bool) and not 0 <= dropout <= 1:
-            if self.training and self.num_layers > 1:
-                raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(dropout):g}")
-            dropout = 0.0
-        return self._regularizers(dropout)
+    def _forward_regularizers(self) -> tuple[Regularizers, Exception | None]:
+        """The regularizers of a forward, and the error of a `dropout` set after construction, which nn.LSTM's
+        kernel raises once its checks of the input have passed (functional.lstm raises it there too): a value
+        that is no probability, or, where it applies (training, 2+ layers), one out of range, with nn.LSTM's
+        RuntimeError; elsewhere an out-of-range value is unused."""
+        try:
+            return self._regularizers(check_probability("dropout", self.dropout)), None
+        except ValueError as error:
+            dropout = self.dropout
+            out_of_range = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
+            if out_of_range and not (self.training and self.num_layers > 1):
+                return self._regularizers(0.0), None
+            if out_of_range:
+                error = RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(dropout):g}")
+            return self._regularizers(0.0), error
 
     def _current_flat_weights(self) -> list:
         """nn.LSTM.forward's weights: RNNBase's flat list, refreshed where a weight was replaced behind its
@@ -109,6 +115,7 @@ class LSTM(nn.RNNBase):
         return flat
 
     def forward(self, input, hx=None, *, seed: int | None = None):
+        regularizers, dropout_error = self._forward_regularizers()
         if torch.compiler.is_compiling():
             weights = [getattr(self, name) for name in self._flat_weights_names]
         else:
@@ -122,13 +129,14 @@ class LSTM(nn.RNNBase):
             bidirectional=self.bidirectional,
             batch_first=self.batch_first,
             training=self.training,
-            regularizers=self._forward_regularizers(),
+            regularizers=regularizers,
             seed=seed,
             backend=self.backend,
             input_size=self.input_size,
             hidden_size=self.hidden_size,
             # nn.LSTM accepts proj_size=False, as no projection
             proj_size=0 if self.proj_size is False else self.proj_size,
+            _settings_error=dropout_error,
         )
 
     def sample_masks(self, seq_len: int, batch_size: int, seed: int, device=None) -> dict:

@@ -433,6 +433,21 @@ def test_bad_dropout_set_later_is_what_nn_lstm_makes_of_it(value, num_layers, tr
     assert f"dropout={value!r}" in repr(lstm)
 
 
+@pytest.mark.parametrize("value", [2.0, "0.5"], ids=repr)
+@pytest.mark.parametrize("bad_input", ["4-D", "feature size", "dtype"])
+def test_a_bad_input_is_reported_before_a_bad_dropout_set_later_as_in_nn_lstm(value, bad_input):
+    """nn.LSTM's kernel reads `dropout` once its Python checks of the input have passed: of two faults, the
+    input's is the one reported."""
+    ref, lstm = make_pair(Cfg(num_layers=2))
+    for module in (ref, lstm):
+        module.dropout = value
+    x = {"4-D": randn(1, T_, B_, I), "feature size": randn(T_, B_, I + 1),
+         "dtype": randn(T_, B_, I, dtype=torch.float32)}[bad_input]
+    expected = exception_of(lambda: ref(x))
+    assert expected is not None and "dropout" not in str(expected)
+    rejects(lstm, lambda: lstm(x), type(expected), f"^{re.escape(str(expected))}$", x)
+
+
 @pytest.mark.parametrize("value", [None, "abc", [0.5], 1 + 0j, torch.tensor(0.5)], ids=repr)
 def test_a_dropout_that_is_not_a_number_fails_as_in_nn_lstm(value):
     """nn.LSTM's float(dropout) raises a TypeError for None, a ValueError for a string; SPEC.md asks for a
