@@ -49,8 +49,9 @@ def main(argv: list[str]) -> int:
     python = set_up(what)
     if what == "test":
         # one test at a time to each worker as it finishes one: xdist otherwise hands out contiguous quarters of
-        # the collection, which put every minutes-long test (conftest.STARTED_FIRST) on one worker
-        command = [python, "-m", "pytest", "-n", "2", "--maxschedchunk", "1", "tests", *extra]
+        # the collection, which put every minutes-long test (conftest.STARTED_FIRST) on one worker; the slowest
+        # tests listed at the end, for keeping CI's time in view
+        command = [python, "-m", "pytest", "-n", "2", "--maxschedchunk", "1", "--durations=15", "tests", *extra]
     else:
         command = [python, "-m", "pytest", "bench", *extra]
     print("+", " ".join(command), flush=True)
