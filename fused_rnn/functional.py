@@ -315,6 +315,11 @@ def lstm(
     autocast_on = _autocast_enabled(data.device.type)
     autocast = autocast_on and not (packed and data.device.type != "cuda"
                                     and data.dtype != torch.get_autocast_dtype(data.device.type))
+    # what autocast makes of a dtype: floating-point ones but float64 go to its dtype (nn.LSTM under autocast runs a
+    # float64 module on float64 input in float64, and its kernel refuses float64 input to a float32 module)
+    autocast_dtype = torch.get_autocast_dtype(data.device.type) if autocast else None
+    cast = ((lambda d: autocast_dtype if d.is_floating_point and d != torch.float64 else d) if autocast
+            else (lambda d: d))
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
         # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)
@@ -322,7 +327,7 @@ def lstm(
             f"RNN input dtype ({data.dtype}) does not match weight dtype ({weight_dtype}). "
             f"Convert input: input.to({weight_dtype}), or convert model: model.to({data.dtype})"
         )
-    if not data.is_floating_point():
+    if not data.is_floating_point() and not autocast:  # (under autocast: the kernel's dtype check below)
         raise ValueError(f"LSTM: input must be a floating-point tensor, got {data.dtype}")
     if packed and data.dim() != 2:
         raise RuntimeError(f"input must have 2 dimensions, got {data.dim()}")
@@ -364,16 +369,20 @@ def lstm(
     weight_layout = _weight_layout.__wrapped__ if torch.compiler.is_compiling() else _weight_layout
     layout = weight_layout(input_size, hidden_size, proj_size, num_layers, num_directions, has_biases)
     for w, (name, shape) in zip(weights, layout):
-        if w.dtype != weight_dtype and not autocast:
+        if cast(w.dtype) != cast(weight_dtype):
             raise RuntimeError(f"LSTM: {name} dtype ({w.dtype}) does not match weight_ih_l0 dtype ({weight_dtype})")
         if w.shape != shape:
             raise RuntimeError(f"Expected {name} size {shape}, got {list(w.shape)}")
+    if cast(data.dtype) != cast(weight_dtype):
+        # under autocast, where nn.LSTM's kernel meets them (a RuntimeError); without it, checked first (above)
+        raise RuntimeError(f"LSTM under autocast: input dtype {data.dtype} runs in {cast(data.dtype)}, the weights' "
+                           f"{weight_dtype} in {cast(weight_dtype)}: they must meet in one dtype")
     if _settings_error is not None:
         raise _settings_error
     if seed is not None:  # what nn.LSTM checks first, then ours
         seed = check_seed(seed)
 
-    dtype = torch.get_autocast_dtype(data.device.type) if autocast else data.dtype
+    dtype = cast(data.dtype)
     chosen = backends.resolve(backend, data.device, dtype)
     # (a tensor already in dtype as it is: .to's call alone costs the GPU's host microseconds a tensor)
     weights = [w if w.dtype == dtype else w.to(dtype) for w in weights]

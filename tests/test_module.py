@@ -460,6 +460,32 @@ def test_input_in_autocasts_dtype_runs_as_a_copy_of_the_module_in_that_dtype(bac
             assert torch.equal(got, expected), f"{type(x).__name__}: {name}"
 
 
+def test_autocast_leaves_float64_as_it_is_as_in_nn_lstm(backend):
+    """Autocast casts no float64 tensor: a float64 module runs float64 input in float64 under it, as nn.LSTM does
+    (the same results as without autocast), and float64 input to a float32 module (whose weights it casts) is
+    refused with nn.LSTM's RuntimeError, before any draw or kernel."""
+    device = setup_backend(backend)
+    ref, lstm = make_pair(BIG_CFG, backend=backend, device=device, zoneout_h=0.2)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    expected, _ = lstm(x.to(device), seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, _ = ref(x)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out, (h, c) = lstm(x.to(device), seed=5)
+    assert out.dtype == h.dtype == c.dtype == ref_out.dtype == torch.float64
+    assert torch.equal(out, expected)
+    ref.float()
+    lstm.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            ref(x)
+    generator = torch.get_rng_state()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"^LSTM under autocast: input dtype torch.float64 runs in torch.float64"):
+            lstm.train()(x.to(device))
+    assert torch.equal(torch.get_rng_state(), generator)
+
+
 def test_flatten_parameters_and_packed_round_trip():
     ref, lstm = make_pair(Cfg(bidirectional=True))
     lstm.flatten_parameters()
