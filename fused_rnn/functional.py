@@ -361,9 +361,9 @@ def lstm(
             )
     if not packed and data.shape[1 if batched and batch_first else 0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-    if hx is not None and not autocast:
+    if hx is not None:
         for index, state in enumerate((h0, c0)):
-            if state.dtype != data.dtype:
+            if cast(state.dtype) != cast(data.dtype):
                 raise RuntimeError(f"LSTM: hx[{index}] dtype ({state.dtype}) does not match input dtype ({data.dtype})")
     # (traced, the function itself: dynamo warns of an lru_cache it would ignore)
     weight_layout = _weight_layout.__wrapped__ if torch.compiler.is_compiling() else _weight_layout

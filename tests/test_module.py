@@ -474,6 +474,13 @@ def test_autocast_leaves_float64_as_it_is_as_in_nn_lstm(backend):
         out, (h, c) = lstm(x.to(device), seed=5)
     assert out.dtype == h.dtype == c.dtype == ref_out.dtype == torch.float64
     assert torch.equal(out, expected)
+    states = tuple(torch.zeros(s.shape, dtype=torch.float32) for s in (h, c))  # cast by autocast, x not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            ref(x, states)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match=r"^LSTM: hx\[0\] dtype \(torch.float32\) does not match input dtype"):
+            lstm(x.to(device), tuple(s.to(device) for s in states))
     ref.float()
     lstm.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
