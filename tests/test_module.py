@@ -493,6 +493,29 @@ def test_autocast_leaves_float64_as_it_is_as_in_nn_lstm(backend):
     assert torch.equal(torch.get_rng_state(), generator)
 
 
+def test_a_jit_trace_runs_other_lengths_or_refuses_them(backend):
+    """torch.jit.trace of nn.LSTM runs any sequence length. The C++ and Triton ops trace as one op each and do too;
+    the reference backend's loop over the steps is unrolled at the example's length, so its trace warns and refuses
+    another length rather than return the example's number of steps. Other batch sizes run on every backend."""
+    device = setup_backend(backend)
+    _, lstm = make_pair(Cfg(bidirectional=True), backend=backend, device=device)
+    lstm.eval()
+    example = torch.randn(T, B, I, dtype=torch.float64, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(lstm, (example,), check_trace=False)
+    length_warnings = [w for w in caught if "traced for sequences of" in str(w.message)]
+    assert len(length_warnings) == (1 if backend == "reference" else 0)
+    other_batch = torch.randn(T, B + 2, I, dtype=torch.float64, device=device)
+    assert_close("output, another batch size", lstm(other_batch)[0], traced(other_batch)[0], TIGHT)
+    longer = torch.randn(T + 1, B, I, dtype=torch.float64, device=device)
+    if backend == "reference":
+        with pytest.raises(RuntimeError, match="expanded size"):
+            traced(longer)
+    else:
+        assert_close("output, a longer sequence", lstm(longer)[0], traced(longer)[0], TIGHT)
+
+
 def test_flatten_parameters_and_packed_round_trip():
     ref, lstm = make_pair(Cfg(bidirectional=True))
     lstm.flatten_parameters()

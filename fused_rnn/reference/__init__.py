@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
+import torch
 from torch import Tensor
 
 from ..masks import sample_masks
@@ -28,6 +30,8 @@ def run(
     lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """x: [T, B, I] time-major, rows in the caller's batch order; see fused_rnn.functional.lstm."""
+    if torch.jit.is_tracing():
+        x = _traced_length_fixed(x)
     first = weights[0]
     draw = functools.partial(
         sample_masks,
@@ -47,3 +51,16 @@ def run(
         return lstm_naive(
             x, h0, c0, weights, num_directions=num_directions, reg=reg, masks=masks, training=training, lengths=lengths
         )
+
+
+def _traced_length_fixed(x: Tensor) -> Tensor:
+    """x, in a torch.jit.trace that then refuses another sequence length: this backend's loop over the steps is
+    unrolled at the example's, and a traced call of another length would silently return that many steps.
+    (The C++ and Triton backends trace as one op, any length.)"""
+    steps = len(range(x.shape[0]))  # a plain int, which the trace records as a constant, not as x's size
+    warnings.warn(
+        f"fused_rnn: the reference backend's loop over time steps is traced for sequences of {steps} steps; "
+        "the trace refuses other lengths (the C++ and Triton backends trace for any length)",
+        torch.jit.TracerWarning, stacklevel=2,
+    )
+    return x.expand(steps, *x.shape[1:])
