@@ -318,8 +318,10 @@ def lstm(
     # what autocast makes of a dtype: floating-point ones but float64 go to its dtype (nn.LSTM under autocast runs a
     # float64 module on float64 input in float64, and its kernel refuses float64 input to a float32 module)
     autocast_dtype = torch.get_autocast_dtype(data.device.type) if autocast else None
-    cast = ((lambda d: autocast_dtype if d.is_floating_point and d != torch.float64 else d) if autocast
-            else (lambda d: d))
+
+    def cast(d: torch.dtype) -> torch.dtype:
+        return autocast_dtype if autocast and d.is_floating_point and d != torch.float64 else d
+
     weight_dtype = weights[0].dtype
     if data.dtype != weight_dtype and not autocast:
         # nn.LSTM checks padded input's dtype (ValueError); packed input fails in its kernel (RuntimeError)

@@ -91,16 +91,17 @@ class LSTM(nn.RNNBase):
         kernel raises once its checks of the input have passed (functional.lstm raises it there too): a value
         that is no probability, or, where it applies (training, 2+ layers), one out of range, with nn.LSTM's
         RuntimeError; elsewhere an out-of-range value is unused."""
+        dropout, error = self.dropout, None
         try:
-            return self._regularizers(check_probability("dropout", self.dropout)), None
-        except ValueError as error:
-            dropout = self.dropout
-            out_of_range = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
-            if out_of_range and not (self.training and self.num_layers > 1):
-                return self._regularizers(0.0), None
-            if out_of_range:
+            dropout = check_probability("dropout", dropout)
+        except ValueError as refused:
+            # a number out of range (NaN included) is nn.LSTM's RuntimeError where it applies, unused elsewhere
+            if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+                error = refused
+            elif self.training and self.num_layers > 1:
                 error = RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(dropout):g}")
-            return self._regularizers(0.0), error
+            dropout = 0.0
+        return self._regularizers(dropout), error
 
     def _current_flat_weights(self) -> list:
         """nn.LSTM.forward's weights: RNNBase's flat list, refreshed where a weight was replaced behind its
